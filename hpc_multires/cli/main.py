@@ -1,0 +1,183 @@
+"""`hpc-multires data|train|report`: the entry point reads like a table of contents."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from hpc_multires import __version__
+from hpc_multires.errors import UserError
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from hpc_multires.data.synth.writer import synth_cosmoflow
+
+    n = synth_cosmoflow(args.out, num_samples=args.samples, size=args.size,
+                        channels=args.channels, seed=args.seed,
+                        samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+    _say(f"wrote {args.samples} samples in {n} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hpc_multires.data.convert import convert
+
+    names = args.label_names.split(",") if args.label_names else None
+    n = convert(args.x, args.y, args.out, samples_per_shard=args.samples_per_shard,
+                x_transform=args.transform, label_names=names,
+                scale_labels=not args.no_scale_labels, overwrite=args.overwrite,
+                compression=args.compression)
+    _say(f"wrote {n} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hpc_multires.data.inspect import inspect_store
+
+    text, ok = inspect_store(args.dir, verify=not args.no_verify)
+    print(text)
+    return 0 if ok else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpc_multires.driver.run import train
+    from hpc_multires.plan.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    result = train(cfg, run_dir=args.run_dir, resume=args.resume,
+                   stop_after_epoch=args.stop_after_epoch)
+    if "val_mae" in result:
+        _say(f"done: epoch {result['epoch']} step {result['step']} val_mae "
+             f"{result['val_mae']:.4f} in {result['wall_s']:.1f} s")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpc_multires.report import report
+
+    print(report(args.run_dirs, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hpc-multires",
+        description="Multi-resolution CNN training on large scientific arrays. Under MPI, "
+                    "launch as `mpiexec -n N python -m mpi4py -m hpc_multires ...`.")
+    p.add_argument("--version", action="version", version=f"hpc-multires {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="create, convert and inspect datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    synth = dsub.add_parser("synth", help="generate a synthetic dataset (parallel under mpiexec)")
+    synth.add_argument("app", choices=["cosmoflow"], help="which application's data")
+    synth.add_argument("--out", type=Path, required=True, help="output directory")
+    synth.add_argument("--samples", type=int, default=256, help="number of samples")
+    synth.add_argument("--size", type=int, default=32, help="side of the cubic volume")
+    synth.add_argument("--channels", type=int, default=4, help="growth stages per sample")
+    synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
+    synth.add_argument("--samples-per-shard", type=int, default=64)
+    synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
+    synth.set_defaults(func=cmd_synth)
+
+    conv = dsub.add_parser("convert", help="turn .npy/.npz arrays into a dataset")
+    conv.add_argument("--x", type=Path, required=True,
+                      help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y")
+    conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
+    conv.add_argument("--out", type=Path, required=True, help="output directory")
+    conv.add_argument("--samples-per-shard", type=int, default=64)
+    conv.add_argument("--transform", choices=["none", "log1p"], default="none",
+                      help="applied at read time (log1p for counts)")
+    conv.add_argument("--label-names", help="comma-separated names of the P labels")
+    conv.add_argument("--no-scale-labels", action="store_true",
+                      help="keep labels as they are instead of mapping each to [-1, 1]")
+    conv.add_argument("--compression", choices=["gzip", "lzf"], default=None)
+    conv.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
+    conv.set_defaults(func=cmd_convert)
+
+    insp = dsub.add_parser("inspect", help="print schema, counts and verify checksums")
+    insp.add_argument("dir", type=Path)
+    insp.add_argument("--no-verify", action="store_true", help="skip reading every byte")
+    insp.set_defaults(func=cmd_inspect)
+
+    tr = sub.add_parser("train", help="train as the config says (all ranks run this)")
+    tr.add_argument("config", type=Path, help="TOML config, e.g. configs/cosmoflow-demo.toml")
+    tr.add_argument("--run-dir", type=Path, help="where metrics, checkpoints and the resolved "
+                    "config go (default runs/<run.name>)")
+    tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set data.path=DIR (repeatable)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --run-dir from its latest checkpoint")
+    tr.add_argument("--stop-after-epoch", type=int, metavar="N",
+                    help="stop (with a checkpoint) once epoch N is done; --resume continues")
+    tr.set_defaults(func=cmd_train)
+
+    rep = sub.add_parser("report", help="summary table and plot of runs")
+    rep.add_argument("run_dirs", type=Path, nargs="+")
+    rep.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/report.png)")
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def _rank_and_size() -> tuple[int, int]:
+    try:
+        from hpc_multires.comm.ranks import rank_info_from_env
+
+        info = rank_info_from_env()
+        return info.rank, info.world_size
+    except ValueError:
+        return 0, 1
+
+
+def _say(text: str) -> None:
+    """Print on rank 0 only."""
+    if _rank_and_size()[0] == 0:
+        print(text, flush=True)
+
+
+def _abort_job(code: int) -> None:
+    """End every rank of an MPI job now, so that none waits forever in a collective."""
+    mpi_mod = sys.modules.get("mpi4py.MPI")
+    if mpi_mod is None:
+        return
+    mpi = mpi_mod.COMM_WORLD
+    if mpi_mod.Is_initialized() and not mpi_mod.Is_finalized() and mpi.Get_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mpi.Abort(code)
+
+
+def fail(message: str | None, code: int, all_ranks: bool) -> int:
+    rank, size = _rank_and_size()
+    if size > 1 and all_ranks and rank != 0:
+        # Rank 0 hit the same error and is aborting the job; give it the time to print
+        # the one message the user needs, and speak up only if it did not.
+        time.sleep(float(os.environ.get("HPC_MULTIRES_ABORT_GRACE_S", "10")))
+    if message is not None:
+        where = f"[rank {rank}/{size}] " if size > 1 and (rank != 0 or not all_ranks) else ""
+        print(f"hpc-multires: error: {where}{message}", file=sys.stderr, flush=True)
+    if size > 1:
+        _abort_job(code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        return fail(str(e), 2, e.all_ranks)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130, all_ranks=False)
+    except Exception:
+        traceback.print_exc()
+        return fail(None, 1, all_ranks=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

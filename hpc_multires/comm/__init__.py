@@ -1,0 +1,1 @@
+"""Rank discovery, process groups and gradient allreduce backends."""

@@ -1,0 +1,138 @@
+"""torch.distributed set-up and the few collectives the trainer needs.
+
+`Comm` works unchanged with one process: every collective is then a no-op, nothing is
+initialised, and the same code runs on a laptop and on 512 ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpc_multires.comm.ranks import RankInfo, discover, expand_nodelist, mpi_world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def rendezvous_address(info: RankInfo) -> tuple[str, int]:
+    """Where rank 0's TCP store listens.
+
+    Order: the launcher's own MASTER_ADDR/MASTER_PORT (torchrun); an mpi4py broadcast of
+    rank 0's host name and a free port; the first host of SLURM_JOB_NODELIST with a port
+    derived from the job id (so every rank derives the same one without talking).
+    """
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    mpi = mpi_world()
+    if mpi is not None and mpi.Get_size() == info.world_size:
+        address = (socket.gethostname(), _free_port()) if info.rank == 0 else None
+        host, port = mpi.bcast(address, root=0)
+        return str(host), int(port)
+    if "SLURM_JOB_NODELIST" in os.environ:
+        first = expand_nodelist(os.environ["SLURM_JOB_NODELIST"])[0]
+        job = os.environ.get("SLURM_JOB_ID", "0")
+        return first, 20000 + zlib.crc32(job.encode()) % 20000
+    raise RuntimeError(
+        f"{info.world_size} ranks but no way to find rank 0: install mpi4py "
+        "(pip install mpi4py mpich) and launch with `python -m mpi4py -m hpc_multires`, "
+        "or set MASTER_ADDR and MASTER_PORT")
+
+
+class Comm:
+    """The job's ranks, its device, and the collectives the trainer uses."""
+
+    def __init__(self, info: RankInfo, device: torch.device,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.info = info
+        self.device = device
+        self.group = group
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+    @property
+    def is_root(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.info.world_size > 1
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks of a few scalars, in float64 (a sync point)."""
+        t = torch.tensor(list(values), dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(t, group=self.group)
+        return [float(v) for v in t.tolist()]
+
+    def max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as trained: DDP (gradient allreduce during backward) when distributed.
+
+        DDP broadcasts rank 0's parameters at construction, so all ranks start equal.
+        """
+        if not self.distributed:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, process_group=self.group)
+
+
+def init(timeout_s: float = 300.0) -> Comm:
+    """Discover ranks, pick the device and initialise torch.distributed when needed.
+
+    gloo on CPU, NCCL when CUDA is present (the local rank picks the GPU). With one
+    process nothing is initialised.
+    """
+    info = discover()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if info.world_size == 1:
+        return Comm(info, device)
+    if not dist.is_initialized():
+        host, port = rendezvous_address(info)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method=f"tcp://{host}:{port}", rank=info.rank,
+            world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    return Comm(info, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

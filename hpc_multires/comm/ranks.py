@@ -1,0 +1,205 @@
+"""Who am I? Rank discovery from the launcher's environment.
+
+Every launcher tells its processes their place in the job through environment
+variables, each with its own names. `LAUNCHERS` is that table; `rank_info_from_env`
+turns the first matching row into one `RankInfo`. The node index is not published by
+every launcher (Open MPI and MPICH do not); `discover` fills it in from an mpi4py
+hostname exchange when mpi4py is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """This process's place in the job."""
+
+    rank: int
+    """Global rank, 0 .. world_size - 1."""
+    world_size: int
+    """Number of processes in the job."""
+    local_rank: int
+    """Rank among the processes on this node; picks the GPU."""
+    local_size: int
+    """Number of processes on this node."""
+    node_index: int
+    """Index of this node among the job's nodes, 0 .. node_count - 1."""
+    node_count: int
+    """Number of nodes in the job."""
+    launcher: str
+    """Which row of `LAUNCHERS` matched ("slurm", "openmpi", "mpich", "torchrun", "single")."""
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """Environment variable names one launcher sets. `None`: the launcher does not set it."""
+
+    name: str
+    rank: str
+    world_size: str
+    local_rank: str | None
+    local_size: str | None
+    node_index: str | None
+    node_count: str | None
+
+
+# Order matters: under `srun --mpi=pmi2`, Slurm and PMI variables are both set and the
+# Slurm row knows more (node index and count); torchrun inside a Slurm allocation sets
+# RANK and also inherits SLURM_* of the batch step, so torchrun's own names come first.
+LAUNCHERS: tuple[Launcher, ...] = (
+    Launcher("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+             "GROUP_RANK", "GROUP_WORLD_SIZE"),
+    Launcher("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None,
+             "SLURM_NODEID", "SLURM_NNODES"),
+    Launcher("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+             "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", None, None),
+    Launcher("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None, None),
+)
+
+
+def _int(env: Mapping[str, str], name: str | None) -> int | None:
+    if name is None or name not in env:
+        return None
+    value = env[name].strip()
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """Tasks on this node from SLURM_TASKS_PER_NODE ("2(x3),1") and SLURM_NODEID."""
+    spec, node = env.get("SLURM_TASKS_PER_NODE"), _int(env, "SLURM_NODEID")
+    if spec is None or node is None:
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node] if node < len(counts) else None
+
+
+def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
+    """The first launcher of `LAUNCHERS` whose rank and size variables are set, else one process.
+
+    Values a launcher does not publish get single-node defaults (local rank = rank,
+    one node); `discover` corrects them with mpi4py when it can.
+    """
+    env = os.environ if env is None else env
+    for row in LAUNCHERS:
+        rank, size = _int(env, row.rank), _int(env, row.world_size)
+        if rank is None or size is None:
+            continue
+        if row.name == "slurm" and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
+            continue  # a batch script's shell, not a task started by srun
+        local_rank = _int(env, row.local_rank)
+        local_size = _int(env, row.local_size)
+        if row.name == "slurm":
+            local_size = _slurm_tasks_on_node(env)
+        node_index = _int(env, row.node_index)
+        node_count = _int(env, row.node_count)
+        info = RankInfo(
+            rank=rank,
+            world_size=size,
+            local_rank=rank if local_rank is None else local_rank,
+            local_size=size if local_size is None else local_size,
+            node_index=0 if node_index is None else node_index,
+            node_count=1 if node_count is None else node_count,
+            launcher=row.name,
+        )
+        _check(info)
+        return info
+    return RankInfo(0, 1, 0, 1, 0, 1, "single")
+
+
+def _check(info: RankInfo) -> None:
+    if not 0 <= info.rank < info.world_size:
+        raise ValueError(f"launcher {info.launcher} gave rank {info.rank} outside world size "
+                         f"{info.world_size}; check the launcher's environment")
+    if not 0 <= info.node_index < info.node_count:
+        raise ValueError(f"launcher {info.launcher} gave node {info.node_index} outside node "
+                         f"count {info.node_count}")
+
+
+def node_layout(hostnames: list[str], rank: int) -> tuple[int, int, int, int]:
+    """(local_rank, local_size, node_index, node_count) of `rank` from every rank's hostname.
+
+    Nodes are numbered in order of their lowest rank, as Slurm numbers them.
+    """
+    order: dict[str, int] = {}
+    for host in hostnames:
+        order.setdefault(host, len(order))
+    mine = hostnames[rank]
+    same = [r for r, host in enumerate(hostnames) if host == mine]
+    return same.index(rank), len(same), order[mine], len(order)
+
+
+def discover(env: Mapping[str, str] | None = None) -> RankInfo:
+    """`rank_info_from_env`, with the node layout taken from MPI when mpi4py is loaded."""
+    info = rank_info_from_env(env)
+    mpi = mpi_world()
+    if mpi is None or info.world_size == 1:
+        return info
+    if mpi.Get_size() != info.world_size or mpi.Get_rank() != info.rank:
+        return info  # MPI is a singleton here (e.g. torchrun); the environment is right
+    import socket
+
+    hosts: list[str] = mpi.allgather(socket.gethostname())
+    local_rank, local_size, node_index, node_count = node_layout(hosts, info.rank)
+    return replace(info, local_rank=local_rank, local_size=local_size,
+                   node_index=node_index, node_count=node_count)
+
+
+def mpi_world() -> Any:
+    """MPI.COMM_WORLD when mpi4py is importable and the job was started by an MPI launcher.
+
+    Importing mpi4py initialises MPI; we only do it when the environment says an MPI
+    launcher (or srun) started us, so a plain `python -m hpc_multires` never does.
+    """
+    import sys
+
+    if "mpi4py.MPI" not in sys.modules:
+        launched_by_mpi = any(k in os.environ for k in (
+            "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_STEP_ID"))
+        if not launched_by_mpi or ("RANK" in os.environ and "LOCAL_RANK" in os.environ):
+            return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm hostlist: "n[1-3,7],gpu05" -> ["n1", "n2", "n3", "n7", "gpu05"].
+
+    Zero padding is kept ("n[01-02]" -> "n01", "n02").
+    """
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
+        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
+        if not prefix and not ranges:
+            continue
+        if ranges is None:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(f"{prefix}{lo}{suffix}")
+                continue
+            width = len(lo)
+            hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
+    return hosts

@@ -1,0 +1,1 @@
+"""HDF5 sample store, readers, samplers, converters and synthetic generators."""

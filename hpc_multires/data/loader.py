@@ -1,0 +1,71 @@
+"""Batches from a `SampleStore`, read by background worker processes with prefetch.
+
+Reading overlaps compute: `num_workers` processes read and normalise the next batches
+while the training step runs. Each worker opens its own read-only HDF5 handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from hpc_multires.data.store import SampleStore
+from hpc_multires.errors import SampleError
+
+
+class _Failure:
+    """A read error carried from a worker to the training process as a value.
+
+    Raising in a worker would reach us wrapped in DataLoader's traceback text; a value
+    keeps the one-line message intact.
+    """
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class BatchReader(Dataset):
+    """Item i of the dataset is a whole batch: an array of sample indices -> (x, y)."""
+
+    def __init__(self, store: SampleStore) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | _Failure:
+        try:
+            # Reading in file order is kinder to the file system than permutation order.
+            order = np.argsort(batch, kind="stable")
+            xs: list[np.ndarray] = [np.empty(0)] * len(batch)
+            ys: list[np.ndarray] = [np.empty(0)] * len(batch)
+            for i in order:
+                xs[i], ys[i] = self.store.read(int(batch[i]))
+        except SampleError as e:
+            return _Failure(str(e))
+        x = torch.from_numpy(np.stack(xs))  # (b, C, *spatial)
+        y = torch.from_numpy(np.stack(ys))  # (b, P)
+        return x, y
+
+
+def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_workers: int,
+                    prefetch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes."""
+    if not batches:
+        return
+    loader = DataLoader(
+        BatchReader(store),
+        sampler=list(batches),
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=prefetch if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    for item in loader:
+        if isinstance(item, _Failure):
+            err = SampleError(item.message)
+            raise err
+        yield item

@@ -1,0 +1,407 @@
+"""The HDF5 sample store: a directory of shard files (docs/data-format.md specifies it).
+
+Each shard `shard-NNNNN.h5` holds `/x` (N, C, *spatial) chunked one sample per chunk,
+`/y` (N, P) float32 labels in [-1, 1], and root attributes that describe the schema,
+the normalisation and where the data came from. Shards are written to a temporary name
+and renamed when complete, so a reader never sees a half-written shard.
+
+Readers open shards lazily, read-only, with HDF5 file locking off (many ranks read the
+same files on a parallel file system), and read one sample at a time by hyperslab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from hpc_multires.errors import DataError, SampleError
+
+FORMAT = "hpc-multires-store"
+SCHEMA_VERSION = 1
+SHARD_PATTERN = re.compile(r"shard-(\d{5})\.h5")
+TRANSFORMS = ("none", "log1p")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """What every shard of a store agrees on."""
+
+    sample_shape: tuple[int, ...]
+    """(C, *spatial) of one sample at level 0."""
+    x_dtype: str
+    """Stored dtype of /x (e.g. uint16 for counts, float32)."""
+    label_names: tuple[str, ...]
+    """One name per column of /y."""
+    x_transform: str
+    """Applied at read time before normalisation: "none" or "log1p"."""
+    num_samples: int
+    """Samples in the whole store."""
+    num_shards: int
+
+    @property
+    def channels(self) -> int:
+        return self.sample_shape[0]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return self.sample_shape[1:]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def spatial_at(self, level: int) -> tuple[int, ...]:
+        return tuple(s >> level for s in self.spatial)
+
+
+def transform(x: np.ndarray, name: str) -> np.ndarray:
+    """Stored values -> float32 model input, before normalisation."""
+    x = x.astype(np.float32, copy=False)
+    return np.log1p(x) if name == "log1p" else x
+
+
+class ShardWriter:
+    """Writes one shard to `<name>.tmp` and renames it into place on `close()`.
+
+    Samples are added in order with `write`; the running per-channel sums for the
+    normalisation and the SHA-256 of the stored bytes are computed on the way, so a
+    shard is written in one pass and in memory bounded by one sample.
+    """
+
+    def __init__(self, directory: str | Path, index: int, *, num_shards: int, first_sample: int,
+                 total_samples: int, num_samples: int, sample_shape: Sequence[int],
+                 x_dtype: str | np.dtype, label_names: Sequence[str], x_transform: str,
+                 prov: dict[str, Any], compression: str | None = None) -> None:
+        if x_transform not in TRANSFORMS:
+            raise DataError(f"unknown transform {x_transform!r}; use one of {TRANSFORMS}")
+        self.path = Path(directory) / shard_name(index)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.num_samples = num_samples
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.x_transform = x_transform
+        self._file = h5py.File(self.tmp, "w", locking=False)
+        c = self.sample_shape[0]
+        self._x = self._file.create_dataset(
+            "x", shape=(num_samples, *self.sample_shape), dtype=np.dtype(x_dtype),
+            chunks=(1, *self.sample_shape), compression=compression,
+            # A checksum per chunk: a flipped bit on disk is an error at read time,
+            # not silently wrong training data.
+            fletcher32=True)
+        self._y = self._file.create_dataset("y", shape=(num_samples, len(label_names)),
+                                            dtype=np.float32)
+        a = self._file.attrs
+        a["format"] = FORMAT
+        a["schema_version"] = SCHEMA_VERSION
+        a["sample_shape"] = np.asarray(self.sample_shape, dtype=np.int64)
+        a["x_dtype"] = np.dtype(x_dtype).name
+        a["x_transform"] = x_transform
+        a["label_names"] = json.dumps(list(label_names))
+        a["shard_index"] = index
+        a["num_shards"] = num_shards
+        a["first_sample"] = first_sample
+        a["total_samples"] = total_samples
+        a["num_samples"] = num_samples
+        a["provenance"] = json.dumps(prov)
+        self._sum = np.zeros(c, np.float64)
+        self._sumsq = np.zeros(c, np.float64)
+        self._x_hash = hashlib.sha256()
+        self._y_hash = hashlib.sha256()
+        self._next = 0
+
+    def write(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Append one sample: x (C, *spatial), y (P,)."""
+        if tuple(x.shape) != self.sample_shape:
+            raise DataError(f"sample {self._next} of {self.path.name} has shape {x.shape}, "
+                            f"expected {self.sample_shape}")
+        x = np.ascontiguousarray(x, dtype=self._x.dtype)
+        y = np.ascontiguousarray(y, dtype=np.float32)
+        if not np.isfinite(y).all() or (x.dtype.kind == "f" and not np.isfinite(x).all()):
+            raise DataError(f"sample {self._next} of {self.path.name} holds NaN or infinity; "
+                            "clean the input arrays before writing them")
+        self._x[self._next] = x
+        self._y[self._next] = y
+        t = transform(x, self.x_transform).reshape(x.shape[0], -1)  # (C, voxels)
+        self._sum += t.sum(axis=1, dtype=np.float64)
+        self._sumsq += np.square(t, dtype=np.float64).sum(axis=1)
+        self._x_hash.update(x.tobytes())
+        self._y_hash.update(y.tobytes())
+        self._next += 1
+
+    def close(self) -> Path:
+        if self._next != self.num_samples:
+            self.abort()
+            raise DataError(f"{self.path.name}: wrote {self._next} of {self.num_samples} samples")
+        voxels = int(np.prod(self.sample_shape[1:]))
+        a = self._file.attrs
+        a["x_sum"] = self._sum
+        a["x_sumsq"] = self._sumsq
+        a["x_count"] = self.num_samples * voxels
+        a["x_sha256"] = self._x_hash.hexdigest()
+        a["y_sha256"] = self._y_hash.hexdigest()
+        self._file.close()
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def provenance(generator: str, **extra: Any) -> dict[str, Any]:
+    import sys
+
+    from hpc_multires import __version__
+
+    return {"generator": generator, "command": " ".join(sys.argv),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "hpc_multires": __version__, **extra}
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    index: int
+    first_sample: int
+    num_samples: int
+
+
+def _open(path: Path) -> h5py.File:
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        raise DataError(
+            f"{path} is not a readable HDF5 file ({e}); it may be truncated or corrupted: "
+            "regenerate or re-copy it (`hpc-multires data inspect DIR` checks every shard)"
+        ) from None
+
+
+def _attr(f: h5py.File, path: Path, name: str) -> Any:
+    if name not in f.attrs:
+        raise DataError(f"{path}: attribute {name!r} missing; this is not a complete "
+                        f"{FORMAT} shard (see docs/data-format.md)")
+    v = f.attrs[name]
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class SampleStore:
+    """A store opened for reading at one pyramid level. Picklable: handles reopen lazily.
+
+    Opening reads only the shard headers and checks that they agree; samples are read
+    on demand with `read(index)`.
+    """
+
+    def __init__(self, path: str | Path, level: int = 0) -> None:
+        self.path = Path(path)
+        self.level = level
+        if not self.path.exists():
+            raise DataError(f"dataset {str(self.path)!r} not found; create one with "
+                            "`hpc-multires data synth cosmoflow --out DIR` or `hpc-multires "
+                            "data convert`, or point data.path at it (--set data.path=DIR)")
+        if not self.path.is_dir():
+            raise DataError(f"dataset {str(self.path)!r} is a file; data.path must be the "
+                            "directory holding shard-*.h5 files")
+        names = sorted(p.name for p in self.path.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+        if not names:
+            raise DataError(f"no shard-*.h5 files in {str(self.path)!r}; is this the dataset "
+                            "directory?")
+        self.shards: list[ShardInfo] = []
+        sums: list[np.ndarray] = []
+        schema: Schema | None = None
+        for name in names:
+            p = self.path / name
+            with _open(p) as f:
+                s = self._read_header(f, p)
+                if schema is None:
+                    schema = s
+                elif s != schema:
+                    raise DataError(f"{p} disagrees with {self.shards[0].path.name} on the "
+                                    f"schema ({s} vs {schema}); a store holds one kind of "
+                                    "sample: rebuild it")
+                self._check_datasets(f, p, s)
+                first = int(_attr(f, p, "first_sample"))
+                n = int(_attr(f, p, "num_samples"))
+                self.shards.append(ShardInfo(p, int(_attr(f, p, "shard_index")), first, n))
+                sums.append(np.stack([np.asarray(_attr(f, p, "x_sum"), np.float64),
+                                      np.asarray(_attr(f, p, "x_sumsq"), np.float64)]))
+                sums[-1] = np.concatenate([sums[-1], np.full((1, s.channels),
+                                           float(_attr(f, p, "x_count")))])
+        assert schema is not None
+        self.schema = schema
+        self._check_complete()
+        total = np.sum(sums, axis=0)  # (3, C): sum, sum of squares, count
+        self.mean = (total[0] / total[2]).astype(np.float32)  # (C,)
+        var = np.maximum(total[1] / total[2] - np.square(total[0] / total[2]), 0.0)
+        self.std = np.sqrt(var).astype(np.float32).clip(min=1e-6)  # (C,)
+        self._starts = np.array([s.first_sample for s in self.shards])
+        self._files: dict[int, h5py.File] = {}
+
+    def _read_header(self, f: h5py.File, p: Path) -> Schema:
+        fmt = _attr(f, p, "format")
+        if fmt != FORMAT:
+            raise DataError(f"{p}: format {fmt!r} is not {FORMAT!r}; convert the data with "
+                            "`hpc-multires data convert`")
+        version = int(_attr(f, p, "schema_version"))
+        if version != SCHEMA_VERSION:
+            raise DataError(f"{p}: schema version {version}, this hpc-multires reads version "
+                            f"{SCHEMA_VERSION}; rebuild the store with this version")
+        x_transform = str(_attr(f, p, "x_transform"))
+        if x_transform not in TRANSFORMS:
+            raise DataError(f"{p}: unknown x_transform {x_transform!r}; expected one of "
+                            f"{TRANSFORMS}")
+        return Schema(
+            sample_shape=tuple(int(v) for v in _attr(f, p, "sample_shape")),
+            x_dtype=str(_attr(f, p, "x_dtype")),
+            label_names=tuple(json.loads(_attr(f, p, "label_names"))),
+            x_transform=x_transform,
+            num_samples=int(_attr(f, p, "total_samples")),
+            num_shards=int(_attr(f, p, "num_shards")),
+        )
+
+    def _check_datasets(self, f: h5py.File, p: Path, s: Schema) -> None:
+        n = int(_attr(f, p, "num_samples"))
+        key = self._x_key
+        if key not in f:
+            if self.level > 0:
+                raise DataError(f"{p} has no pyramid level {self.level}; build it with "
+                                f"`hpc-multires data pyramid {self.path} --levels {self.level}`")
+            raise DataError(f"{p}: dataset /x missing; the shard is incomplete: regenerate it")
+        want_x = (n, s.channels, *s.spatial_at(self.level))
+        for name, want in ((key, want_x), ("y", (n, s.num_labels))):
+            if name not in f:
+                raise DataError(f"{p}: dataset /{name} missing; the shard is incomplete")
+            got = tuple(f[name].shape)
+            if got != want:
+                raise DataError(f"{p}: /{name} has shape {got}, the attributes say {want}; "
+                                "the shard is inconsistent: regenerate it")
+
+    @property
+    def _x_key(self) -> str:
+        return "x" if self.level == 0 else f"levels/{self.level}/x"
+
+    def _check_complete(self) -> None:
+        s = self.schema
+        indices = sorted(info.index for info in self.shards)
+        if indices != list(range(s.num_shards)):
+            missing = sorted(set(range(s.num_shards)) - set(indices))
+            raise DataError(f"{self.path}: shards {[shard_name(i) for i in missing][:5]} of "
+                            f"{s.num_shards} are missing; copy them or regenerate the dataset")
+        self.shards.sort(key=lambda info: info.first_sample)
+        expected = 0
+        for info in self.shards:
+            if info.first_sample != expected:
+                raise DataError(f"{info.path}: first_sample = {info.first_sample}, expected "
+                                f"{expected}; the shards come from different datasets")
+            expected += info.num_samples
+        if expected != s.num_samples:
+            raise DataError(f"{self.path}: shards hold {expected} samples, the attributes say "
+                            f"{s.num_samples}; the dataset is incomplete")
+
+    # ------------------------------------------------------------------ reading
+
+    def __len__(self) -> int:
+        return self.schema.num_samples
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """(C, *spatial) of a sample at this store's level."""
+        return (self.schema.channels, *self.schema.spatial_at(self.level))
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} outside 0..{len(self) - 1}")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, index - self.shards[shard].first_sample
+
+    def _file(self, shard: int) -> h5py.File:
+        f = self._files.get(shard)
+        if f is None:
+            f = self._files[shard] = _open(self.shards[shard].path)
+        return f
+
+    def read_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stored x (C, *spatial) at this level and y (P,), no transform."""
+        shard, row = self._locate(index)
+        f = self._file(shard)
+        try:
+            x = f[self._x_key][row]
+            y = f["y"][row]
+        except (OSError, RuntimeError, KeyError) as e:
+            raise SampleError(
+                f"cannot read sample {index} ({self.shards[shard].path.name}, row {row}): {e}; "
+                "the shard is corrupted: regenerate or re-copy it") from None
+        return x, y
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Model-ready x (C, *spatial) float32, normalised per channel, and y (P,) float32."""
+        x, y = self.read_raw(index)
+        x = transform(x, self.schema.x_transform)
+        if not (np.isfinite(x).all() and np.isfinite(y).all()):
+            shard, row = self._locate(index)
+            raise SampleError(f"sample {index} ({self.shards[shard].path.name}, row {row}) "
+                              "holds NaN or infinity; remove or fix it in the source data and "
+                              "rebuild the store")
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        x = (x - self.mean.reshape(shape)) / self.std.reshape(shape)
+        return x, y.astype(np.float32, copy=False)
+
+    def labels(self) -> np.ndarray:
+        """All labels (N, P), read in one go per shard (they are small)."""
+        out = [self._file(i)["y"][:] for i in range(len(self.shards))]
+        return np.concatenate(out).astype(np.float32)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open HDF5 handles do not survive fork/pickle; each reader process opens its own.
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+
+def checksum_shard(path: Path) -> dict[str, Any]:
+    """Recompute the SHA-256 of a shard's /x and /y bytes and compare with its attributes."""
+    with _open(path) as f:
+        x, y = f["x"], f["y"]
+        hx, hy = hashlib.sha256(), hashlib.sha256()
+        nonfinite = 0
+        for i in range(x.shape[0]):
+            xi, yi = np.ascontiguousarray(x[i]), np.ascontiguousarray(y[i])
+            hx.update(xi.tobytes())
+            hy.update(yi.tobytes())
+            if xi.dtype.kind == "f":
+                nonfinite += int((~np.isfinite(xi)).sum())
+            nonfinite += int((~np.isfinite(yi)).sum())
+        want_x = _attr(f, path, "x_sha256")
+        want_y = _attr(f, path, "y_sha256")
+        return {"x_sha256": hx.hexdigest(), "y_sha256": hy.hexdigest(),
+                "ok": hx.hexdigest() == want_x and hy.hexdigest() == want_y,
+                "nonfinite": nonfinite,
+                "levels": sorted(int(k) for k in f["levels"]) if "levels" in f else []}

@@ -1,0 +1,1 @@
+"""Runs a plan: sets up ranks, data, model and run directory, then trains."""

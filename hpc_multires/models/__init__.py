@@ -1,0 +1,26 @@
+"""Resolution-aware network architectures; no training code here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hpc_multires.errors import ConfigError
+from hpc_multires.models.cosmoflow import CosmoFlow
+from hpc_multires.plan.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """The network named by `cfg`, sized for samples of `sample_shape` (C, *spatial)."""
+    if cfg.name == "cosmoflow":
+        if len(sample_shape) != 4:
+            raise ConfigError(
+                f"model.name = 'cosmoflow' takes 3D samples (C, D, H, W); the dataset's samples "
+                f"have shape {sample_shape}")
+        return CosmoFlow(
+            in_channels=sample_shape[0], spatial=sample_shape[1:], num_outputs=num_outputs,
+            width=cfg.width, depth=cfg.depth, kernel_size=cfg.kernel_size, head=cfg.head,
+            fc_sizes=cfg.fc_sizes, dropout=cfg.dropout)
+    raise ConfigError(f"unknown model.name {cfg.name!r}")
+
+
+__all__ = ["CosmoFlow", "build_model"]

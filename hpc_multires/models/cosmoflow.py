@@ -1,0 +1,65 @@
+"""The CosmoFlow network (MLPerf HPC): 3D conv blocks, dense layers, a scaled tanh output.
+
+Each conv block is Conv3d -> LeakyReLU -> MaxPool3d(2), with the number of filters
+doubling from block to block. The head is either the original flatten + dense layers,
+or global average pooling (which makes the dense layers independent of the input size,
+useful when one model sees several resolutions). The output is tanh scaled by 1.2, so
+labels in [-1, 1] are reachable without saturating.
+
+With width 1 and depth 5 on 128^3 x 4 inputs this is the full-size model (about 9 M
+parameters, 36 MB of float32 gradients); width 0.25 and depth 4 trains on a CPU at 32^3.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hpc_multires.errors import ConfigError
+
+
+class CosmoFlow(nn.Module):
+    def __init__(self, *, in_channels: int, spatial: tuple[int, ...], num_outputs: int,
+                 width: float = 1.0, depth: int = 5, kernel_size: int = 3,
+                 head: Literal["flatten", "gap"] = "flatten",
+                 fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0) -> None:
+        super().__init__()
+        smallest = min(spatial)
+        if smallest >> depth < 1:
+            raise ConfigError(
+                f"model.depth = {depth} halves each axis {depth} times, but the samples are "
+                f"only {smallest} voxels wide; use model.depth <= {int(math.log2(smallest))} "
+                "or larger samples")
+        base = max(1, round(32 * width))
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for i in range(depth):
+            out = base * 2**i
+            blocks += [nn.Conv3d(channels, out, kernel_size, padding=kernel_size // 2),
+                       nn.LeakyReLU(0.3),
+                       nn.MaxPool3d(2)]
+            channels = out
+        self.features = nn.Sequential(*blocks)
+        self.head_kind = head
+        if head == "gap":
+            self.pool: nn.Module = nn.AdaptiveAvgPool3d(1)
+            features = channels
+        else:
+            self.pool = nn.Identity()
+            features = channels * math.prod(s >> depth for s in spatial)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for size in fc_sizes:
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            layers += [nn.Linear(features, size), nn.LeakyReLU(0.3)]
+            features = size
+        layers.append(nn.Linear(features, num_outputs))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, D, H, W) -> (B, num_outputs) in (-1.2, 1.2)
+        h = self.pool(self.features(x))  # (B, C', d, h, w) or (B, C', 1, 1, 1)
+        return 1.2 * torch.tanh(self.head(h))

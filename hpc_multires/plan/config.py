@@ -1,0 +1,330 @@
+"""The config tree: one frozen dataclass per component, each field documented.
+
+A TOML file maps onto `Config` section by section. Unknown keys, wrong types and bad
+values raise `ConfigError` naming the key and the fix; cross-field checks that need the
+world size or the dataset happen in `Config.check_world`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from hpc_multires.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What the run is called and how it is seeded."""
+
+    name: str = "run"
+    """Run name; the default run directory is runs/<name>."""
+    seed: int = 0
+    """Seeds model initialisation and the per-epoch data order (same on every rank count)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the samples come from and how they are read."""
+
+    path: str = ""
+    """Dataset directory (shard-*.h5 files). Required; `--set data.path=DIR` overrides it."""
+    val_path: str = ""
+    """Separate validation dataset; empty: hold out `val_fraction` of `path`."""
+    val_fraction: float = 0.2
+    """Fraction of `path` (its last samples) used for validation when `val_path` is empty."""
+    level: int = 0
+    """Pyramid level to train on: 0 = original, k = downsampled by 2^k per spatial axis."""
+    num_workers: int = 1
+    """Background reader processes per rank; 0 reads in the training process."""
+    prefetch: int = 4
+    """Batches each reader process keeps ready ahead of the training step."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The network. Input channels, sample shape and outputs come from the dataset."""
+
+    name: Literal["cosmoflow"] = "cosmoflow"
+    """Architecture."""
+    width: float = 1.0
+    """Width multiplier: the first conv block has round(32 * width) filters, doubling per block."""
+    depth: int = 5
+    """Number of conv blocks, each halving every spatial axis (input side must be >= 2^depth)."""
+    kernel_size: int = 3
+    """Convolution kernel size (odd)."""
+    head: Literal["flatten", "gap"] = "flatten"
+    """flatten: dense layers on the flattened features (original); gap: global average pool."""
+    fc_sizes: tuple[int, ...] = (128, 64)
+    """Hidden dense layer sizes."""
+    dropout: float = 0.0
+    """Dropout probability before each hidden dense layer."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimisation: global batch, optimizer, schedule, epochs."""
+
+    epochs: int = 4
+    """Number of passes over the training set."""
+    global_batch: int = 16
+    """Samples per optimizer step over all ranks; each rank reads global_batch / world_size."""
+    optimizer: Literal["sgd", "adam"] = "adam"
+    """sgd (with momentum) or adam (AdamW)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by adam)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from lr/10 to lr over this many epochs."""
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    """Decay after warm-up, down to lr * min_lr_ratio at the last step."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of lr."""
+    checkpoint_keep: int = 3
+    """Epoch checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommConfig:
+    """How ranks talk."""
+
+    backend: Literal["ddp"] = "ddp"
+    """Gradient allreduce: torch.distributed DDP (gloo on CPU, NCCL on GPU)."""
+    timeout_s: float = 300.0
+    """A collective waiting longer than this fails the job instead of hanging it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """What is written to RUN_DIR/metrics.jsonl and the console."""
+
+    every_steps: int = 10
+    """Log the global mean loss every this many steps (an allreduce each time)."""
+    progress_s: float = 30.0
+    """Seconds between plain progress lines when stderr is not a terminal (batch logs)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole run."""
+
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    comm: CommConfig = CommConfig()
+    log: LogConfig = LogConfig()
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+    def check_world(self, world_size: int) -> None:
+        """Checks that need the number of ranks."""
+        if self.train.global_batch % world_size:
+            lo = self.train.global_batch // world_size * world_size
+            hi = lo + world_size
+            raise ConfigError(
+                f"train.global_batch = {self.train.global_batch} is not divisible by the "
+                f"{world_size} ranks; set it to a multiple of {world_size} "
+                f"(e.g. --set train.global_batch={max(lo, world_size)} or {hi}) "
+                f"or change the number of ranks")
+
+
+def _check_values(cfg: Config) -> None:
+    def need(ok: bool, key: str, value: object, fix: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key} = {value!r}: {fix}")
+
+    d, m, t, c, g = cfg.data, cfg.model, cfg.train, cfg.comm, cfg.log
+    need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
+         "use a fraction in [0, 1)")
+    need(d.level >= 0, "data.level", d.level, "use 0 (original) or a pyramid level k >= 1")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, "use 0 or more")
+    need(d.prefetch >= 1, "data.prefetch", d.prefetch, "use 1 or more")
+    need(m.width > 0, "model.width", m.width, "use a positive multiplier such as 0.25 or 1")
+    need(m.depth >= 1, "model.depth", m.depth, "use 1 or more conv blocks")
+    need(m.kernel_size >= 1 and m.kernel_size % 2 == 1, "model.kernel_size", m.kernel_size,
+         "use an odd size such as 3")
+    need(all(s >= 1 for s in m.fc_sizes), "model.fc_sizes", m.fc_sizes,
+         "use positive layer sizes, e.g. [128, 64]")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "use a probability in [0, 1)")
+    need(t.epochs >= 1, "train.epochs", t.epochs, "use 1 or more")
+    need(t.global_batch >= 1, "train.global_batch", t.global_batch, "use 1 or more")
+    need(t.lr > 0, "train.lr", t.lr, "use a positive learning rate")
+    need(0.0 <= t.momentum < 1.0, "train.momentum", t.momentum, "use a value in [0, 1)")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
+    need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs,
+         f"use a value between 0 and train.epochs = {t.epochs}")
+    need(0 < t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "use a value in (0, 1]")
+    need(t.checkpoint_keep >= 1, "train.checkpoint_keep", t.checkpoint_keep, "keep at least 1")
+    need(c.timeout_s > 0, "comm.timeout_s", c.timeout_s, "use a positive number of seconds")
+    need(g.every_steps >= 1, "log.every_steps", g.every_steps, "use 1 or more")
+    need(g.progress_s > 0, "log.progress_s", g.progress_s, "use a positive number of seconds")
+
+
+# ---------------------------------------------------------------- TOML -> dataclasses
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """`value` as type `tp`, or a ConfigError naming `key` and what it expects."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key} = {value!r} is not one of {_type_name(tp)}{hint}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. [128, 64]")
+        (inner, *_) = typing.get_args(tp)
+        return tuple(_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {key}")  # config fields are never unions
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string (quote it in TOML)")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{prefix}] must be a table of keys, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close \
+                else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = hints[key]
+        if is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _coerce(full, tp, value)
+    return cls(**kwargs)
+
+
+def config_from_dict(table: dict[str, Any]) -> Config:
+    return typing.cast(Config, _build(Config, table, ""))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config, apply `--set section.key=value` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found; pass the path of a TOML config "
+                          "such as configs/cosmoflow-demo.toml")
+    try:
+        table = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e}); fix the syntax at that line") from None
+    for item in overrides or []:
+        _set(table, item)
+    return config_from_dict(table)
+
+
+def _set(table: dict[str, Any], item: str) -> None:
+    key, eq, raw = item.partition("=")
+    key = key.strip()
+    if not eq or not key or "." not in key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. "
+                          "--set train.epochs=8 or --set data.path=/scratch/data")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as a path
+    *parents, leaf = key.split(".")
+    node = table
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A new config with `section.key=value` overrides applied and validated."""
+    table = config_to_dict(cfg)
+    for item in overrides:
+        _set(table, item)
+    return config_from_dict(table)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        out[f.name] = config_to_dict(value) if is_dataclass(value) else (
+            list(value) if isinstance(value, tuple) else value)
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, every field written out (defaults included)."""
+    lines: list[str] = []
+    for section, table in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its docstring (the string literal under the field), for `--help-config`."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+

@@ -1,0 +1,1 @@
+"""The one training loop: step, evaluation, metrics, checkpoints and resume."""

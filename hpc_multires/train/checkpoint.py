@@ -1,0 +1,78 @@
+"""Checkpoints written atomically and loaded with fallback.
+
+A checkpoint is written to a temporary file in the same directory, flushed to disk and
+renamed over its final name, so a crash at any moment leaves either the old file or the
+new one, never a half-written one. Loading tries the newest checkpoint first and falls
+back to older ones when a file does not load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpc_multires.errors import UserError
+
+NAME = re.compile(r"epoch-(\d{4,})\.pt")
+
+
+def checkpoint_path(directory: Path, epoch: int) -> Path:
+    return directory / f"epoch-{epoch:04d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary files are ignored)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Make the rename itself durable.
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(directory: Path, keep: int) -> None:
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def load_latest(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint that loads, skipping (and reporting) unreadable ones."""
+    candidates = list_checkpoints(directory)
+    if not candidates:
+        raise UserError(f"no checkpoint in {directory}; run without --resume to start "
+                        "training, or pass the --run-dir of the run to continue")
+    for path in reversed(candidates):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a damaged file can fail in many ways inside the unpickler
+            print(f"hpc-multires: warning: checkpoint {path} does not load ({e}); "
+                  "trying the previous one", file=sys.stderr)
+            continue
+        if isinstance(state, dict) and "model" in state and "epoch" in state:
+            return path, state
+        print(f"hpc-multires: warning: {path} is not a training checkpoint; skipped",
+              file=sys.stderr)
+    raise UserError(f"none of the {len(candidates)} checkpoints in {directory} loads; "
+                    "start a new run (choose another --run-dir)")

@@ -1,0 +1,84 @@
+"""RUN_DIR/metrics.jsonl (one JSON object per line) and rank 0's progress display."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+
+class MetricsLog:
+    """Appends records to metrics.jsonl on rank 0; does nothing on the other ranks."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (written after the checkpoint we resume from).
+
+        Rewritten through a temporary file, so a crash here loses nothing.
+        """
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A one-line bar on a terminal; plain lines every `interval_s` in a batch log."""
+
+    def __init__(self, total_steps: int, enabled: bool, interval_s: float,
+                 stream: TextIO | None = None) -> None:
+        self.total = total_steps
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = 0.2 if self.tty else interval_s
+        self._last = 0.0
+
+    def update(self, step: int, epoch: int, text: str, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        frac = step / max(self.total, 1)
+        if self.tty:
+            bar = "#" * int(30 * frac)
+            self.stream.write(f"\r[{bar:<30}] {100 * frac:5.1f}% epoch {epoch} {text}\x1b[K")
+        else:
+            self.stream.write(f"step {step}/{self.total} ({100 * frac:.0f}%) epoch {epoch} "
+                              f"{text}\n")
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        """A line that stays (epoch summaries)."""
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()

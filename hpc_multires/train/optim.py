@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule. The rate is a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hpc_multires.plan.config import TrainConfig
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Rate for optimizer step `step` (0-based): linear warm-up, then the decay schedule.
+
+    A function of the step alone, so a resumed run follows the same curve without
+    saving any scheduler state.
+    """
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (0.1 + 0.9 * step / warmup)
+    if cfg.schedule == "constant" or total_steps - warmup <= 1:
+        return cfg.lr
+    progress = (step - warmup) / (total_steps - warmup - 1)  # 0 .. 1
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return cfg.lr + (floor - cfg.lr) * progress
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,95 @@
+"""`data convert`: arrays made elsewhere -> a store, streamed in bounded memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hpc_multires.data.convert import convert
+from hpc_multires.data.store import SampleStore
+from hpc_multires.errors import DataError
+
+
+def make(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return (rng.normal(size=(n, 3, 8, 8, 8)).astype(np.float32),
+            rng.uniform(10, 20, size=(n, 2)))
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "npz-compressed"])
+def test_convert_formats_give_the_same_store(tmp_path: Path, fmt: str) -> None:
+    x, y = make()
+    if fmt == "npy":
+        np.save(tmp_path / "x.npy", x)
+        np.save(tmp_path / "y.npy", y)
+        args: tuple[Path, Path | None] = (tmp_path / "x.npy", tmp_path / "y.npy")
+    else:
+        save = np.savez_compressed if fmt == "npz-compressed" else np.savez
+        save(tmp_path / "d.npz", x=x, y=y)
+        args = (tmp_path / "d.npz", None)
+    shards = convert(*args, tmp_path / "out", samples_per_shard=16, label_names=["a", "b"])
+    store = SampleStore(tmp_path / "out")
+    assert shards == 3 and len(store) == 40 and store.schema.label_names == ("a", "b")
+    raw = np.stack([store.read_raw(i)[0] for i in range(40)])
+    np.testing.assert_array_equal(raw, x)
+    labels = store.labels()
+    assert labels.min() == -1 and labels.max() == 1  # min-max scaled per label
+    np.testing.assert_allclose(labels, 2 * (y - y.min(0)) / (y.max(0) - y.min(0)) - 1,
+                               rtol=1e-5)
+
+
+def test_memory_stays_bounded_for_large_inputs(tmp_path: Path) -> None:
+    # 400 samples x 128 KiB = 50 MiB input; converting must not hold it all.
+    rng = np.random.default_rng(0)
+    x = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32,
+                                  shape=(400, 1, 32, 32, 32))
+    for i in range(0, 400, 50):
+        x[i:i + 50] = rng.normal(size=(50, 1, 32, 32, 32))
+    x.flush()
+    del x
+    np.save(tmp_path / "y.npy", rng.normal(size=(400, 1)))
+    tracemalloc.start()
+    convert(tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "out", samples_per_shard=100)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB for a 50 MiB input"
+    assert len(SampleStore(tmp_path / "out")) == 400
+
+
+@pytest.mark.parametrize(("x_shape", "y_shape", "message"), [
+    ((10, 8), (10, 1), r"inputs must be \(N, C, \*spatial\)"),
+    ((10, 1, 8), (10,), r"labels must be \(N, P\): use y\[:, None\]"),
+    ((10, 1, 8), (9, 2), r"labels must be \(10, P\)"),
+])
+def test_wrong_shapes(tmp_path: Path, x_shape, y_shape, message: str) -> None:
+    np.save(tmp_path / "x.npy", np.zeros(x_shape, np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(y_shape, np.float32))
+    with pytest.raises(DataError, match=message):
+        convert(tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "out")
+
+
+def test_nan_in_inputs_is_refused_and_nothing_half_written(tmp_path: Path) -> None:
+    x, y = make(20)
+    x[13, 1, 2, 3, 4] = np.nan
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(DataError, match="sample 13 holds NaN"):
+        convert(tmp_path / "d.npz", None, tmp_path / "out", samples_per_shard=8)
+    assert not list((tmp_path / "out").glob("shard-00001.h5*"))  # the bad shard is not left
+    y[4, 0] = np.inf
+    np.savez(tmp_path / "e.npz", x=x, y=y)
+    with pytest.raises(DataError, match=r"labels of samples \[4\]"):
+        convert(tmp_path / "e.npz", None, tmp_path / "out2")
+
+
+def test_missing_and_malformed_inputs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        convert(tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "out")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        convert(tmp_path / "bad.npz", None, tmp_path / "out")
+    np.savez(tmp_path / "only.npz", inputs=np.zeros((2, 1, 4)))
+    with pytest.raises(DataError, match="no array 'x'"):
+        convert(tmp_path / "only.npz", None, tmp_path / "out")

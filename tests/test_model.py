@@ -1,0 +1,44 @@
+"""CosmoFlow architecture: shapes, heads, the full-size parameter count, depth checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_multires.errors import ConfigError
+from hpc_multires.models import build_model
+from hpc_multires.models.cosmoflow import CosmoFlow
+from hpc_multires.plan.config import ModelConfig
+
+
+def test_full_size_model_matches_mlperf_scale() -> None:
+    # 128^3 x 4 input, 5 blocks of 32..512 filters, dense 128 -> 64 -> 4: about 8.9 M
+    # parameters, i.e. the ~36 MB gradient the allreduce benchmark uses.
+    m = CosmoFlow(in_channels=4, spatial=(128, 128, 128), num_outputs=4)
+    assert sum(p.numel() for p in m.parameters()) == 8_907_556
+
+
+@pytest.mark.parametrize("head", ["flatten", "gap"])
+def test_output_shape_and_range(head: str) -> None:
+    torch.manual_seed(0)
+    m = CosmoFlow(in_channels=2, spatial=(16, 16, 16), num_outputs=3, width=0.125, depth=3,
+                  head=head)  # type: ignore[arg-type]
+    out = m(torch.randn(5, 2, 16, 16, 16) * 100)
+    assert out.shape == (5, 3)
+    assert out.abs().max() <= 1.2
+
+
+def test_gap_head_accepts_other_sizes() -> None:
+    m = CosmoFlow(in_channels=1, spatial=(16, 16, 16), num_outputs=1, width=0.125, depth=2,
+                  head="gap")
+    assert m(torch.randn(2, 1, 32, 32, 32)).shape == (2, 1)
+
+
+def test_depth_too_large_for_the_samples() -> None:
+    with pytest.raises(ConfigError, match="model.depth <= 3"):
+        CosmoFlow(in_channels=1, spatial=(8, 8, 8), num_outputs=1, depth=4)
+
+
+def test_build_model_rejects_non_3d_samples() -> None:
+    with pytest.raises(ConfigError, match="takes 3D samples"):
+        build_model(ModelConfig(), (4, 64, 64), 2)

@@ -1,0 +1,144 @@
+"""Several ranks under a real mpiexec: parity, parallel data generation, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+from conftest import ROOT, mpiexec_path, run_env
+
+pytestmark = pytest.mark.mpi
+
+
+def step_losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "step"]
+
+
+def test_parity_1_2_4_ranks(cli, tiny_config, tmp_path: Path) -> None:
+    """Same seed and global batch: the same losses whatever the number of ranks.
+
+    Every rank count sees the same samples in every global batch (the sampler's
+    contract) and DDP averages equal-sized local mean gradients, which is the global
+    mean gradient. What differs is only the order of float32 sums (per-rank partial
+    sums, the allreduce). That rounding is ~1e-7 relative per step; Adam can amplify
+    it a little over 9 steps, so 1e-4 relative is a bound with a wide margin that a
+    wrong batch split (a different sample set) or a missing allreduce (ranks training
+    on half the data each) would exceed by orders of magnitude.
+    """
+    cfg_path = str(tiny_config(epochs=1))
+    losses = {}
+    for n in (1, 2, 4):
+        run = tmp_path / f"r{n}"
+        r = cli(["train", cfg_path, "--run-dir", str(run)], ranks=n, timeout=240)
+        assert r.returncode == 0, r.stderr
+        losses[n] = np.array(step_losses(run))
+    assert len(losses[1]) == 9
+    assert np.ptp(losses[1]) > 1e-3  # the losses move, so equality is not trivial
+    for n in (2, 4):
+        np.testing.assert_allclose(losses[n], losses[1], rtol=1e-4, atol=0)
+
+
+def inspect_checksum(cli, path: Path) -> str:
+    r = cli(["data", "inspect", str(path)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    return next(line for line in r.stdout.splitlines() if line.startswith("checksum"))
+
+
+def test_synth_is_the_same_dataset_on_any_rank_count(cli, tmp_path: Path) -> None:
+    args = ["data", "synth", "cosmoflow", "--samples", "20", "--size", "8",
+            "--samples-per-shard", "4", "--seed", "11"]
+    one = cli([*args, "--out", str(tmp_path / "one")])
+    three = cli([*args, "--out", str(tmp_path / "three")], ranks=3)
+    assert one.returncode == 0 and three.returncode == 0, three.stderr
+    assert inspect_checksum(cli, tmp_path / "one") == inspect_checksum(cli, tmp_path / "three")
+    other = cli([*args[:-1], "12", "--out", str(tmp_path / "other")])
+    assert other.returncode == 0
+    assert inspect_checksum(cli, tmp_path / "other") != inspect_checksum(cli, tmp_path / "one")
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "hpc-multires: error:" in line]
+
+
+def test_config_error_on_all_ranks_gives_one_message(cli, tiny_config) -> None:
+    t0 = time.monotonic()
+    r = cli(["train", str(tiny_config()), "--set", "train.global_batch=6"], ranks=4)
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1, r.stderr
+    assert "not divisible by the 4 ranks" in lines[0]
+    assert time.monotonic() - t0 < 60
+
+
+def test_missing_data_under_mpiexec_gives_one_message(cli, tiny_config, tmp_path: Path) -> None:
+    r = cli(["train", str(tiny_config()), "--set", f"data.path={tmp_path}/none"], ranks=2)
+    assert r.returncode != 0
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "not found" in lines[0], r.stderr
+
+
+def test_bad_sample_on_one_rank_ends_the_whole_job(cli, tiny_config, tiny_cosmo: Path,
+                                                   tmp_path: Path) -> None:
+    """One rank hits a corrupted chunk mid-training; mpiexec must not hang."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for shard in tiny_cosmo.glob("shard-*.h5"):
+        (data / shard.name).write_bytes(shard.read_bytes())
+    target = data / "shard-00001.h5"
+    with h5py.File(target, "r") as f:
+        offsets = [f["x"].id.get_chunk_info(i).byte_offset for i in range(f["x"].shape[0])]
+    raw = bytearray(target.read_bytes())
+    for off in offsets:  # every sample of the shard: whichever rank reads one, fails
+        raw[off + 100] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    t0 = time.monotonic()
+    r = cli(["train", str(tiny_config(epochs=3, data=data)), "--run-dir", str(tmp_path / "run")],
+            ranks=2, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0
+    assert "shard-00001.h5" in r.stderr and "corrupted" in r.stderr, r.stderr
+    assert elapsed < 90
+
+
+def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg_path = tiny_config(epochs=50)
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
+           "train", str(cfg_path), "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        ckpt = run / "checkpoints" / "epoch-0001.pt"
+        while not ckpt.exists():
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "training did not reach epoch 1"
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "hpc_multires" in " ".join(p.cmdline()) and p.name().startswith("python")
+                 and p.parent() is not None and not p.parent().name().startswith("python")]
+        assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        victim = ranks[1]
+        t0 = time.monotonic()
+        os.kill(victim.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert elapsed < 60
+    import torch
+
+    state = torch.load(ckpt, weights_only=False)  # the last checkpoint still loads
+    assert state["epoch"] >= 1

@@ -1,0 +1,143 @@
+"""The HDF5 store: round trip, normalisation, lazy read-only access, and every bad shard."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import write_arrays_store
+
+from hpc_multires.data.inspect import inspect_store
+from hpc_multires.data.store import SampleStore, checksum_shard
+from hpc_multires.errors import DataError, SampleError
+
+
+@pytest.fixture
+def arrays() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.poisson(5.0, size=(20, 2, 4, 4, 4)).astype(np.uint16)  # (N, C, D, H, W)
+    y = rng.uniform(-1, 1, size=(20, 3)).astype(np.float32)
+    return x, y
+
+
+def test_round_trip_with_transform_and_normalisation(tmp_path: Path, arrays) -> None:
+    x, y = arrays
+    store = SampleStore(write_arrays_store(tmp_path / "s", x, y, per_shard=8, transform="log1p"))
+    assert len(store) == 20 and len(store.shards) == 3
+    assert store.schema.sample_shape == (2, 4, 4, 4) and store.schema.x_dtype == "uint16"
+    t = np.log1p(x.astype(np.float64))
+    mean = t.mean(axis=(0, 2, 3, 4))
+    std = t.std(axis=(0, 2, 3, 4))
+    np.testing.assert_allclose(store.mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(store.std, std, rtol=1e-4)
+    for i in (0, 7, 8, 19):  # across shard boundaries
+        xi, yi = store.read(i)
+        want = (t[i] - mean[:, None, None, None]) / std[:, None, None, None]
+        np.testing.assert_allclose(xi, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(yi, y[i])
+    np.testing.assert_array_equal(store.labels(), y)
+
+
+def test_one_chunk_per_sample_checksums_and_readonly_lazy_handles(tmp_path: Path, arrays) -> None:
+    x, y = arrays
+    store = SampleStore(write_arrays_store(tmp_path / "s", x, y))
+    with h5py.File(store.shards[0].path, "r") as f:
+        assert f["x"].chunks == (1, 2, 4, 4, 4)
+        assert f["x"].fletcher32
+    assert store._files == {}  # nothing is open until a sample is read
+    store.read(9)
+    assert list(store._files) == [1] and store._files[1].mode == "r"
+    clone = pickle.loads(pickle.dumps(store))  # what a reader process receives
+    assert clone._files == {} and np.array_equal(clone.read(9)[0], store.read(9)[0])
+    assert all(checksum_shard(s.path)["ok"] for s in store.shards)
+
+
+def test_no_half_written_shard_is_visible(tmp_path: Path, arrays) -> None:
+    from hpc_multires.data.store import ShardWriter, provenance
+
+    x, y = arrays
+    out = tmp_path / "s"
+    out.mkdir()
+    with pytest.raises(RuntimeError), ShardWriter(
+            out, 0, num_shards=1, first_sample=0, total_samples=4, num_samples=4,
+            sample_shape=x.shape[1:], x_dtype=x.dtype, label_names=["a", "b", "c"],
+            x_transform="none", prov=provenance("test")) as w:
+        w.write(x[0], y[0])
+        raise RuntimeError("killed half way")
+    assert list(out.iterdir()) == []
+
+
+def test_missing_and_wrong_paths(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found.*data synth"):
+        SampleStore(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no shard-"):
+        SampleStore(tmp_path / "empty")
+
+
+def test_truncated_shard(tmp_path: Path, arrays) -> None:
+    path = write_arrays_store(tmp_path / "s", *arrays)
+    shard = path / "shard-00001.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DataError, match="shard-00001.h5 is not a readable HDF5 file.*truncated"):
+        SampleStore(path)
+
+
+def test_corrupted_chunk_is_caught_at_read_and_by_inspect(tmp_path: Path, arrays) -> None:
+    path = write_arrays_store(tmp_path / "s", *arrays)
+    shard = path / "shard-00000.h5"
+    with h5py.File(shard, "r") as f:
+        offset = f["x"].id.get_chunk_info(3).byte_offset
+    raw = bytearray(shard.read_bytes())
+    raw[offset + 10] ^= 0xFF  # one flipped byte inside sample 3's chunk
+    shard.write_bytes(bytes(raw))
+    store = SampleStore(path)  # headers are intact
+    store.read(2)
+    with pytest.raises(SampleError, match=r"sample 3 \(shard-00000.h5, row 3\).*corrupted"):
+        store.read(3)
+    text, ok = inspect_store(path)
+    assert not ok and "shard-00000.h5" in text and "UNREADABLE" in text
+
+
+def test_missing_shard_and_schema_mismatch(tmp_path: Path, arrays) -> None:
+    path = write_arrays_store(tmp_path / "s", *arrays)
+    (path / "shard-00001.h5").unlink()
+    with pytest.raises(DataError, match=r"shard-00001.h5'\] of 3 are missing"):
+        SampleStore(path)
+    path = write_arrays_store(tmp_path / "t", *arrays)
+    with h5py.File(path / "shard-00002.h5", "r+") as f:
+        f.attrs["label_names"] = '["a", "b", "z"]'
+    with pytest.raises(DataError, match="disagrees with shard-00000.h5 on the schema"):
+        SampleStore(path)
+    with h5py.File(path / "shard-00002.h5", "r+") as f:
+        f.attrs["format"] = "something-else"
+    with pytest.raises(DataError, match="data convert"):
+        SampleStore(path)
+
+
+def test_wrong_dataset_shape(tmp_path: Path, arrays) -> None:
+    path = write_arrays_store(tmp_path / "s", *arrays)
+    with h5py.File(path / "shard-00000.h5", "r+") as f:
+        del f["y"]
+        f["y"] = np.zeros((8, 2), np.float32)
+    with pytest.raises(DataError, match=r"/y has shape \(8, 2\), the attributes say \(8, 3\)"):
+        SampleStore(path)
+
+
+def test_nan_sample_is_named(tmp_path: Path) -> None:
+    x = np.ones((8, 1, 4, 4, 4), np.float32)
+    path = write_arrays_store(tmp_path / "s", x, np.zeros((8, 1), np.float32))
+    with h5py.File(path / "shard-00000.h5", "r+") as f:
+        f["x"][5, 0, 1, 1, 1] = np.nan  # written behind the writer's back
+    with pytest.raises(SampleError, match=r"sample 5 .*NaN"):
+        SampleStore(path).read(5)
+    assert not inspect_store(path)[1]
+
+
+def test_missing_level_names_the_pyramid_command(tmp_path: Path, arrays) -> None:
+    path = write_arrays_store(tmp_path / "s", *arrays)
+    with pytest.raises(DataError, match="data pyramid .* --levels 1"):
+        SampleStore(path, level=1)

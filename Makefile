@@ -1,0 +1,58 @@
+# hpc-multires: set-up, demo and tests. `make demo` and `make test` work on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+RANKS ?= 2
+DEMO_DATA ?= demo-data/cosmoflow
+DEMO_RUN ?= runs/cosmoflow-demo
+DEMO_SAMPLES ?= 1024
+
+# Ranks share few cores here: one thread each, and MPICH must not busy-poll.
+export OMP_NUM_THREADS ?= 1
+export MPIR_CVAR_CH4_PROGRESS_THROTTLE ?= 1
+
+MPIRUN := $(BIN)/mpiexec -n $(RANKS) $(PY) -m mpi4py -m hpc_multires
+
+.PHONY: setup demo test test-unit test-mpi lint typecheck bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch pinned to the 2.13.0 CPU wheel; the project's range admits it and nothing newer.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[mpi,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	@# Generate the demo dataset once (in parallel); a complete one is reused.
+	$(BIN)/hpc-multires data inspect --no-verify $(DEMO_DATA) >/dev/null 2>&1 || \
+	  $(MPIRUN) data synth cosmoflow --out $(DEMO_DATA) --samples $(DEMO_SAMPLES) --size 32 --overwrite
+	rm -rf $(DEMO_RUN)
+	$(MPIRUN) train configs/cosmoflow-demo.toml --run-dir $(DEMO_RUN) --set data.path=$(DEMO_DATA)
+	$(BIN)/hpc-multires report $(DEMO_RUN)
+
+lint: setup
+	$(BIN)/ruff check hpc_multires tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy hpc_multires
+
+test-unit: setup
+	$(BIN)/pytest -m "not mpi"
+
+test-mpi: setup
+	$(BIN)/pytest -m mpi
+
+test: lint typecheck
+	$(BIN)/pytest
+
+bench: setup
+	$(PY) benchmarks/io.py
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf runs demo-data .pytest_cache .mypy_cache .ruff_cache

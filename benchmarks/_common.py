@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts: running the CLI, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.node()}: {psutil.cpu_count(logical=True)} CPUs, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.platform()}")
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e.setdefault("MPIR_CVAR_CH4_PROGRESS_THROTTLE", "1")
+    e.update(extra)
+    return e
+
+
+def cli(args: list[str], ranks: int = 1, timeout: float = 1800) -> str:
+    cmd = [sys.executable, "-m", "hpc_multires", *args]
+    if ranks > 1:
+        cmd = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
+               "hpc_multires", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env=env())
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr}")
+    return r.stdout

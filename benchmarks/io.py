@@ -1,0 +1,105 @@
+"""Reader throughput beside a raw read of the same files, measured in one run.
+
+    python benchmarks/io.py [--data DIR] [--samples 128] [--size 64]
+
+Prints bytes/s of: a raw sequential read of the shard files (the ceiling), h5py
+hyperslab reads of one sample at a time in shuffled order, `SampleStore.read` (adds
+the log1p transform and normalisation), and the prefetching loader with 1 and 2
+worker processes; each as a ratio to the raw read. The page cache is warmed first,
+so this measures the reader's overhead, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cli, machine
+
+from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.store import SampleStore
+
+
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", type=Path, help="existing store (default: generate one)")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many passes")
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    data = args.data
+    if data is None:
+        data = Path(tmp.name) / "bench"
+        cli(["data", "synth", "cosmoflow", "--out", str(data), "--samples", str(args.samples),
+             "--size", str(args.size)])
+    store = SampleStore(data)
+    n = len(store)
+    x_bytes = n * int(np.prod(store.sample_shape)) * np.dtype(store.schema.x_dtype).itemsize
+    file_bytes = sum(s.path.stat().st_size for s in store.shards)
+    order = np.random.default_rng(0).permutation(n)
+
+    def raw() -> None:
+        for s in store.shards:
+            with open(s.path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+    def hyperslab() -> None:
+        files = [h5py.File(s.path, "r", locking=False) for s in store.shards]
+        per = store.shards[0].num_samples
+        for i in order:
+            files[i // per]["x"][i % per]
+        for f in files:
+            f.close()
+
+    def store_read() -> None:
+        for i in order:
+            store.read(int(i))
+
+    batches = [order[i:i + args.batch] for i in range(0, n - args.batch + 1, args.batch)]
+
+    def loader(workers: int):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            for _ in iterate_batches(store, batches, workers, prefetch=4):
+                pass
+        return run
+
+    raw()  # warm the page cache
+    cases = [("raw file read (sequential)", raw, file_bytes),
+             ("h5py hyperslab, 1 sample/read", hyperslab, x_bytes),
+             ("SampleStore.read (+log1p, norm.)", store_read, x_bytes),
+             ("loader, 0 workers", loader(0), x_bytes),
+             ("loader, 1 worker", loader(1), x_bytes),
+             ("loader, 2 workers", loader(2), x_bytes)]
+    print(f"machine: {machine()}")
+    print(f"data: {n} samples of {store.sample_shape} {store.schema.x_dtype}, "
+          f"{x_bytes / 2**20:.0f} MiB of /x in {len(store.shards)} shard files "
+          f"({file_bytes / 2**20:.0f} MiB); page cache warm; best of {args.repeats}")
+    print(f"{'reader':<36} {'MiB/s':>9} {'samples/s':>10} {'vs raw':>7}")
+    raw_rate = 0.0
+    for name, fn, nbytes in cases:
+        best = min(timed(fn) for _ in range(args.repeats))
+        rate = nbytes / best / 2**20
+        raw_rate = raw_rate or rate
+        print(f"{name:<36} {rate:9.1f} {n / best:10.1f} {rate / raw_rate:7.3f}")
+    store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Training samples/s at 1, 2 and 4 ranks, and the weak-scaling efficiency.
+
+    python benchmarks/throughput.py [--ranks 1,2,4] [--local-batch 8] [--size 32]
+
+Weak scaling: each rank keeps the same per-rank batch, so the global batch grows with
+the ranks. Efficiency(n) = throughput(n) / (n * throughput(1)). Throughput is taken
+from the training's own metrics (step records after the first epoch's warm-up steps).
+On a machine with fewer cores than ranks, the ranks share cores and the efficiency
+says so: read it beside the core count printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, cli, machine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--ranks", default="1,2,4")
+    ap.add_argument("--local-batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--data", type=Path)
+    args = ap.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",")]
+
+    tmp = Path(tempfile.mkdtemp(prefix="hpcmr-bench-"))
+    data = args.data or tmp / "data"
+    if args.data is None:
+        cli(["data", "synth", "cosmoflow", "--out", str(data), "--samples", str(args.samples),
+             "--size", str(args.size)], ranks=2)
+    print(f"machine: {machine()}; {psutil.cpu_count(logical=False)} physical cores")
+    print(f"model: configs/cosmoflow-demo.toml, {args.size}^3 x 4, per-rank batch "
+          f"{args.local_batch}, {args.epochs} epochs, throughput excludes epoch 1")
+    print(f"{'ranks':>5} {'global batch':>12} {'samples/s':>10} {'per rank':>9} {'efficiency':>10}")
+    base = 0.0
+    for n in ranks:
+        run = tmp / f"run-{n}"
+        cli(["train", str(ROOT / "configs" / "cosmoflow-demo.toml"), "--run-dir", str(run),
+             "--set", f"data.path={data}", "--set", f"train.global_batch={args.local_batch * n}",
+             "--set", f"train.epochs={args.epochs}", "--set", "log.every_steps=1",
+             "--set", "train.warmup_epochs=0"], ranks=n)
+        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in recs if r["kind"] == "step" and r["epoch"] >= 1]
+        # samples/s between the first and last step record of the later epochs
+        # (evaluation at the epoch boundary excluded).
+        per_epoch: dict[int, list[dict]] = {}
+        for r in steps:
+            per_epoch.setdefault(r["epoch"], []).append(r)
+        samples = sum((v[-1]["step"] - v[0]["step"]) * args.local_batch * n
+                      for v in per_epoch.values())
+        seconds = sum(v[-1]["wall_s"] - v[0]["wall_s"] for v in per_epoch.values())
+        sps = samples / seconds
+        base = base or sps / n
+        print(f"{n:5d} {args.local_batch * n:12d} {sps:10.1f} {sps / n:9.1f} "
+              f"{sps / (n * base):10.2f}")
+
+
+if __name__ == "__main__":
+    main()

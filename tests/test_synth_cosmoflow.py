@@ -150,9 +150,9 @@ def test_generate_shapes_and_dtypes(size: int, channels: int) -> None:
 
 def test_counts_mean_near_mean_count() -> None:
     counts, _ = cf.generate(0, 3, 32)
-    # The lognormal keeps <rho> = 1, so every channel averages ~40 (observed 39.9 to 40.1).
+    # The lognormal keeps <rho> = 1, so every channel averages ~MEAN_COUNT (observed within 0.3%).
     means = counts.reshape(counts.shape[0], -1).mean(axis=1)
-    np.testing.assert_allclose(means, 40.0, rtol=0.05)
+    np.testing.assert_allclose(means, cf.MEAN_COUNT, rtol=0.05)
     # Poisson counts spread over many integers, not a constant or a rounded-off density.
     assert len(np.unique(counts[-1])) > 20
 

@@ -44,6 +44,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_pyramid(args: argparse.Namespace) -> int:
+    from hpc_multires.data.pyramid import build_pyramid
+
+    r = build_pyramid(args.dir, args.levels)
+    _say(f"pyramid levels 1..{args.levels}: {r['built']} shard(s) built, {r['skipped']} "
+         f"already complete, of {r['shards']}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hpc_multires.driver.run import train
     from hpc_multires.plan.config import load_config
@@ -104,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("dir", type=Path)
     insp.add_argument("--no-verify", action="store_true", help="skip reading every byte")
     insp.set_defaults(func=cmd_inspect)
+
+    pyr = dsub.add_parser("pyramid", help="add coarse levels 1..K to every shard (parallel)")
+    pyr.add_argument("dir", type=Path)
+    pyr.add_argument("--levels", type=int, required=True, metavar="K",
+                     help="coarsest level: each axis downsampled by 2^K")
+    pyr.set_defaults(func=cmd_pyramid)
 
     tr = sub.add_parser("train", help="train as the config says (all ranks run this)")
     tr.add_argument("config", type=Path, help="TOML config, e.g. configs/cosmoflow-demo.toml")

@@ -200,7 +200,7 @@ def _open(path: Path) -> h5py.File:
         ) from None
 
 
-def _attr(f: h5py.File, path: Path, name: str) -> Any:
+def _attr(f: h5py.File | h5py.Group, path: Path, name: str) -> Any:
     if name not in f.attrs:
         raise DataError(f"{path}: attribute {name!r} missing; this is not a complete "
                         f"{FORMAT} shard (see docs/data-format.md)")
@@ -246,10 +246,13 @@ class SampleStore:
                 first = int(_attr(f, p, "first_sample"))
                 n = int(_attr(f, p, "num_samples"))
                 self.shards.append(ShardInfo(p, int(_attr(f, p, "shard_index")), first, n))
-                sums.append(np.stack([np.asarray(_attr(f, p, "x_sum"), np.float64),
-                                      np.asarray(_attr(f, p, "x_sumsq"), np.float64)]))
-                sums[-1] = np.concatenate([sums[-1], np.full((1, s.channels),
-                                           float(_attr(f, p, "x_count")))])
+                # Normalisation sums of this level: the root's for level 0, the level
+                # group's otherwise (a coarse level has its own statistics).
+                holder = f if self.level == 0 else f[f"levels/{self.level}"]
+                sums.append(np.stack([
+                    np.asarray(_attr(holder, p, "x_sum"), np.float64),
+                    np.asarray(_attr(holder, p, "x_sumsq"), np.float64),
+                    np.full(s.channels, float(_attr(holder, p, "x_count")))]))
         assert schema is not None
         self.schema = schema
         self._check_complete()
@@ -285,10 +288,11 @@ class SampleStore:
     def _check_datasets(self, f: h5py.File, p: Path, s: Schema) -> None:
         n = int(_attr(f, p, "num_samples"))
         key = self._x_key
+        if self.level > 0 and (key not in f or
+                               int(f[f"levels/{self.level}"].attrs.get("complete", 0)) != 1):
+            raise DataError(f"{p} has no complete pyramid level {self.level}; build it with "
+                            f"`hpc-multires data pyramid {self.path} --levels {self.level}`")
         if key not in f:
-            if self.level > 0:
-                raise DataError(f"{p} has no pyramid level {self.level}; build it with "
-                                f"`hpc-multires data pyramid {self.path} --levels {self.level}`")
             raise DataError(f"{p}: dataset /x missing; the shard is incomplete: regenerate it")
         want_x = (n, s.channels, *s.spatial_at(self.level))
         for name, want in ((key, want_x), ("y", (n, s.num_labels))):

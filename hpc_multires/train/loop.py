@@ -193,12 +193,17 @@ class Trainer:
                                              self.comm.world_size)]
         size = self.sampler.local_batch
         batches = [mine[i:i + size] for i in range(0, len(mine), size)]
-        abs_sum = sq_sum = count = 0.0
+        names = self.val.store.schema.label_names
+        abs_sum = np.zeros(len(names))  # (P,)
+        sq_sum = rows = 0.0
         for x, y in iterate_batches(self.val.store, batches, self.cfg.data.num_workers,
                                     self.cfg.data.prefetch):
             err = self.model(x.to(self.comm.device)) - y.to(self.comm.device)  # (b, P)
-            abs_sum += float(err.abs().sum())
+            abs_sum += err.abs().sum(dim=0).double().cpu().numpy()
             sq_sum += float(err.square().sum())
-            count += err.numel()
-        abs_sum, sq_sum, count = self.comm.sum([abs_sum, sq_sum, count])
-        return {"val_mae": abs_sum / max(count, 1), "val_mse": sq_sum / max(count, 1)}
+            rows += err.shape[0]
+        *abs_total, sq_sum, rows = self.comm.sum([*abs_sum.tolist(), sq_sum, rows])
+        rows = max(rows, 1)
+        return {"val_mae": sum(abs_total) / (rows * len(names)),
+                "val_mse": sq_sum / (rows * len(names)),
+                **{f"val_mae/{n}": a / rows for n, a in zip(names, abs_total, strict=True)}}

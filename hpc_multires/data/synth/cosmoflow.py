@@ -20,10 +20,11 @@ and is rescaled so that its standard deviation equals ``amplitude``. The paramet
     Logarithmic slope of ``P(k)`` above the turnover. Steeper (more negative) slopes put the
     variance into smooth large blobs, shallower ones give a grainier field. Visible at any
     resolution that keeps a decade of ``k`` above the turnover.
-``turnover`` (0.03 to 0.12 cycles/voxel, log-uniform)
+``turnover`` (0.05 to 0.2 cycles/voxel, log-uniform)
     Turnover wavenumber ``k_t``; below it ``P(k) ~ k``. A large-scale feature: it sets the
-    typical size of the largest structures (about ``1 / k_t`` voxels, i.e. 8 to 33 voxels), so
-    it survives heavy downsampling but needs a box several times ``1 / k_t`` to be pinned down.
+    typical size of the largest structures (about ``1 / k_t`` voxels, i.e. 5 to 20 voxels), so
+    it survives heavy downsampling but needs a box several times ``1 / k_t`` to be pinned down
+    (the range keeps it inside what a 32^3 box samples with more than a few modes).
 ``cutoff`` (0.45 to 0.9 cycles/voxel, log-uniform)
     Small-scale damping wavenumber ``k_c``, like a warm-dark-matter free-streaming cut. It sets
     the voxel-scale texture: how much power is left at ``|k|`` above about 0.4, which on the
@@ -54,6 +55,7 @@ import numpy as np
 
 __all__ = [
     "GENERATOR_NAME",
+    "MEAN_COUNT",
     "LABEL_NAMES",
     "PARAMS",
     "ParamSpec",
@@ -70,6 +72,10 @@ GENERATOR_NAME = "cosmoflow-synth-v1"
 
 _UINT16_MAX = np.iinfo(np.uint16).max
 
+# Mean particle count per voxel. High enough that shot noise (relative std 1/sqrt(200) ~ 0.07)
+# leaves the voxel-scale texture that encodes `cutoff` and `slope` measurable at 32^3.
+MEAN_COUNT = 200.0
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -84,7 +90,7 @@ class ParamSpec:
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("amplitude", 0.4, 1.0, log=False),
     ParamSpec("slope", -3.0, -1.5, log=False),
-    ParamSpec("turnover", 0.03, 0.12, log=True),
+    ParamSpec("turnover", 0.05, 0.2, log=True),
     ParamSpec("cutoff", 0.45, 0.9, log=True),
 )
 
@@ -188,7 +194,7 @@ def generate_sample(
     params: np.ndarray,
     size: int,
     growth: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0),
-    mean_count: float = 40.0,
+    mean_count: float = MEAN_COUNT,
     *,
     rng: np.random.Generator,
 ) -> np.ndarray:

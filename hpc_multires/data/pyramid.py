@@ -1,0 +1,133 @@
+"""`hpc-multires data pyramid DIR --levels K`: coarse copies of every shard, built in parallel.
+
+Level k holds each sample averaged over blocks of 2^k along every spatial (or time)
+axis, in stored units (counts stay counts, averaged), channels and labels unchanged,
+as `/levels/<k>/x` with its own normalisation sums. The read-time transform applies to
+a level as to `/x`.
+
+Safety: a shard is never modified in place. Its missing levels are added to a copy
+(`shard-NNNNN.h5.pyramid-tmp`), which is flushed and renamed over the original, so an
+interrupted build leaves every shard either as it was or complete; leftovers of an
+interrupted build are removed by the next one. A level counts as present only when its
+group carries `complete = 1`, written last, so a level written by anything that died
+half way is rebuilt. Memory: one sample at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from hpc_multires.data.parallel import data_world
+from hpc_multires.data.store import SampleStore, transform
+from hpc_multires.errors import DataError
+
+TMP_SUFFIX = ".pyramid-tmp"
+
+
+def average_pool(x: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over blocks of `factor` along every axis after the first: (C, *S) -> (C, *S/f)."""
+    c, *spatial = x.shape
+    if any(s % factor for s in spatial):
+        raise DataError(f"sample axes {tuple(spatial)} are not divisible by {factor}; a "
+                        f"pyramid level needs sizes divisible by 2^level")
+    shape = [c]
+    for s in spatial:
+        shape += [s // factor, factor]
+    blocks = x.astype(np.float64).reshape(shape)  # (C, S1/f, f, S2/f, f, ...)
+    return blocks.mean(axis=tuple(range(2, 2 + 2 * len(spatial), 2)))
+
+
+def level_is_complete(f: h5py.File, level: int) -> bool:
+    g = f.get(f"levels/{level}")
+    if g is None or "x" not in g or int(g.attrs.get("complete", 0)) != 1:
+        return False
+    n, *shape = f["x"].shape
+    want = (n, shape[0], *(s >> level for s in shape[1:]))
+    return tuple(g["x"].shape) == want
+
+
+def _add_level(f: h5py.File, level: int, x_transform: str) -> None:
+    if f"levels/{level}" in f:
+        del f[f"levels/{level}"]  # an incomplete level from an interrupted writer
+    x = f["x"]
+    n, c, *spatial = x.shape
+    coarse = tuple(s >> level for s in spatial)
+    g = f.require_group("levels").create_group(str(level))
+    out = g.create_dataset("x", shape=(n, c, *coarse), dtype=np.float32,
+                           chunks=(1, c, *coarse), fletcher32=True)
+    total = np.zeros((2, c))
+    for i in range(n):
+        pooled = average_pool(x[i], 2**level).astype(np.float32)  # (C, *coarse)
+        out[i] = pooled
+        t = transform(pooled, x_transform).reshape(c, -1)
+        total[0] += t.sum(axis=1, dtype=np.float64)
+        total[1] += np.square(t, dtype=np.float64).sum(axis=1)
+    g.attrs["factor"] = 2**level
+    g.attrs["x_sum"] = total[0]
+    g.attrs["x_sumsq"] = total[1]
+    g.attrs["x_count"] = n * int(np.prod(coarse))
+    g.attrs["complete"] = 1  # last: only now is the level usable
+
+
+def build_shard(path: Path, levels: list[int], x_transform: str) -> list[int]:
+    """Add the missing `levels` to one shard; returns those it built (empty: nothing to do)."""
+    with h5py.File(path, "r", locking=False) as f:
+        missing = [k for k in levels if not level_is_complete(f, k)]
+    if not missing:
+        return []
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    shutil.copyfile(path, tmp)
+    try:
+        with h5py.File(tmp, "r+", locking=False) as f:
+            for k in missing:
+                _add_level(f, k, x_transform)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return missing
+
+
+def build_pyramid(path: Path, max_level: int) -> dict[str, int]:
+    """Levels 1..max_level for every shard of the store at `path`, shards split over ranks."""
+    if max_level < 1:
+        raise DataError(f"--levels {max_level}: give the coarsest level to build, 1 or more")
+    store = SampleStore(path)  # validates the store (same error on every rank)
+    smallest = min(store.schema.spatial)
+    if smallest >> max_level < 1 or any(s % 2**max_level for s in store.schema.spatial):
+        raise DataError(f"samples of {store.schema.spatial} cannot be halved {max_level} times "
+                        f"evenly; use --levels <= {_max_levels(store.schema.spatial)}")
+    world = data_world()
+    if world.rank == 0:
+        for leftover in path.glob(f"*{TMP_SUFFIX}"):
+            leftover.unlink()  # an earlier build that was killed
+    world.barrier()
+    levels = list(range(1, max_level + 1))
+    built = skipped = 0
+    start = time.monotonic()
+    mine = world.mine(len(store.shards))
+    for done, i in enumerate(mine, 1):
+        made = build_shard(store.shards[i].path, levels, store.schema.x_transform)
+        built += bool(made)
+        skipped += not made
+        if world.rank == 0:
+            print(f"pyramid: shard {done}/{len(mine)} on rank 0 of {world.size} "
+                  f"({time.monotonic() - start:.1f} s)", file=sys.stderr, flush=True)
+    world.barrier()
+    return {"built": world.gather_sum(built), "skipped": world.gather_sum(skipped),
+            "shards": len(store.shards)}
+
+
+def _max_levels(spatial: tuple[int, ...]) -> int:
+    k = 0
+    while all(s % 2 ** (k + 1) == 0 and s >> (k + 1) >= 1 for s in spatial):
+        k += 1
+    return k

@@ -1,0 +1,78 @@
+"""Bad input through the real command line: one clear line, exit status 2, nothing lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+from conftest import write_arrays_store
+
+
+def one_error(result) -> str:  # type: ignore[no-untyped-def]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("hpc-multires: error:")]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def copy_store(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for shard in src.glob("shard-*.h5"):
+        (dst / shard.name).write_bytes(shard.read_bytes())
+    return dst
+
+
+def test_missing_dataset(cli, tiny_config, tmp_path: Path) -> None:
+    line = one_error(cli(["train", str(tiny_config(data=tmp_path / "nowhere"))]))
+    assert "not found" in line and "--set data.path=DIR" in line
+
+
+def test_missing_config(cli, tmp_path: Path) -> None:
+    assert "config file" in one_error(cli(["train", str(tmp_path / "c.toml")]))
+
+
+def test_config_typo(cli, tiny_config) -> None:
+    line = one_error(cli(["train", str(tiny_config()), "--set", "train.lr_rate=0.1"]))
+    assert "unknown config key 'train.lr_rate'" in line
+
+
+def test_truncated_shard(cli, tiny_config, tiny_cosmo: Path, tmp_path: Path) -> None:
+    data = copy_store(tiny_cosmo, tmp_path / "d")
+    shard = data / "shard-00002.h5"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    line = one_error(cli(["train", str(tiny_config(data=data))]))
+    assert "shard-00002.h5 is not a readable HDF5 file" in line and "truncated" in line
+
+
+def test_wrong_sample_shape_for_the_model(cli, tiny_config, tmp_path: Path) -> None:
+    data = write_arrays_store(tmp_path / "images", np.zeros((16, 1, 8, 8), np.float32),
+                              np.zeros((16, 1), np.float32))
+    assert "takes 3D samples" in one_error(cli(["train", str(tiny_config(data=data))]))
+
+
+def test_nan_in_a_sample(cli, tiny_config, tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(size=(32, 1, 8, 8, 8)).astype(np.float32)
+    data = write_arrays_store(tmp_path / "nan", x, np.zeros((32, 1), np.float32), per_shard=16)
+    with h5py.File(data / "shard-00001.h5", "r+") as f:
+        f["x"][3, 0, 0, 0, 0] = np.nan  # sample 19
+    cfg = tiny_config(data=data)
+    line = one_error(cli(["train", str(cfg), "--set", "model.depth=2", "--set",
+                          "data.val_fraction=0.5"]))
+    assert "sample 19 (shard-00001.h5, row 3) holds NaN" in line
+
+
+def test_convert_reports_bad_arrays(cli, tmp_path: Path) -> None:
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 8)), y=np.zeros((4, 1)))  # no channel axis
+    line = one_error(cli(["data", "convert", "--x", str(tmp_path / "a.npz"),
+                          "--out", str(tmp_path / "o")]))
+    assert "inputs must be (N, C, *spatial)" in line
+
+
+def test_synth_refuses_to_overwrite(cli, tiny_cosmo: Path) -> None:
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tiny_cosmo.iterdir())
+    line = one_error(cli(["data", "synth", "cosmoflow", "--out", str(tiny_cosmo),
+                          "--samples", "8", "--size", "8"]))
+    assert "--overwrite" in line
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_cosmo.iterdir()) == before

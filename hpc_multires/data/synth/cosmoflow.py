@@ -55,8 +55,8 @@ import numpy as np
 
 __all__ = [
     "GENERATOR_NAME",
-    "MEAN_COUNT",
     "LABEL_NAMES",
+    "MEAN_COUNT",
     "PARAMS",
     "ParamSpec",
     "gaussian_field",

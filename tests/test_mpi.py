@@ -119,7 +119,7 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        ckpt = run / "checkpoints" / "epoch-0001.pt"
+        ckpt = run / "stages" / "main" / "checkpoints" / "epoch-0001.pt"
         while not ckpt.exists():
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             assert time.monotonic() < deadline, "training did not reach epoch 1"

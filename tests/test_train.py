@@ -31,7 +31,7 @@ def test_train_writes_metrics_config_and_checkpoints(cli, tiny_config, tmp_path:
         assert rec["samples_per_s"] > 0 and 0 < rec["val_mae"] < 2
     assert epochs[1]["wall_s"] > epochs[0]["wall_s"]
     assert load_config(run / "config.toml") == load_config(cfg_path)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (run / "stages" / "main" / "checkpoints").iterdir()) == [
         "epoch-0001.pt", "epoch-0002.pt"]
 
     rep = cli(["report", str(run)])
@@ -43,13 +43,13 @@ def test_same_run_dir_is_not_overwritten(cli, tiny_config, tmp_path: Path) -> No
     cfg_path = tiny_config(epochs=1)
     run = tmp_path / "run"
     assert cli(["train", str(cfg_path), "--run-dir", str(run)]).returncode == 0
-    before = (run / "checkpoints" / "epoch-0001.pt").read_bytes()
+    before = (run / "stages" / "main" / "checkpoints" / "epoch-0001.pt").read_bytes()
     again = cli(["train", str(cfg_path), "--run-dir", str(run)])
     assert again.returncode == 2 and "pass --resume" in again.stderr
-    assert (run / "checkpoints" / "epoch-0001.pt").read_bytes() == before
+    assert (run / "stages" / "main" / "checkpoints" / "epoch-0001.pt").read_bytes() == before
     changed = cli(["train", str(cfg_path), "--run-dir", str(run), "--resume",
                    "--set", "train.lr=0.1", "--set", "train.epochs=2"])
-    assert changed.returncode == 2 and "['train.lr']" in changed.stderr
+    assert changed.returncode == 2 and "['train.lr']" in changed.stderr, changed.stderr
 
 
 @pytest.mark.mpi
@@ -61,13 +61,13 @@ def test_resume_equals_an_uninterrupted_run(cli, tiny_config, tmp_path: Path) ->
     assert a.returncode == 0, a.stderr
     b1 = cli(["train", cfg_path, "--run-dir", str(resumed), "--stop-after-epoch", "1"], ranks=2)
     assert b1.returncode == 0, b1.stderr
-    assert not (resumed / "checkpoints" / "epoch-0002.pt").exists()
+    assert not (resumed / "stages" / "main" / "checkpoints" / "epoch-0002.pt").exists()
     b2 = cli(["train", cfg_path, "--run-dir", str(resumed), "--resume"], ranks=2)
     assert b2.returncode == 0, b2.stderr
     assert "resumed from" in b2.stderr
 
     def load(run: Path, epoch: int) -> dict:
-        return torch.load(run / "checkpoints" / f"epoch-{epoch:04d}.pt", weights_only=False)
+        return torch.load(run / "stages" / "main" / "checkpoints" / f"epoch-{epoch:04d}.pt", weights_only=False)
 
     final_a, final_b = load(straight, 2), load(resumed, 2)
     assert final_b["step"] == final_a["step"] == 18

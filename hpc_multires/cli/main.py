@@ -56,13 +56,16 @@ def cmd_pyramid(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hpc_multires.driver.run import train
     from hpc_multires.plan.config import load_config
+    from hpc_multires.train.loop import StopAt
 
     cfg = load_config(args.config, args.set)
-    result = train(cfg, run_dir=args.run_dir, resume=args.resume,
-                   stop_after_epoch=args.stop_after_epoch)
-    if "val_mae" in result:
-        _say(f"done: epoch {result['epoch']} step {result['step']} val_mae "
-             f"{result['val_mae']:.4f} in {result['wall_s']:.1f} s")
+    stop = None if args.stop_after_epoch is None else StopAt(args.stop_after_epoch,
+                                                             args.stop_stage)
+    result = train(cfg, run_dir=args.run_dir, resume=args.resume, stop=stop)
+    if result.get("stopped"):
+        _say("stopped as asked, with a checkpoint; continue with --resume")
+    elif "val_mae" in result:
+        _say(f"done: val_mae {result['val_mae']:.4f} after {result['wall_s']:.1f} s")
     return 0
 
 
@@ -129,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --run-dir from its latest checkpoint")
     tr.add_argument("--stop-after-epoch", type=int, metavar="N",
-                    help="stop (with a checkpoint) once epoch N is done; --resume continues")
+                    help="stop (with a checkpoint) once a stage has done N epochs; --resume "
+                         "continues")
+    tr.add_argument("--stop-stage", metavar="NAME",
+                    help="with --stop-after-epoch: only count epochs of this stage")
     tr.set_defaults(func=cmd_train)
 
     rep = sub.add_parser("report", help="summary table and plot of runs")

@@ -9,8 +9,10 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import zlib
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -50,13 +52,20 @@ def rendezvous_address(info: RankInfo) -> tuple[str, int]:
 
 
 class Comm:
-    """The job's ranks, its device, and the collectives the trainer uses."""
+    """A set of ranks (the whole job, or one stage's group), its device, its collectives.
+
+    `rank` and `world_size` are within the set; `global_ranks` maps them to job ranks.
+    """
 
     def __init__(self, info: RankInfo, device: torch.device,
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None,
+                 global_ranks: tuple[int, ...] | None = None,
+                 store: dist.Store | None = None) -> None:
         self.info = info
         self.device = device
         self.group = group
+        self.global_ranks = global_ranks or tuple(range(info.world_size))
+        self.store = store
 
     @property
     def rank(self) -> int:
@@ -92,11 +101,39 @@ class Comm:
             dist.barrier(group=self.group)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` of this set's rank `src`, on every rank of the set."""
         if not self.distributed:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self.group)
+        dist.broadcast_object_list(box, src=self.global_ranks[src], group=self.group)
         return box[0]
+
+    def subgroup(self, ranks: tuple[int, ...], group: dist.ProcessGroup | None) -> Comm:
+        """The Comm of a subset of this job's ranks (this rank must be in it)."""
+        info = replace(self.info, rank=ranks.index(self.info.rank), world_size=len(ranks))
+        return Comm(info, self.device, group, ranks, self.store)
+
+    def wait_all(self, tag: str, poll_s: float = 0.2) -> None:
+        """A barrier over the whole job that may wait for hours without timing out.
+
+        Ranks idle here while other rank groups finish their stages, for as long as those
+        take; a collective would hit its timeout. Each rank counts itself in on the
+        rendezvous store and polls, sleeping, until all have.
+        """
+        if self.store is None or not self.distributed:
+            return
+        self.store.add(tag, 1)
+        while self.store.add(tag, 0) < self.info.world_size:
+            time.sleep(poll_s)
+
+    def flag(self, key: str, value: str | None = None) -> str | None:
+        """A job-wide string set by any rank and read by any (None: not set)."""
+        if self.store is None:
+            return value
+        if value is not None:
+            self.store.set(key, value)
+            return value
+        return self.store.get(key).decode() if self.store.check([key]) else None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as trained: DDP (gradient allreduce during backward) when distributed.
@@ -124,15 +161,24 @@ def init(timeout_s: float = 300.0) -> Comm:
         device = torch.device("cpu")
     if info.world_size == 1:
         return Comm(info, device)
-    if not dist.is_initialized():
-        host, port = rendezvous_address(info)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, init_method=f"tcp://{host}:{port}", rank=info.rank,
-            world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
-    return Comm(info, device)
+    host, port = rendezvous_address(info)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # Our own TCP store (rather than init_method=tcp://) so that the driver can use it for
+    # barriers without timeout between plan waves and for job-wide flags.
+    store = dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
+                          timeout=timeout)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=info.rank,
+                            world_size=info.world_size, timeout=timeout)
+    return Comm(info, device, store=store)
 
 
-def shutdown() -> None:
+def shutdown(comm: Comm | None = None) -> None:
+    """Leave together: no rank tears down the rendezvous store while others still use it."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    if comm is not None and comm.store is not None:
+        if comm.is_root:
+            time.sleep(0.5)  # the store lives in rank 0: let the clients disconnect first
+        comm.store = None

@@ -1,39 +1,47 @@
-"""`hpc-multires train`: from a validated config to a trained model in a run directory.
+"""`hpc-multires train`: run a stage plan from a validated config into a run directory.
 
-Every rank runs this. The checks that can fail on user input (config, world size,
-dataset, run directory) come before any collective other than the rendezvous, and
-raise the same error on every rank, so a bad input ends the job at once with one
-message.
+Every rank runs this. The checks that can fail on user input (config, plan, world size,
+datasets and their pyramid levels, run directory) come first and raise the same error
+on every rank, so a bad input ends the job at once with one message. Then the plan runs
+wave by wave: each rank trains the stage of the wave that includes it, on that stage's
+process group, and waits for the rest of the wave.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from hpc_multires.comm import dist as comm_dist
+from hpc_multires.comm.dist import Comm
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError, DataError, UserError
+from hpc_multires.methods.fusion import fuse
 from hpc_multires.models import build_model
-from hpc_multires.plan.config import Config, DataConfig, config_to_toml
+from hpc_multires.plan.config import Config, DataConfig, config_to_dict, config_to_toml
+from hpc_multires.plan.stages import Stage, describe_plan, resolve
 from hpc_multires.train import checkpoint
-from hpc_multires.train.loop import Split, Trainer
-from hpc_multires.train.metrics import Progress
+from hpc_multires.train.loop import Split, StopAt, Trainer, config_changes
+from hpc_multires.train.metrics import MetricsLog, Progress, read_metrics
+
+FINAL = "final.pt"
 
 
-def open_splits(cfg: DataConfig) -> tuple[Split, Split]:
-    """Training and validation samples, from one store (held-out tail) or two."""
+def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
+    """Training and validation samples at `level`, from one store (held-out tail) or two."""
     if not cfg.path:
         raise ConfigError("data.path is empty; set it in the config or pass "
                           "--set data.path=DIR (a directory made by `hpc-multires data`)")
-    store = SampleStore(cfg.path, level=cfg.level)
+    store = SampleStore(cfg.path, level=level)
     if cfg.val_path:
-        val = SampleStore(cfg.val_path, level=cfg.level)
+        val = SampleStore(cfg.val_path, level=level)
         a, b = store.schema, val.schema
         if (a.sample_shape, a.label_names) != (b.sample_shape, b.label_names):
             raise DataError(
@@ -54,60 +62,177 @@ def open_splits(cfg: DataConfig) -> tuple[Split, Split]:
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse to overwrite a run's checkpoints unless resuming it. Runs on every rank."""
-    existing = checkpoint.list_checkpoints(run_dir / "checkpoints")
-    if existing and not resume:
-        raise UserError(
-            f"{run_dir} already holds checkpoints (latest {existing[-1].name}); pass --resume "
-            "to continue that run, or choose another --run-dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; choose a directory")
+    existing = sorted(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
+    if existing and not resume:
+        raise UserError(
+            f"{run_dir} already holds checkpoints ({existing[-1].relative_to(run_dir)}); pass "
+            "--resume to continue that run, or choose another --run-dir")
 
 
-def describe(cfg: Config, comm: comm_dist.Comm, train: Split, val: Split,
-             model: torch.nn.Module, run_dir: Path) -> str:
-    s = train.store.schema
-    info = comm.info
-    rows = [
-        ("ranks", f"{info.world_size} on {info.node_count} node(s), launcher {info.launcher}, "
-                  f"device {comm.device.type}, backend {cfg.comm.backend}"),
-        ("data", f"{train.store.path} level {cfg.data.level}: sample {train.store.sample_shape} "
-                 f"{s.x_dtype} ({s.x_transform}), labels {', '.join(s.label_names)}"),
-        ("samples", f"{len(train.indices)} train, {len(val.indices)} validation"),
-        ("model", f"{cfg.model.name} width {cfg.model.width} depth {cfg.model.depth} head "
-                  f"{cfg.model.head}: {sum(p.numel() for p in model.parameters()):,} parameters"),
-        ("batch", f"global {cfg.train.global_batch} = {comm.world_size} ranks x "
-                  f"{cfg.train.global_batch // comm.world_size} per rank"),
-        ("optimizer", f"{cfg.train.optimizer} lr {cfg.train.lr} {cfg.train.schedule}, "
-                      f"{cfg.train.epochs} epochs"),
-        ("run dir", str(run_dir)),
-    ]
-    return "\n".join(f"  {k:<10} {v}" for k, v in rows)
+class PlanRunner:
+    """Holds what the stages of one run share: config, job, data, groups, clock, log."""
+
+    def __init__(self, cfg: Config, comm: Comm, run_dir: Path, resume: bool,
+                 stop: StopAt | None) -> None:
+        self.cfg = cfg
+        self.comm = comm
+        self.run_dir = run_dir
+        self.resume = resume
+        self.stop = stop
+        self.stages = resolve(cfg, comm.world_size)
+        # Every level any stage needs is opened (and so checked) before anything runs.
+        self.splits = {s.level: open_splits(cfg.data, s.level) for s in self.stages}
+        prepare_run_dir(run_dir, resume)
+        schema = self.splits[self.stages[0].level][0].store.schema
+        self.num_outputs = schema.num_labels
+        for train, _ in self.splits.values():  # a model that cannot take a level fails now
+            build_model(cfg.model, train.store.sample_shape, self.num_outputs)
+        # Process groups: every rank creates every group, in plan order (torch requires it).
+        self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+        for s in self.stages:
+            if s.ranks not in self.groups:
+                whole = len(s.ranks) == comm.world_size
+                self.groups[s.ranks] = None if whole or not comm.distributed else \
+                    dist.new_group(list(s.ranks))
+        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=False)
+        self._t0 = time.monotonic()
+        self._offset = 0.0
+
+    def clock(self) -> float:
+        """Seconds since the run started, continued across resumptions (`wall_s`)."""
+        return self._offset + time.monotonic() - self._t0
+
+    def stage_dir(self, stage: Stage) -> Path:
+        return self.run_dir / "stages" / stage.name
+
+    def start(self) -> None:
+        comm = self.comm
+        comm.barrier()  # every rank passed the checks before rank 0 writes anything
+        offset = 0.0
+        if comm.is_root:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
+            if self.resume:
+                offset = self._trim_metrics()
+            train = self.splits[self.stages[-1].level][0]
+            print(f"hpc-multires train: {comm.world_size} rank(s) on {comm.info.node_count} "
+                  f"node(s) ({comm.info.launcher}), device {comm.device.type}, "
+                  f"{self.cfg.comm.backend}\n  data    {train.store.path}: "
+                  f"{len(train.store)} samples of {train.store.schema.sample_shape}, labels "
+                  f"{', '.join(train.store.schema.label_names)}\n  run dir {self.run_dir}\n"
+                  f"  plan\n{describe_plan(self.stages)}", file=sys.stderr, flush=True)
+        self._offset = float(comm.broadcast_object(offset))
+        comm.barrier()
+        self._t0 = time.monotonic()
+
+    def _trim_metrics(self) -> float:
+        """On resume: drop records written after each stage's checkpoint; the clock resumes
+        at the last kept record."""
+        keep_until: dict[str, float] = {}
+        for s in self.stages:
+            d = self.stage_dir(s)
+            if (d / FINAL).exists():
+                keep_until[s.name] = float("inf")
+            elif checkpoint.list_checkpoints(d / "checkpoints"):
+                keep_until[s.name] = checkpoint.load_latest(d / "checkpoints")[1]["step"]
+        path = self.run_dir / "metrics.jsonl"
+        kept = [r for r in read_metrics(path)
+                if r.get("step", 0) <= keep_until.get(r.get("stage", ""), -1)]
+        MetricsLog(path, enabled=True).rewrite(kept)
+        return max((r.get("wall_s") or 0.0 for r in kept), default=0.0)
+
+    def run(self) -> dict[str, Any]:
+        self.start()
+        stopped = False
+        results: dict[str, dict[str, Any]] = {}
+        for wave in sorted({s.wave for s in self.stages}):
+            for stage in self.stages:
+                if stage.wave == wave and self.comm.rank in stage.ranks:
+                    results[stage.name] = r = self.run_stage(stage)
+                    if not r["done"]:
+                        stopped = True
+                        self.comm.flag("stopped", "1")
+            self.comm.wait_all(f"wave-{wave}")  # other groups may still be training
+            if stopped or self.comm.flag("stopped"):
+                stopped = True
+                break
+        last = self.stages[-1]
+        final = results.get(last.name, {})
+        final = self.comm.broadcast_object(final, src=last.ranks[0])
+        return {**final, "stopped": stopped}
+
+    def run_stage(self, stage: Stage) -> dict[str, Any]:
+        cfg, sdir = self.cfg, self.stage_dir(stage)
+        comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks])
+        if self.resume and (sdir / FINAL).exists():
+            done = torch.load(sdir / FINAL, map_location="cpu", weights_only=False)
+            changed = config_changes(done["config"], config_to_dict(cfg))
+            if changed:
+                raise UserError(
+                    f"the config differs from the one stage {stage.name!r} was trained with, "
+                    f"in {changed}; resume with the run's own config (RUN_DIR/config.toml) "
+                    "or start a new --run-dir")
+            if done["result"]["epoch"] >= stage.train.epochs:
+                if comm.is_root:
+                    print(f"stage {stage.name}: already complete; skipped", file=sys.stderr)
+                return {**done["result"], "done": True}
+            # More epochs asked for than were run: continue from its last checkpoint.
+        train, val = self.splits[stage.level]
+        torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
+        model = build_model(cfg.model, train.store.sample_shape, self.num_outputs)
+        resuming = self.resume and bool(checkpoint.list_checkpoints(sdir / "checkpoints"))
+        if stage.config.init == "fuse" and not resuming and comm.is_root:
+            # Fusion runs on the consuming stage's root; DDP's construction then
+            # broadcasts the fused weights to the rest of the stage's ranks.
+            model.load_state_dict(self.fused_start(stage, model))
+        log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=comm.is_root)
+        progress = Progress(0, comm.is_root, cfg.log.progress_s)
+        trainer = Trainer(cfg, stage, comm, model, train, val, sdir, log, progress, self.clock)
+        progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
+        result = trainer.fit(resume=resuming, stop=self.stop)
+        if result["done"] and comm.is_root:
+            checkpoint.save_atomic({"model": model.state_dict(), "stage": stage.name,
+                                    "level": stage.level, "result": result,
+                                    "config": config_to_dict(cfg)}, sdir / FINAL)
+        comm.barrier()
+        return result
+
+    def fused_start(self, stage: Stage, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        by_name = {s.name: s for s in self.stages}
+        sources: list[dict[str, torch.Tensor]] = []
+        dense: dict[str, tuple[int, ...]] = {}
+        factor = 2
+        for name in stage.config.fuse_from:
+            src = by_name[name]
+            state = torch.load(self.stage_dir(src) / FINAL, map_location="cpu",
+                               weights_only=False)
+            sources.append(state["model"])
+            if name == stage.config.fuse_from[0]:
+                coarse = build_model(self.cfg.model, self.splits[src.level][0].store.sample_shape,
+                                     self.num_outputs)
+                dense = dict(getattr(coarse, "dense_input_shapes", dict)())
+                factor = 2 ** (src.level - stage.level)
+        if stage.config.fusion == "prolong" and factor < 2:
+            raise ConfigError(f"stage {stage.name!r}: prolong needs a coarser source, but "
+                              f"{stage.config.fuse_from[0]!r} is at level "
+                              f"{by_name[stage.config.fuse_from[0]].level}")
+        return fuse(stage.config.fusion, sources, model.state_dict(),
+                    weights=stage.config.fusion_weights,
+                    bottom_layers=stage.config.bottom_layers, dense_layers=dense, factor=factor)
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
-          stop_after_epoch: int | None = None) -> dict[str, Any]:
+          stop: StopAt | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
     comm = comm_dist.init(cfg.comm.timeout_s)
     try:
-        cfg.check_world(comm.world_size)
-        train_split, val_split = open_splits(cfg.data)
-        prepare_run_dir(run_dir, resume)
-        torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
-        model = build_model(cfg.model, train_split.store.sample_shape,
-                            train_split.store.schema.num_labels)
-        comm.barrier()  # every rank passed the checks before rank 0 writes anything
-        if comm.is_root:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(config_to_toml(cfg))
-            plan = describe(cfg, comm, train_split, val_split, model, run_dir)
-            print(f"hpc-multires train\n{plan}", file=sys.stderr, flush=True)
-        comm.barrier()
-        progress = Progress(0, comm.is_root, cfg.log.progress_s)
-        trainer = Trainer(cfg, comm, model, train_split, val_split, run_dir, progress)
-        progress.total = cfg.train.epochs * trainer.sampler.steps_per_epoch
-        result = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
+        result = PlanRunner(cfg, comm, run_dir, resume, stop).run()
         if comm.is_root:
             (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         return result
-    finally:
-        comm_dist.shutdown()
+    except BaseException:
+        raise  # the CLI reports it and aborts the job; a barrier here could hang
+    else:
+        comm_dist.shutdown(comm)

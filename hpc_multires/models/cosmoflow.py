@@ -44,12 +44,14 @@ class CosmoFlow(nn.Module):
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head
+        self._flat_shape: tuple[int, ...] | None = None
         if head == "gap":
             self.pool: nn.Module = nn.AdaptiveAvgPool3d(1)
             features = channels
         else:
             self.pool = nn.Identity()
-            features = channels * math.prod(s >> depth for s in spatial)
+            self._flat_shape = (channels, *(s >> depth for s in spatial))
+            features = math.prod(self._flat_shape)
         layers: list[nn.Module] = [nn.Flatten()]
         for size in fc_sizes:
             if dropout > 0:
@@ -58,6 +60,14 @@ class CosmoFlow(nn.Module):
             features = size
         layers.append(nn.Linear(features, num_outputs))
         self.head = nn.Sequential(*layers)
+
+    def dense_input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Dense weights that read flattened spatial features, with that input's (C, *S).
+
+        These are the layers whose size depends on the input resolution; the `prolong`
+        fusion operator needs their shapes.
+        """
+        return {} if self._flat_shape is None else {"head.1.weight": self._flat_shape}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, D, H, W) -> (B, num_outputs) in (-1.2, 1.2)

@@ -12,7 +12,7 @@ import itertools
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,7 +90,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     """Final learning rate as a fraction of lr."""
     checkpoint_keep: int = 3
-    """Epoch checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)."""
+    """Epoch checkpoints kept per stage (older ones are deleted)."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
+    time_budget_s: float = 0.0
+    """Stop the stage after this many seconds of training (0: run all epochs)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +117,42 @@ class LogConfig:
     """Seconds between plain progress lines when stderr is not a terminal (batch logs)."""
 
 
+FUSIONS = ("transfer", "prolong", "average", "bottom-top")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One stage of the plan: a pyramid level, a group of ranks, a length, a start.
+
+    Its `train` table overrides the run's [train] key by key; the resolved config holds
+    each stage's complete training settings.
+    """
+
+    name: str = ""
+    """Unique stage name; used in metrics, checkpoints (RUN_DIR/stages/<name>) and fusion."""
+    level: int = 0
+    """Pyramid level the stage trains on (0 = original data)."""
+    group: str = "all"
+    """Ranks that run the stage: "all", or a key of [groups]."""
+    init: Literal["fresh", "fuse"] = "fresh"
+    """fresh: new weights from run.seed; fuse: built from the final models of `fuse_from`."""
+    fuse_from: tuple[str, ...] = ()
+    """Earlier stages whose final models the fusion operator combines (first = primary)."""
+    fusion: Literal["transfer", "prolong", "average", "bottom-top"] = "transfer"
+    """transfer: copy layers whose name and shape match; prolong: transfer, and upsample the
+    dense layer after the flatten to this stage's resolution; average: weighted mean of
+    models of one architecture; bottom-top: first `bottom_layers` layers from the first
+    model, the rest from the second."""
+    fusion_weights: tuple[float, ...] = ()
+    """Weights for `average`, one per fuse_from stage (empty: equal)."""
+    bottom_layers: int = 0
+    """For bottom-top: how many parameterised layers come from the first model."""
+    after: tuple[str, ...] = ()
+    """Stages that must finish first, besides those in fuse_from."""
+    train: TrainConfig = TrainConfig()
+    """This stage's optimisation; unset keys come from the run's [train]."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole run."""
@@ -123,28 +163,51 @@ class Config:
     train: TrainConfig = TrainConfig()
     comm: CommConfig = CommConfig()
     log: LogConfig = LogConfig()
+    groups: dict[str, str] = field(default_factory=dict)
+    """Named rank groups, "START:END" of the world: "0:1/2", "1/2:end", "0:2" (counts)."""
+    stages: tuple[StageConfig, ...] = ()
+    """The stage plan, in order. Empty: one stage at data.level on all ranks with [train]."""
 
     def __post_init__(self) -> None:
         _check_values(self)
+        from hpc_multires.plan.stages import check_plan
 
-    def check_world(self, world_size: int) -> None:
-        """Checks that need the number of ranks."""
-        if self.train.global_batch % world_size:
-            lo = self.train.global_batch // world_size * world_size
-            hi = lo + world_size
-            raise ConfigError(
-                f"train.global_batch = {self.train.global_batch} is not divisible by the "
-                f"{world_size} ranks; set it to a multiple of {world_size} "
-                f"(e.g. --set train.global_batch={max(lo, world_size)} or {hi}) "
-                f"or change the number of ranks")
+        check_plan(self)
+
+    def plan(self) -> tuple[StageConfig, ...]:
+        """The stages to run; the implicit one-stage plan when none are given."""
+        if self.stages:
+            return self.stages
+        return (StageConfig(name="main", level=self.data.level, train=self.train),)
+
+
+def _need(ok: bool, key: str, value: object, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {fix}")
+
+
+def _check_train(t: TrainConfig, prefix: str) -> None:
+    need = _need
+    need(t.epochs >= 1, f"{prefix}.epochs", t.epochs, "use 1 or more")
+    need(t.global_batch >= 1, f"{prefix}.global_batch", t.global_batch, "use 1 or more")
+    need(t.lr > 0, f"{prefix}.lr", t.lr, "use a positive learning rate")
+    need(0.0 <= t.momentum < 1.0, f"{prefix}.momentum", t.momentum, "use a value in [0, 1)")
+    need(t.weight_decay >= 0, f"{prefix}.weight_decay", t.weight_decay, "use 0 or more")
+    need(0 <= t.warmup_epochs <= t.epochs, f"{prefix}.warmup_epochs", t.warmup_epochs,
+         f"use a value between 0 and {prefix}.epochs = {t.epochs}")
+    need(0 < t.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", t.min_lr_ratio,
+         "use a value in (0, 1]")
+    need(t.checkpoint_keep >= 1, f"{prefix}.checkpoint_keep", t.checkpoint_keep,
+         "keep at least 1")
+    need(t.checkpoint_every_steps >= 0, f"{prefix}.checkpoint_every_steps",
+         t.checkpoint_every_steps, "use 0 (epoch ends only) or a number of steps")
+    need(t.time_budget_s >= 0, f"{prefix}.time_budget_s", t.time_budget_s,
+         "use 0 (no budget) or a positive number of seconds")
 
 
 def _check_values(cfg: Config) -> None:
-    def need(ok: bool, key: str, value: object, fix: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key} = {value!r}: {fix}")
-
-    d, m, t, c, g = cfg.data, cfg.model, cfg.train, cfg.comm, cfg.log
+    need = _need
+    d, m, c, g = cfg.data, cfg.model, cfg.comm, cfg.log
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
          "use a fraction in [0, 1)")
     need(d.level >= 0, "data.level", d.level, "use 0 (original) or a pyramid level k >= 1")
@@ -157,15 +220,9 @@ def _check_values(cfg: Config) -> None:
     need(all(s >= 1 for s in m.fc_sizes), "model.fc_sizes", m.fc_sizes,
          "use positive layer sizes, e.g. [128, 64]")
     need(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "use a probability in [0, 1)")
-    need(t.epochs >= 1, "train.epochs", t.epochs, "use 1 or more")
-    need(t.global_batch >= 1, "train.global_batch", t.global_batch, "use 1 or more")
-    need(t.lr > 0, "train.lr", t.lr, "use a positive learning rate")
-    need(0.0 <= t.momentum < 1.0, "train.momentum", t.momentum, "use a value in [0, 1)")
-    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use 0 or more")
-    need(0 <= t.warmup_epochs <= t.epochs, "train.warmup_epochs", t.warmup_epochs,
-         f"use a value between 0 and train.epochs = {t.epochs}")
-    need(0 < t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "use a value in (0, 1]")
-    need(t.checkpoint_keep >= 1, "train.checkpoint_keep", t.checkpoint_keep, "keep at least 1")
+    _check_train(cfg.train, "train")
+    for i, stage in enumerate(cfg.stages):
+        _check_train(stage.train, f"stages[{i}].train")
     need(c.timeout_s > 0, "comm.timeout_s", c.timeout_s, "use a positive number of seconds")
     need(g.every_steps >= 1, "log.every_steps", g.every_steps, "use 1 or more")
     need(g.progress_s > 0, "log.progress_s", g.progress_s, "use a positive number of seconds")
@@ -193,7 +250,15 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} = {value!r}: expected a list, e.g. [128, 64]")
         (inner, *_) = typing.get_args(tp)
+        if is_dataclass(inner):
+            return tuple(_build(inner, v, f"{key}[{i}]")  # type: ignore[arg-type]
+                         for i, v in enumerate(value))
         return tuple(_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{key}] must be a table, got {value!r}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", inner, v) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported union type for {key}")  # config fields are never unions
     if tp is bool:
@@ -237,6 +302,13 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
 
 
 def config_from_dict(table: dict[str, Any]) -> Config:
+    stages = table.get("stages")
+    if isinstance(stages, list):
+        # Each stage's [stages.train] overrides the run's [train] key by key.
+        base = table.get("train", {})
+        table = {**table, "stages": [
+            {**st, "train": {**base, **st.get("train", {})}} if isinstance(st, dict) else st
+            for st in stages]}
     return typing.cast(Config, _build(Config, table, ""))
 
 
@@ -286,8 +358,14 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        out[f.name] = config_to_dict(value) if is_dataclass(value) else (
-            list(value) if isinstance(value, tuple) else value)
+        if is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = [config_to_dict(v) if is_dataclass(v) else v for v in value]
+        elif isinstance(value, dict):
+            out[f.name] = dict(value)
+        else:
+            out[f.name] = value
     return out
 
 
@@ -303,13 +381,26 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
+def _toml_table(header: str, table: dict[str, Any]) -> list[str]:
+    lines = [header]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    lines.append("")
+    for k, v in table.items():
+        if isinstance(v, dict):
+            name = header.strip("[]")
+            lines += _toml_table(f"[{name}.{k}]", v)
+    return lines
+
+
 def config_to_toml(cfg: Config) -> str:
     """The resolved config as TOML, every field written out (defaults included)."""
     lines: list[str] = []
     for section, table in config_to_dict(cfg).items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
+        if section == "stages":
+            for stage in table:
+                lines += _toml_table("[[stages]]", stage)
+        else:
+            lines += _toml_table(f"[{section}]", table)
     return "\n".join(lines)
 
 

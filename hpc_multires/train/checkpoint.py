@@ -8,6 +8,7 @@ back to older ones when a file does not load.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -18,19 +19,28 @@ import torch
 
 from hpc_multires.errors import UserError
 
-NAME = re.compile(r"epoch-(\d{4,})\.pt")
+# epoch-0003.pt: the end of epoch 3; epoch-0004-step-00000123.pt: inside epoch 4.
+NAME = re.compile(r"epoch-(\d{4,})(?:-step-(\d{8,}))?\.pt")
 
 
-def checkpoint_path(directory: Path, epoch: int) -> Path:
-    return directory / f"epoch-{epoch:04d}.pt"
+def checkpoint_path(directory: Path, epoch: int, mid_epoch_step: int | None = None) -> Path:
+    """Where the checkpoint at the end of `epoch`, or at `mid_epoch_step` inside it, goes."""
+    if mid_epoch_step is None:
+        return directory / f"epoch-{epoch:04d}.pt"
+    return directory / f"epoch-{epoch:04d}-step-{mid_epoch_step:08d}.pt"
+
+
+def _order(path: Path) -> tuple[int, float]:
+    m = NAME.fullmatch(path.name)
+    assert m is not None
+    return int(m.group(1)), float(m.group(2)) if m.group(2) else math.inf
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary files are ignored)."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted((p for p in directory.iterdir() if NAME.fullmatch(p.name)), key=_order)
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

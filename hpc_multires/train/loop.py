@@ -1,15 +1,17 @@
 """The training loop of one stage: read it top to bottom.
 
 Per step: read a batch (prefetched in the background), forward, MSE loss, backward
-(DDP allreduces gradients during it), optimizer step. Every `log.every_steps` the mean
-loss over all ranks is logged; every epoch the validation MAE is computed over the
-whole validation set (each rank takes a disjoint share) and a checkpoint is written.
+(DDP allreduces gradients among the stage's ranks during it), optimizer step. Every
+`log.every_steps` the mean loss over the stage's ranks is logged; every epoch the
+validation MAE is computed over the whole validation set (each rank takes a disjoint
+share) and a checkpoint is written, and every `train.checkpoint_every_steps` in between.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,15 @@ from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import UserError
 from hpc_multires.plan.config import Config, config_to_dict
+from hpc_multires.plan.stages import Stage
 from hpc_multires.train import checkpoint
 from hpc_multires.train.metrics import MetricsLog, Progress
 from hpc_multires.train.optim import build_optimizer, learning_rate, set_learning_rate
 
 # Config keys that may change between a run and its resumption: they do not change
-# what is computed (or, for train.epochs, only extend it).
-RESUMABLE_CHANGES = ("train.epochs", "data.path", "data.val_path", "data.num_workers",
-                     "data.prefetch", "comm.timeout_s", "log.every_steps", "log.progress_s")
+# what is computed (or, for epochs, only extend it).
+RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "data.path", "data.val_path",
+                     "data.num_workers", "data.prefetch", "comm.timeout_s", "log.*")
 
 
 @dataclass
@@ -43,51 +46,79 @@ class Split:
     indices: np.ndarray
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        out = {}
+        for i, v in enumerate(value):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): value}
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ and that a resumed run may not change."""
     a, b = _flatten(saved), _flatten(current)
-    return sorted(k for k in a.keys() | b.keys()
-                  if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+                  and not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE_CHANGES))
+
+
+@dataclass
+class StopAt:
+    """Stop (with a checkpoint) once `epoch` epochs of `stage` (None: any stage) are done."""
+
+    epoch: int
+    stage: str | None = None
+
+    def applies(self, stage: str, epoch: int) -> bool:
+        return (self.stage is None or self.stage == stage) and epoch >= self.epoch
 
 
 class Trainer:
-    def __init__(self, cfg: Config, comm: Comm, model: nn.Module, train: Split, val: Split,
-                 run_dir: Path, progress: Progress) -> None:
+    """Trains one stage's model on its ranks; state lives in its checkpoints only."""
+
+    def __init__(self, cfg: Config, stage: Stage, comm: Comm, model: nn.Module, train: Split,
+                 val: Split, stage_dir: Path, log: MetricsLog, progress: Progress,
+                 clock: Callable[[], float]) -> None:
         self.cfg = cfg
+        self.stage = stage
+        self.tcfg = stage.train
         self.comm = comm
         self.model = model.to(comm.device)
         self.train = train
         self.val = val
-        self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=comm.is_root)
+        self.ckpt_dir = stage_dir / "checkpoints"
+        self.log = log
         self.progress = progress
-        self.optimizer = build_optimizer(cfg.train, list(self.model.parameters()))
-        self.sampler = GlobalBatchSampler(train.indices, cfg.train.global_batch, comm.rank,
+        self.clock = clock
+        self.optimizer = build_optimizer(self.tcfg, list(self.model.parameters()))
+        self.sampler = GlobalBatchSampler(train.indices, self.tcfg.global_batch, comm.rank,
                                           comm.world_size, cfg.run.seed)
         if self.sampler.steps_per_epoch == 0:
             raise UserError(
-                f"the training set has {len(train.indices)} samples, fewer than "
-                f"train.global_batch = {cfg.train.global_batch}; lower the global batch or "
-                "use more data")
+                f"stage {stage.name!r}: the training set has {len(train.indices)} samples, "
+                f"fewer than its global batch {self.tcfg.global_batch}; lower the global "
+                "batch or use more data")
+
+    def tag(self) -> dict[str, Any]:
+        """What every metrics record of this stage carries."""
+        return {"stage": self.stage.name, "level": self.stage.level, "group": self.stage.group}
 
     # ------------------------------------------------------------------ state
 
-    def state(self, epoch: int, step: int, wall_s: float) -> dict[str, Any]:
+    def state(self, epoch: int, step: int, epoch_step: int, loss_sum: float,
+              elapsed: float) -> dict[str, Any]:
         return {"format": 1, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step": step,
-                "wall_s": wall_s, "world_size": self.comm.world_size,
-                "config": config_to_dict(self.cfg)}
+                "optimizer": self.optimizer.state_dict(), "stage": self.stage.name,
+                "epoch": epoch, "step": step, "epoch_step": epoch_step, "loss_sum": loss_sum,
+                "stage_elapsed_s": elapsed, "wall_s": self.clock(),
+                "world_size": self.comm.world_size, "config": config_to_dict(self.cfg)}
 
-    def restore(self, state: dict[str, Any], path: Path) -> tuple[int, int, float]:
+    def restore(self, state: dict[str, Any], path: Path) -> None:
         changed = config_changes(state["config"], config_to_dict(self.cfg))
         if changed:
             raise UserError(
@@ -96,41 +127,51 @@ class Trainer:
                 "--run-dir")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return int(state["epoch"]), int(state["step"]), float(state["wall_s"])
+
+    def save(self, state: dict[str, Any], epoch: int, mid_epoch_step: int | None) -> None:
+        if not self.comm.is_root:
+            return
+        checkpoint.save_atomic(state, checkpoint.checkpoint_path(self.ckpt_dir, epoch,
+                                                                 mid_epoch_step))
+        checkpoint.prune(self.ckpt_dir, self.tcfg.checkpoint_keep)
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self, resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
-        cfg, comm = self.cfg, self.comm
+    def fit(self, resume: bool = False, stop: StopAt | None = None) -> dict[str, Any]:
+        """Train the stage to its end (or its stop); returns the last metrics and `done`."""
+        cfg, tcfg, comm = self.cfg, self.tcfg, self.comm
         spe = self.sampler.steps_per_epoch
-        total_steps = cfg.train.epochs * spe
-        epoch, step, wall_offset = 0, 0, 0.0
-        if resume:
+        total_steps = tcfg.epochs * spe
+        epoch = step = epoch_step = 0  # epochs completed, optimizer steps, steps into epoch
+        loss_carry, elapsed_before = 0.0, 0.0
+        if resume and checkpoint.list_checkpoints(self.ckpt_dir):
             path, state = checkpoint.load_latest(self.ckpt_dir)
-            epoch, step, wall_offset = self.restore(state, path)
-            self.log.truncate_after(step)
-            self.progress.line(f"resumed from {path} (epoch {epoch}, step {step})")
+            self.restore(state, path)
+            epoch, step, epoch_step = state["epoch"], state["step"], state["epoch_step"]
+            loss_carry, elapsed_before = state["loss_sum"], state["stage_elapsed_s"]
+            self.progress.line(f"stage {self.stage.name}: resumed from {path.name} "
+                               f"(epoch {epoch}, step {step})")
         else:
-            self.log.write({"kind": "start", "step": 0, "wall_s": 0.0,
+            self.log.write({"kind": "start", **self.tag(), "step": 0, "wall_s": self.clock(),
                             **self._start_record()})
-        ddp = comm.wrap(self.model)
-        start = time.monotonic() - wall_offset  # wall_s counts across resumptions
+        ddp = comm.wrap(self.model)  # DDP broadcasts the group root's weights here
+        stage_start = self.clock() - elapsed_before
         last_val: dict[str, float] = {}
-        while epoch < cfg.train.epochs:
-            if stop_after_epoch is not None and epoch >= stop_after_epoch:
-                break
+        out_of_time = False
+        while epoch < tcfg.epochs and not out_of_time:
+            if stop is not None and epoch_step == 0 and stop.applies(self.stage.name, epoch):
+                return {"done": False, "epoch": epoch, "step": step, **last_val}
             # Dropout masks depend on (seed, epoch, rank) only: resumable without RNG state.
             seeds = np.random.SeedSequence([cfg.run.seed, epoch, comm.rank]).generate_state(1)
             torch.manual_seed(int(seeds[0]))
             ddp.train()
-            loss_sum = torch.zeros((), dtype=torch.float64, device=comm.device)
-            epoch_steps = 0
-            mark_t, mark_step = time.monotonic(), step
-            for x, y in iterate_batches(self.train.store, self.sampler.batches(epoch),
+            loss_sum = torch.tensor(loss_carry, dtype=torch.float64, device=comm.device)
+            mark_t, mark_step = self.clock(), step
+            for x, y in iterate_batches(self.train.store, self.sampler.batches(epoch, epoch_step),
                                         cfg.data.num_workers, cfg.data.prefetch):
                 x = x.to(comm.device, non_blocking=True)  # (b, C, *spatial)
                 y = y.to(comm.device, non_blocking=True)  # (b, P)
-                lr = learning_rate(cfg.train, step, total_steps, spe)
+                lr = learning_rate(tcfg, step, total_steps, spe)
                 set_learning_rate(self.optimizer, lr)
                 loss = nn.functional.mse_loss(ddp(x), y)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -138,56 +179,67 @@ class Trainer:
                 self.optimizer.step()
                 loss_sum += loss.detach()  # no sync: stays on the device until epoch end
                 step += 1
-                epoch_steps += 1
+                epoch_step += 1
                 # .item() is a device sync point; only pay it on log steps.
-                if step % cfg.log.every_steps == 0 or epoch_steps == spe:
+                if step % cfg.log.every_steps == 0 or epoch_step == spe:
                     mean_loss = comm.sum([loss.item()])[0] / comm.world_size
                     if not math.isfinite(mean_loss):
                         raise UserError(
-                            f"the loss became {mean_loss} at step {step}; lower train.lr "
-                            f"(now {cfg.train.lr}) or check the data for extreme values")
-                    now = time.monotonic()
-                    sps = (step - mark_step) * cfg.train.global_batch / max(now - mark_t, 1e-9)
+                            f"stage {self.stage.name!r}: the loss became {mean_loss} at step "
+                            f"{step}; lower its learning rate (now {tcfg.lr}) or check the "
+                            "data for extreme values")
+                    now = self.clock()
+                    sps = (step - mark_step) * tcfg.global_batch / max(now - mark_t, 1e-9)
                     mark_t, mark_step = now, step
-                    self.log.write({"kind": "step", "epoch": epoch, "step": step,
-                                    "wall_s": now - start, "samples_per_s": sps,
-                                    "loss": mean_loss, "lr": lr})
-                    self.progress.update(step, epoch + 1,
-                                         f"loss {mean_loss:.4f} {sps:.1f} samples/s")
+                    self.log.write({"kind": "step", **self.tag(), "epoch": epoch, "step": step,
+                                    "wall_s": now, "samples_per_s": sps, "loss": mean_loss,
+                                    "lr": lr})
+                    self.progress.update(step, epoch + 1, f"{self.stage.name} loss "
+                                         f"{mean_loss:.4f} {sps:.1f} samples/s")
+                if tcfg.time_budget_s and \
+                        comm.max(self.clock() - stage_start) >= tcfg.time_budget_s:
+                    out_of_time = True  # every rank agrees: the max is the same everywhere
+                    break
+                every = tcfg.checkpoint_every_steps
+                if every and step % every == 0 and epoch_step < spe:
+                    self.save(self.state(epoch, step, epoch_step, float(loss_sum),
+                                         self.clock() - stage_start), epoch + 1, step)
             epoch += 1
-            epoch_loss = comm.sum([float(loss_sum)])[0] / (comm.world_size * max(epoch_steps, 1))
+            epoch_loss = comm.sum([float(loss_sum)])[0] / (comm.world_size * max(epoch_step, 1))
+            epoch_step = 0
+            loss_carry = 0.0
             last_val = self.evaluate()
-            wall = time.monotonic() - start
-            record = {"kind": "epoch", "epoch": epoch, "step": step, "wall_s": wall,
-                      "samples_per_s": step * cfg.train.global_batch / max(wall, 1e-9),
+            wall = self.clock()
+            record = {"kind": "epoch", **self.tag(), "epoch": epoch, "step": step,
+                      "wall_s": wall,
+                      "samples_per_s": step * tcfg.global_batch / max(wall - stage_start, 1e-9),
                       "loss": epoch_loss, **last_val,
                       "rss_mb": psutil.Process().memory_info().rss / 2**20}
             self.log.write(record)
             self.progress.line(
-                f"epoch {epoch}/{cfg.train.epochs} step {step} loss {record['loss']:.4f} "
-                f"val_mae {last_val['val_mae']:.4f} wall {wall:.1f}s")
-            if comm.is_root:
-                checkpoint.save_atomic(self.state(epoch, step, wall),
-                                       checkpoint.checkpoint_path(self.ckpt_dir, epoch))
-                checkpoint.prune(self.ckpt_dir, cfg.train.checkpoint_keep)
+                f"{self.stage.name} epoch {epoch}/{tcfg.epochs} step {step} loss "
+                f"{epoch_loss:.4f} val_mae {last_val['val_mae']:.4f} wall {wall:.1f}s"
+                + (" (time budget reached)" if out_of_time else ""))
+            self.save(self.state(epoch, step, 0, 0.0, wall - stage_start), epoch, None)
             comm.barrier()  # nobody reads a checkpoint before it is complete
-        return {"epoch": epoch, "step": step, "wall_s": time.monotonic() - start, **last_val}
+        return {"done": True, "epoch": epoch, "step": step, "wall_s": self.clock(), **last_val}
 
     def _start_record(self) -> dict[str, Any]:
         train_y = self.train.store.labels()[self.train.indices]  # (N, P)
         val_y = self.val.store.labels()[self.val.indices]
         mean_mae = float(np.abs(val_y - train_y.mean(axis=0)).mean())
-        return {"world_size": self.comm.world_size,
-                "global_batch": self.cfg.train.global_batch,
+        return {"world_size": self.comm.world_size, "ranks": list(self.stage.ranks),
+                "global_batch": self.tcfg.global_batch,
                 "local_batch": self.sampler.local_batch,
                 "steps_per_epoch": self.sampler.steps_per_epoch,
                 "train_samples": len(self.train.indices), "val_samples": len(self.val.indices),
+                "sample_shape": list(self.train.store.sample_shape),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "val_mae_mean_predictor": mean_mae}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation MAE and MSE over the whole validation set, exact over all ranks."""
+        """Validation MAE and MSE over the whole validation set, exact over the stage's ranks."""
         self.model.eval()
         mine = self.val.indices[shard_evenly(len(self.val.indices), self.comm.rank,
                                              self.comm.world_size)]

@@ -26,17 +26,12 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (written after the checkpoint we resume from).
-
-        Rewritten through a temporary file, so a crash here loses nothing.
-        """
-        if not self.enabled or not self.path.exists():
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the log with `records`, through a temporary file (a crash loses nothing)."""
+        if not self.enabled:
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, self.path)
 
 

@@ -1,0 +1,1 @@
+"""Multi-resolution methods: fusion operators (and, later, estimators and batch mixers)."""

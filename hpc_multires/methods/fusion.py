@@ -1,0 +1,118 @@
+"""Fusion operators: pure functions from state dicts to a state dict.
+
+A stage that starts from earlier stages (`init = "fuse"`) gets its weights from one of
+these. Each takes the new stage's freshly initialised state dict as `target`, so any
+entry the operator does not fill keeps a fresh initialisation, and returns a new dict
+(the inputs are not modified).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def transfer(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> StateDict:
+    """`target` with every entry whose name and shape match copied from `source`.
+
+    The multi-resolution transfer of conv and norm layers: convolutions do not care about
+    the input size, so they carry over; a dense layer whose input size changed keeps its
+    fresh weights.
+    """
+    out = {k: v.clone() for k, v in target.items()}
+    for name, value in source.items():
+        if name in out and out[name].shape == value.shape:
+            out[name] = value.detach().clone()
+    return out
+
+
+def prolong_dense(weight: torch.Tensor, feature_shape: Sequence[int],
+                  factor: int = 2) -> torch.Tensor:
+    """A dense weight on flattened (C, *S) features -> the same layer on (C, *factor*S).
+
+    weight: (out, C * prod(S)). Each coarse weight is copied to its factor^d children and
+    divided by factor^d, so on a nearest-neighbour upsampled input (each coarse feature
+    repeated over its children) the fine layer gives exactly the coarse output.
+    """
+    c, *spatial = feature_shape
+    w = weight.reshape(weight.shape[0], c, *spatial)  # (out, C, *S)
+    for axis in range(2, 2 + len(spatial)):
+        w = w.repeat_interleave(factor, dim=axis)  # (out, C, ..., factor S_axis, ...)
+    return (w / factor ** len(spatial)).reshape(weight.shape[0], -1)
+
+
+def prolong(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+            dense_layers: Mapping[str, Sequence[int]], factor: int = 2) -> StateDict:
+    """`transfer`, then each dense weight in `dense_layers` (name -> coarse (C, *S) input
+    shape) prolonged by `factor` per axis instead of re-initialised."""
+    out = transfer(source, target)
+    for name, feature_shape in dense_layers.items():
+        fine = prolong_dense(source[name], feature_shape, factor)
+        if fine.shape != out[name].shape:
+            raise ValueError(f"prolonging {name} gives {tuple(fine.shape)}, the target layer "
+                             f"is {tuple(out[name].shape)}: the stages are not {factor}x "
+                             "apart per axis")
+        out[name] = fine
+    return out
+
+
+def average(sources: Sequence[Mapping[str, torch.Tensor]], target: Mapping[str, torch.Tensor],
+            weights: Sequence[float] | None = None) -> StateDict:
+    """Weighted mean of models, layer by layer, over the sources whose entry matches the
+    target's shape (a dense layer that differs in size is averaged over those that fit)."""
+    w = [1.0] * len(sources) if not weights else [float(x) for x in weights]
+    if len(w) != len(sources) or any(x < 0 for x in w) or sum(w) <= 0:
+        raise ValueError(f"need one non-negative weight per source, got {weights}")
+    out = {k: v.clone() for k, v in target.items()}
+    for name, fresh in target.items():
+        fits = [(src[name], wi) for src, wi in zip(sources, w, strict=True)
+                if name in src and src[name].shape == fresh.shape and wi > 0]
+        if not fits:
+            continue
+        if not fresh.is_floating_point():  # counters such as BatchNorm's: take the first
+            out[name] = fits[0][0].clone()
+            continue
+        total = sum(wi for _, wi in fits)
+        acc = torch.zeros(fresh.shape, dtype=torch.float64)
+        for t, wi in fits:
+            acc += t.detach().double() * (wi / total)
+        out[name] = acc.to(fresh.dtype)
+    return out
+
+
+def layer_names(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Parameterised layers in model order: "features.0", "features.3", "head.1", ..."""
+    return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in state))
+
+
+def bottom_top(bottom: Mapping[str, torch.Tensor], top: Mapping[str, torch.Tensor],
+               target: Mapping[str, torch.Tensor], bottom_layers: int) -> StateDict:
+    """The first `bottom_layers` layers from `bottom`, the rest from `top` (each where the
+    shape matches the target; what does not fit stays freshly initialised)."""
+    layers = layer_names(target)
+    if not 0 < bottom_layers <= len(layers):
+        raise ValueError(f"bottom_layers = {bottom_layers}, the model has {len(layers)} "
+                         f"layers: {layers}")
+    lower = set(layers[:bottom_layers])
+    pick_bottom = {k: v for k, v in bottom.items() if k.rsplit(".", 1)[0] in lower}
+    pick_top = {k: v for k, v in top.items() if k.rsplit(".", 1)[0] not in lower}
+    return transfer({**pick_top, **pick_bottom}, target)
+
+
+def fuse(fusion: str, sources: Sequence[Mapping[str, torch.Tensor]],
+         target: Mapping[str, torch.Tensor], *, weights: Sequence[float] = (),
+         bottom_layers: int = 0, dense_layers: Mapping[str, Sequence[int]] | None = None,
+         factor: int = 2) -> StateDict:
+    """Dispatch on the fusion operator's name (a stage's `fusion` setting)."""
+    if fusion == "transfer":
+        return transfer(sources[0], target)
+    if fusion == "prolong":
+        return prolong(sources[0], target, dense_layers or {}, factor)
+    if fusion == "average":
+        return average(sources, target, weights or None)
+    if fusion == "bottom-top":
+        return bottom_top(sources[0], sources[1], target, bottom_layers)
+    raise ValueError(f"unknown fusion operator {fusion!r}")

@@ -1,0 +1,88 @@
+"""The Neuron Inverter network: 1D conv blocks over voltage traces, dense layers, a tanh output.
+
+Each conv block is Conv1d -> LeakyReLU -> MaxPool1d(pool), three blocks with (30, 90, 180)
+filters by default, scaled by ``width``. Convolutions keep the length ("same" padding), so only
+the pooling shortens the trace: 1,600 bins become 1600 // 4**3 = 25. The head is either the
+reference's flatten + dense layers (512, 256, 128, ReLU), whose first layer is sized for one
+input length, or global average pooling, which makes the dense layers independent of the
+length (useful when one model sees several time resolutions). The output is tanh scaled by 1.2,
+as in CosmoFlow, so labels in [-1, 1] are reachable without saturating.
+
+At the defaults on 4 probes x 1,600 bins with 6 outputs the model has 2,545,890 parameters,
+90% of them in the first dense layer (4,500 -> 512).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hpc_multires.errors import ConfigError
+
+
+class NeuronInverter(nn.Module):
+    """1D CNN regressing ``num_outputs`` labels in [-1, 1] from (B, in_channels, length) traces.
+
+    ``conv_channels`` gives the filters of each conv block (one block per entry), multiplied by
+    ``width`` and rounded (at least 1). ``kernel_size`` is the convolution length in bins and
+    ``pool`` the max-pooling factor of every block. ``fc_sizes`` are the hidden dense layers;
+    ``dropout`` > 0 puts a dropout layer before each of them.
+    """
+
+    def __init__(self, *, in_channels: int, length: int, num_outputs: int, width: float = 1.0,
+                 conv_channels: tuple[int, ...] = (30, 90, 180), kernel_size: int = 4,
+                 pool: int = 4, fc_sizes: tuple[int, ...] = (512, 256, 128),
+                 dropout: float = 0.0, head: Literal["flatten", "gap"] = "flatten") -> None:
+        super().__init__()
+        if pool < 1 or kernel_size < 1 or length < 1:
+            raise ConfigError(f"model.pool = {pool}, model.kernel_size = {kernel_size} and the "
+                              f"sample length {length} must all be >= 1")
+        if head not in ("flatten", "gap"):
+            raise ConfigError(f"model.head = {head!r}: use 'flatten' or 'gap'")
+        depth = len(conv_channels)
+        reduced = length // pool**depth
+        if reduced < 1:
+            # The largest length-compatible depth tells the user which knob to turn.
+            fits = 0
+            while length // pool ** (fits + 1) >= 1:
+                fits += 1
+            raise ConfigError(
+                f"{depth} conv blocks each pool the trace by {pool}, i.e. by {pool**depth}, but "
+                f"the samples are only {length} bins long; use at least {pool**depth} bins "
+                f"(a milder time downsampling), a smaller model.pool, or at most {fits} conv "
+                "blocks")
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for filters in conv_channels:
+            out = max(1, round(filters * width))
+            # "Same" padding keeps the length a function of the pooling alone, so the length
+            # check above is exact. Done by an explicit pad because Conv1d(padding="same")
+            # warns and copies the input for the default even kernel.
+            blocks += [nn.ConstantPad1d(((kernel_size - 1) // 2, kernel_size // 2), 0.0),
+                       nn.Conv1d(channels, out, kernel_size),
+                       nn.LeakyReLU(0.01),
+                       nn.MaxPool1d(pool)]
+            channels = out
+        self.features = nn.Sequential(*blocks)
+        self.head_kind = head
+        if head == "gap":
+            self.pool: nn.Module = nn.AdaptiveAvgPool1d(1)
+            features = channels
+        else:
+            self.pool = nn.Identity()
+            features = channels * reduced
+        layers: list[nn.Module] = [nn.Flatten()]
+        for size in fc_sizes:
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            layers += [nn.Linear(features, size), nn.ReLU()]
+            features = size
+        layers.append(nn.Linear(features, num_outputs))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, T) -> (B, num_outputs) in (-1.2, 1.2)
+        h = self.pool(self.features(x))  # (B, C', T // pool**depth) or (B, C', 1)
+        return 1.2 * torch.tanh(self.head(h))

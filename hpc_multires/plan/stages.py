@@ -1,0 +1,178 @@
+"""The stage plan: which stage runs on which ranks, and which stages run at the same time.
+
+A stage starts once the stages it depends on (`fuse_from` and `after`) are done. Stages
+with no dependency path between them run concurrently, so their rank groups must not
+overlap. The plan runs in waves: wave w holds the stages whose longest dependency chain
+has length w; the stages of a wave run at the same time on disjoint ranks, and every
+rank waits at the end of a wave until the wave is complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import TYPE_CHECKING
+
+from hpc_multires.errors import ConfigError
+from hpc_multires.plan.config import TrainConfig
+
+if TYPE_CHECKING:
+    from hpc_multires.plan.config import Config, StageConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage with its ranks resolved for a world size."""
+
+    name: str
+    level: int
+    group: str
+    ranks: tuple[int, ...]
+    wave: int
+    config: StageConfig
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.config.train
+
+    @property
+    def local_batch(self) -> int:
+        return self.train.global_batch // len(self.ranks)
+
+
+def _bound(text: str, world: int, spec: str, name: str) -> int:
+    text = text.strip()
+    if text == "end":
+        return world
+    try:
+        if "/" in text or "." in text:
+            value = Fraction(text)
+            if not 0 <= value <= 1:
+                raise ValueError
+            return int(value * world)  # floor: 1/2 of 5 ranks is 2
+        return int(text)
+    except ValueError:
+        raise ConfigError(
+            f"groups.{name} = {spec!r}: {text!r} is neither a rank count (2), a fraction of "
+            "the world (1/2 or 0.5) nor 'end'; write START:END such as \"0:1/2\"") from None
+
+
+def group_ranks(name: str, spec: str, world: int) -> tuple[int, ...]:
+    """Ranks of a group spec "START:END" in a world of `world` ranks."""
+    start, sep, end = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"groups.{name} = {spec!r}: write START:END, e.g. \"0:1/2\" for the "
+                          "first half of the ranks or \"2:4\" for ranks 2 and 3")
+    lo, hi = _bound(start, world, spec, name), _bound(end, world, spec, name)
+    if hi > world:
+        raise ConfigError(f"groups.{name} = {spec!r} needs ranks up to {hi - 1}, but the job "
+                          f"has {world} ranks; shrink the group or launch more ranks")
+    if hi <= lo:
+        raise ConfigError(f"groups.{name} = {spec!r} holds no rank on {world} ranks; "
+                          "give it at least one (START < END)")
+    return tuple(range(lo, hi))
+
+
+def dependencies(stage: StageConfig) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*stage.fuse_from, *stage.after)))
+
+
+def check_plan(cfg: Config) -> None:
+    """Checks that need no world size: names, references, fusion settings."""
+    seen: list[str] = []
+    for i, st in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        if not st.name:
+            raise ConfigError(f"{where}.name is empty; give every stage a unique name")
+        if st.name in seen:
+            raise ConfigError(f"{where}.name = {st.name!r} is used twice; stage names are unique")
+        if st.level < 0:
+            raise ConfigError(f"{where}.level = {st.level}: use 0 or a pyramid level >= 1")
+        if st.group != "all" and st.group not in cfg.groups:
+            raise ConfigError(f"stage {st.name!r}: group {st.group!r} is not defined; add it "
+                              f"under [groups] (e.g. {st.group} = \"0:1/2\") or use \"all\"")
+        for dep in dependencies(st):
+            if dep not in seen:
+                later = dep in (s.name for s in cfg.stages)
+                raise ConfigError(
+                    f"stage {st.name!r} depends on {dep!r}, which "
+                    + ("comes later in the plan; move it before" if later else
+                       f"does not exist (stages so far: {seen or 'none'}); fix the name"))
+        if st.init == "fuse" and not st.fuse_from:
+            raise ConfigError(f"stage {st.name!r}: init = \"fuse\" needs fuse_from = [...] "
+                              "naming the earlier stages to fuse")
+        if st.init == "fresh" and st.fuse_from:
+            raise ConfigError(f"stage {st.name!r}: fuse_from is set but init = \"fresh\"; set "
+                              "init = \"fuse\" or use after = [...] for ordering only")
+        if st.init == "fuse":
+            n = len(st.fuse_from)
+            if st.fusion in ("transfer", "prolong") and n != 1:
+                raise ConfigError(f"stage {st.name!r}: fusion {st.fusion!r} takes one stage in "
+                                  f"fuse_from, got {n}")
+            if st.fusion == "bottom-top" and (n != 2 or st.bottom_layers < 1):
+                raise ConfigError(f"stage {st.name!r}: fusion 'bottom-top' takes two stages "
+                                  "(bottom, top) and bottom_layers >= 1")
+            if st.fusion_weights and len(st.fusion_weights) != n:
+                raise ConfigError(f"stage {st.name!r}: {len(st.fusion_weights)} fusion_weights "
+                                  f"for {n} stages in fuse_from")
+        seen.append(st.name)
+    for name, spec in cfg.groups.items():
+        group_ranks(name, spec, 1 << 20)  # syntax only; sizes are checked per world
+
+
+def resolve(cfg: Config, world: int) -> list[Stage]:
+    """The plan's stages with ranks and waves for `world` ranks; raises on a bad plan."""
+    stages: list[Stage] = []
+    by_name: dict[str, Stage] = {}
+    for st in cfg.plan():
+        ranks = tuple(range(world)) if st.group == "all" else group_ranks(
+            st.group, cfg.groups[st.group], world)
+        wave = 1 + max((by_name[d].wave for d in dependencies(st)), default=-1)
+        stage = Stage(st.name, st.level, st.group, ranks, wave, st)
+        if st.train.global_batch % len(ranks):
+            n, b = len(ranks), st.train.global_batch
+            key = f"stage {st.name!r}: train.global_batch" if cfg.stages else "train.global_batch"
+            raise ConfigError(
+                f"{key} = {b} is not divisible by the {n} ranks that run it; set it to a "
+                f"multiple of {n} (e.g. --set train.global_batch={max(b // n * n, n)} or "
+                f"{b // n * n + n}) or change the number of ranks")
+        stages.append(stage)
+        by_name[st.name] = stage
+    _check_overlaps(stages, by_name)
+    return stages
+
+
+def _ancestors(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
+    out: set[str] = set()
+    todo = list(dependencies(stage.config))
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += dependencies(by_name[name].config)
+    return out
+
+
+def _check_overlaps(stages: list[Stage], by_name: dict[str, Stage]) -> None:
+    for i, a in enumerate(stages):
+        for b in stages[i + 1:]:
+            shared = sorted(set(a.ranks) & set(b.ranks))
+            if shared and a.name not in _ancestors(b, by_name):
+                raise ConfigError(
+                    f"stages {a.name!r} and {b.name!r} both use ranks {shared[:8]} and neither "
+                    "depends on the other, so they would run at the same time on the same "
+                    f"ranks; give them disjoint groups, or add after = [{a.name!r}] to "
+                    f"{b.name!r}")
+
+
+def describe_plan(stages: list[Stage]) -> str:
+    rows = []
+    for s in stages:
+        start = "fresh" if s.config.init == "fresh" else \
+            f"{s.config.fusion}({', '.join(s.config.fuse_from)})"
+        length = f"{s.train.epochs} epochs" + (
+            f" or {s.train.time_budget_s:g} s" if s.train.time_budget_s else "")
+        ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
+        rows.append(f"    wave {s.wave}  {s.name:<12} level {s.level}  ranks {ranks:<7} "
+                    f"({s.group}) batch {s.train.global_batch} {length}, {start}")
+    return "\n".join(rows)

@@ -1,0 +1,78 @@
+"""Fusion operators on hand-made state dicts and on real layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_multires.methods.fusion import (
+    average,
+    bottom_top,
+    layer_names,
+    prolong,
+    prolong_dense,
+    transfer,
+)
+
+
+def sd(**entries: list[float] | torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in entries.items()}
+
+
+def test_transfer_copies_matching_name_and_shape_only() -> None:
+    source = sd(**{"conv.weight": [1.0, 2.0], "dense.weight": [[1.0, 2.0]], "extra": [5.0]})
+    target = sd(**{"conv.weight": [0.0, 0.0], "dense.weight": [[0.0, 0.0, 0.0]]})
+    out = transfer(source, target)
+    assert out["conv.weight"].tolist() == [1.0, 2.0]
+    assert out["dense.weight"].tolist() == [[0.0, 0.0, 0.0]]  # shape differs: fresh kept
+    assert set(out) == set(target)
+    out["conv.weight"][0] = 9  # a copy, not a view of the source
+    assert source["conv.weight"][0] == 1
+
+
+@pytest.mark.parametrize("spatial", [(3,), (2, 3), (2, 2, 3)])
+def test_prolonged_dense_layer_gives_the_same_output(spatial: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    c, out_features = 4, 5
+    coarse = torch.nn.Linear(c * torch.Size(spatial).numel(), out_features).double()
+    feats = torch.randn(7, c, *spatial, dtype=torch.float64)  # (B, C, *S)
+    fine_feats = feats
+    for axis in range(2, 2 + len(spatial)):  # nearest-neighbour prolongation of the input
+        fine_feats = fine_feats.repeat_interleave(2, dim=axis)
+    fine = torch.nn.Linear(fine_feats[0].numel(), out_features).double()
+    fused = prolong({"weight": coarse.weight.data, "bias": coarse.bias.data},
+                    {"weight": fine.weight.data, "bias": fine.bias.data},
+                    {"weight": (c, *spatial)})
+    fine.load_state_dict(fused)
+    torch.testing.assert_close(fine(fine_feats.flatten(1)), coarse(feats.flatten(1)),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_prolong_refuses_layers_not_one_level_apart() -> None:
+    with pytest.raises(ValueError, match="not 2x apart"):
+        prolong({"w": torch.ones(2, 8)}, {"w": torch.ones(2, 8)}, {"w": (1, 8)})
+    assert prolong_dense(torch.ones(1, 2), (1, 2)).shape == (1, 4)
+
+
+def test_average_weights_layers_that_fit() -> None:
+    a = sd(**{"w": [1.0, 1.0], "dense": [[1.0]]})
+    b = sd(**{"w": [3.0, 5.0], "dense": [[1.0, 1.0]]})
+    target = sd(**{"w": [0.0, 0.0], "dense": [[7.0]]})
+    out = average([a, b], target, weights=[1, 3])
+    assert out["w"].tolist() == [2.5, 4.0]
+    assert out["dense"].tolist() == [[1.0]]  # only `a` fits
+    assert average([a, b], target)["w"].tolist() == [2.0, 3.0]
+    with pytest.raises(ValueError):
+        average([a, b], target, weights=[1.0])
+
+
+def test_bottom_top_splits_by_layer_order() -> None:
+    names = ["features.0.weight", "features.0.bias", "features.3.weight", "head.1.weight"]
+    bottom = {n: torch.full((2,), 1.0) for n in names}
+    top = {n: torch.full((2,), 2.0) for n in names}
+    target = {n: torch.zeros(2) for n in names}
+    assert layer_names(target) == ["features.0", "features.3", "head.1"]
+    out = bottom_top(bottom, top, target, bottom_layers=2)
+    assert [float(out[n][0]) for n in names] == [1.0, 1.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="bottom_layers = 4"):
+        bottom_top(bottom, top, target, bottom_layers=4)

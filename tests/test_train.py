@@ -31,7 +31,8 @@ def test_train_writes_metrics_config_and_checkpoints(cli, tiny_config, tmp_path:
         assert rec["samples_per_s"] > 0 and 0 < rec["val_mae"] < 2
     assert epochs[1]["wall_s"] > epochs[0]["wall_s"]
     assert load_config(run / "config.toml") == load_config(cfg_path)
-    assert sorted(p.name for p in (run / "stages" / "main" / "checkpoints").iterdir()) == [
+    ckpts = run / "stages" / "main" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
         "epoch-0001.pt", "epoch-0002.pt"]
 
     rep = cli(["report", str(run)])
@@ -67,7 +68,8 @@ def test_resume_equals_an_uninterrupted_run(cli, tiny_config, tmp_path: Path) ->
     assert "resumed from" in b2.stderr
 
     def load(run: Path, epoch: int) -> dict:
-        return torch.load(run / "stages" / "main" / "checkpoints" / f"epoch-{epoch:04d}.pt", weights_only=False)
+        path = run / "stages" / "main" / "checkpoints" / f"epoch-{epoch:04d}.pt"
+        return torch.load(path, weights_only=False)
 
     final_a, final_b = load(straight, 2), load(resumed, 2)
     assert final_b["step"] == final_a["step"] == 18

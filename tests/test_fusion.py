@@ -42,16 +42,22 @@ def test_prolonged_dense_layer_gives_the_same_output(spatial: tuple[int, ...]) -
     fine = torch.nn.Linear(fine_feats[0].numel(), out_features).double()
     fused = prolong({"weight": coarse.weight.data, "bias": coarse.bias.data},
                     {"weight": fine.weight.data, "bias": fine.bias.data},
-                    {"weight": (c, *spatial)})
+                    {"weight": ((c, *spatial), tuple(2 * s for s in spatial))})
     fine.load_state_dict(fused)
     torch.testing.assert_close(fine(fine_feats.flatten(1)), coarse(feats.flatten(1)),
                                rtol=1e-12, atol=1e-12)
 
 
-def test_prolong_refuses_layers_not_one_level_apart() -> None:
-    with pytest.raises(ValueError, match="not 2x apart"):
-        prolong({"w": torch.ones(2, 8)}, {"w": torch.ones(2, 8)}, {"w": (1, 8)})
-    assert prolong_dense(torch.ones(1, 2), (1, 2)).shape == (1, 4)
+def test_prolong_to_sizes_that_are_not_a_multiple() -> None:
+    # 1D pooling floors odd lengths: 12 coarse positions feed 25 fine ones.
+    w = torch.arange(12.0).reshape(1, 12)
+    fine = prolong_dense(w, (1, 12), (25,))
+    assert fine.shape == (1, 25)
+    assert fine[0, 0] == 0 and float(fine[0, 24]) == pytest.approx(11 * 12 / 25)  # ends map to ends
+    # A constant input gives about the same output as on the coarse side.
+    assert abs(float(fine.sum()) - float(w.sum())) / float(w.sum()) < 0.1
+    with pytest.raises(ValueError, match="differ in more than"):
+        prolong({"w": torch.ones(2, 8)}, {"w": torch.ones(3, 16)}, {"w": ((1, 8), (16,))})
 
 
 def test_average_weights_layers_that_fit() -> None:

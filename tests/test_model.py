@@ -37,6 +37,10 @@ def test_gap_head_accepts_other_sizes() -> None:
 def test_depth_too_large_for_the_samples() -> None:
     with pytest.raises(ConfigError, match="model.depth <= 3"):
         CosmoFlow(in_channels=1, spatial=(8, 8, 8), num_outputs=1, depth=4)
+    # The gap head takes it: the same weights run on a coarse pyramid level.
+    m = CosmoFlow(in_channels=1, spatial=(8, 8, 8), num_outputs=1, depth=4, width=0.125,
+                  head="gap")
+    assert m(torch.randn(2, 1, 8, 8, 8)).shape == (2, 1)
 
 
 def test_build_model_rejects_non_3d_samples() -> None:

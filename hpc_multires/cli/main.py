@@ -15,11 +15,16 @@ from hpc_multires.errors import UserError
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from hpc_multires.data.synth.writer import synth_cosmoflow
+    from hpc_multires.data.synth.writer import synth_cosmoflow, synth_neuron
 
-    n = synth_cosmoflow(args.out, num_samples=args.samples, size=args.size,
-                        channels=args.channels, seed=args.seed,
-                        samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+    if args.app == "neuron":
+        n = synth_neuron(args.out, num_samples=args.samples, num_bins=args.bins,
+                         probes=args.probes, seed=args.seed,
+                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+    else:
+        n = synth_cosmoflow(args.out, num_samples=args.samples, size=args.size,
+                            channels=args.channels, seed=args.seed,
+                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     _say(f"wrote {args.samples} samples in {n} shard(s) to {args.out}")
     return 0
 
@@ -87,11 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="create, convert and inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
     synth = dsub.add_parser("synth", help="generate a synthetic dataset (parallel under mpiexec)")
-    synth.add_argument("app", choices=["cosmoflow"], help="which application's data")
+    synth.add_argument("app", choices=["cosmoflow", "neuron"],
+                       help="cosmoflow: 3D fields (N, 4, S, S, S); neuron: voltage traces "
+                            "(N, 4, 1600) of simulated neurons")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     synth.add_argument("--samples", type=int, default=256, help="number of samples")
-    synth.add_argument("--size", type=int, default=32, help="side of the cubic volume")
-    synth.add_argument("--channels", type=int, default=4, help="growth stages per sample")
+    synth.add_argument("--size", type=int, default=32, help="cosmoflow: side of the volume")
+    synth.add_argument("--channels", type=int, default=4,
+                       help="cosmoflow: growth stages per sample")
+    synth.add_argument("--bins", type=int, default=1600, help="neuron: time bins at 8 kHz")
+    synth.add_argument("--probes", type=int, default=4, help="neuron: recorded compartments")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
     synth.add_argument("--samples-per-shard", type=int, default=64)
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")

@@ -201,26 +201,20 @@ class PlanRunner:
 
     def fused_start(self, stage: Stage, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         by_name = {s.name: s for s in self.stages}
-        sources: list[dict[str, torch.Tensor]] = []
-        dense: dict[str, tuple[int, ...]] = {}
-        factor = 2
-        for name in stage.config.fuse_from:
-            src = by_name[name]
-            state = torch.load(self.stage_dir(src) / FINAL, map_location="cpu",
-                               weights_only=False)
-            sources.append(state["model"])
-            if name == stage.config.fuse_from[0]:
-                coarse = build_model(self.cfg.model, self.splits[src.level][0].store.sample_shape,
-                                     self.num_outputs)
-                dense = dict(getattr(coarse, "dense_input_shapes", dict)())
-                factor = 2 ** (src.level - stage.level)
-        if stage.config.fusion == "prolong" and factor < 2:
-            raise ConfigError(f"stage {stage.name!r}: prolong needs a coarser source, but "
-                              f"{stage.config.fuse_from[0]!r} is at level "
-                              f"{by_name[stage.config.fuse_from[0]].level}")
+        sources = [torch.load(self.stage_dir(by_name[name]) / FINAL, map_location="cpu",
+                              weights_only=False)["model"] for name in stage.config.fuse_from]
+        # For prolong: the resolution-dependent dense layers of the first source and of
+        # this stage's model (architectures report them; see dense_input_shapes).
+        first = by_name[stage.config.fuse_from[0]]
+        coarse = build_model(self.cfg.model, self.splits[first.level][0].store.sample_shape,
+                             self.num_outputs)
+        coarse_shapes: dict[str, tuple[int, ...]] = getattr(coarse, "dense_input_shapes", dict)()
+        fine_shapes: dict[str, tuple[int, ...]] = getattr(model, "dense_input_shapes", dict)()
+        dense = {name: (shape, fine_shapes[name][1:]) for name, shape in coarse_shapes.items()
+                 if name in fine_shapes}
         return fuse(stage.config.fusion, sources, model.state_dict(),
                     weights=stage.config.fusion_weights,
-                    bottom_layers=stage.config.bottom_layers, dense_layers=dense, factor=factor)
+                    bottom_layers=stage.config.bottom_layers, dense_layers=dense)
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,

@@ -30,31 +30,36 @@ def transfer(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tens
 
 
 def prolong_dense(weight: torch.Tensor, feature_shape: Sequence[int],
-                  factor: int = 2) -> torch.Tensor:
-    """A dense weight on flattened (C, *S) features -> the same layer on (C, *factor*S).
+                  fine_spatial: Sequence[int]) -> torch.Tensor:
+    """A dense weight on flattened (C, *S) features -> the same layer on (C, *S') features.
 
-    weight: (out, C * prod(S)). Each coarse weight is copied to its factor^d children and
-    divided by factor^d, so on a nearest-neighbour upsampled input (each coarse feature
-    repeated over its children) the fine layer gives exactly the coarse output.
+    weight: (out, C * prod(S)). Fine position j along an axis takes the weight of coarse
+    position floor(j * S / S'), scaled by prod(S / S'). When S' = 2 S this copies each
+    coarse weight to its 2^d children and divides by 2^d, so on a nearest-neighbour
+    upsampled input the fine layer gives exactly the coarse output; for sizes that are
+    not an exact multiple (pooling that floors odd lengths) it is the nearest match.
     """
     c, *spatial = feature_shape
     w = weight.reshape(weight.shape[0], c, *spatial)  # (out, C, *S)
-    for axis in range(2, 2 + len(spatial)):
-        w = w.repeat_interleave(factor, dim=axis)  # (out, C, ..., factor S_axis, ...)
-    return (w / factor ** len(spatial)).reshape(weight.shape[0], -1)
+    scale = 1.0
+    for axis, (coarse, fine) in enumerate(zip(spatial, fine_spatial, strict=True), start=2):
+        index = torch.arange(fine) * coarse // fine  # fine position -> coarse position
+        w = w.index_select(axis, index)  # (out, C, ..., S'_axis, ...)
+        scale *= coarse / fine
+    return (w * scale).reshape(weight.shape[0], -1)
 
 
 def prolong(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-            dense_layers: Mapping[str, Sequence[int]], factor: int = 2) -> StateDict:
-    """`transfer`, then each dense weight in `dense_layers` (name -> coarse (C, *S) input
-    shape) prolonged by `factor` per axis instead of re-initialised."""
+            dense_layers: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> StateDict:
+    """`transfer`, then each dense weight in `dense_layers` (name -> (coarse (C, *S) input
+    shape, fine spatial S')) prolonged instead of re-initialised."""
     out = transfer(source, target)
-    for name, feature_shape in dense_layers.items():
-        fine = prolong_dense(source[name], feature_shape, factor)
+    for name, (feature_shape, fine_spatial) in dense_layers.items():
+        fine = prolong_dense(source[name], feature_shape, fine_spatial)
         if fine.shape != out[name].shape:
             raise ValueError(f"prolonging {name} gives {tuple(fine.shape)}, the target layer "
-                             f"is {tuple(out[name].shape)}: the stages are not {factor}x "
-                             "apart per axis")
+                             f"is {tuple(out[name].shape)}: the models differ in more than "
+                             "their input resolution")
         out[name] = fine
     return out
 
@@ -104,13 +109,14 @@ def bottom_top(bottom: Mapping[str, torch.Tensor], top: Mapping[str, torch.Tenso
 
 def fuse(fusion: str, sources: Sequence[Mapping[str, torch.Tensor]],
          target: Mapping[str, torch.Tensor], *, weights: Sequence[float] = (),
-         bottom_layers: int = 0, dense_layers: Mapping[str, Sequence[int]] | None = None,
-         factor: int = 2) -> StateDict:
+         bottom_layers: int = 0,
+         dense_layers: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None
+         ) -> StateDict:
     """Dispatch on the fusion operator's name (a stage's `fusion` setting)."""
     if fusion == "transfer":
         return transfer(sources[0], target)
     if fusion == "prolong":
-        return prolong(sources[0], target, dense_layers or {}, factor)
+        return prolong(sources[0], target, dense_layers or {})
     if fusion == "average":
         return average(sources, target, weights or None)
     if fusion == "bottom-top":

@@ -6,6 +6,7 @@ from torch import nn
 
 from hpc_multires.errors import ConfigError
 from hpc_multires.models.cosmoflow import CosmoFlow
+from hpc_multires.models.neuron_inverter import NeuronInverter
 from hpc_multires.plan.config import ModelConfig
 
 
@@ -20,7 +21,16 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
             in_channels=sample_shape[0], spatial=sample_shape[1:], num_outputs=num_outputs,
             width=cfg.width, depth=cfg.depth, kernel_size=cfg.kernel_size, head=cfg.head,
             fc_sizes=cfg.fc_sizes, dropout=cfg.dropout)
+    if cfg.name == "neuron_inverter":
+        if len(sample_shape) != 2:
+            raise ConfigError(
+                f"model.name = 'neuron_inverter' takes 1D traces (C, T); the dataset's samples "
+                f"have shape {sample_shape}")
+        return NeuronInverter(
+            in_channels=sample_shape[0], length=sample_shape[1], num_outputs=num_outputs,
+            width=cfg.width, conv_channels=cfg.conv_channels, kernel_size=cfg.kernel_size,
+            pool=cfg.pool, fc_sizes=cfg.fc_sizes, dropout=cfg.dropout, head=cfg.head)
     raise ConfigError(f"unknown model.name {cfg.name!r}")
 
 
-__all__ = ["CosmoFlow", "build_model"]
+__all__ = ["CosmoFlow", "NeuronInverter", "build_model"]

@@ -6,6 +6,10 @@ or global average pooling (which makes the dense layers independent of the input
 useful when one model sees several resolutions). The output is tanh scaled by 1.2, so
 labels in [-1, 1] are reachable without saturating.
 
+With the gap head the network takes any input size (pooling a 1-voxel map keeps it), so
+one set of weights serves every level of a data pyramid; with the flatten head the first
+dense layer's size depends on the input size (see `dense_input_shapes`).
+
 With width 1 and depth 5 on 128^3 x 4 inputs this is the full-size model (about 9 M
 parameters, 36 MB of float32 gradients); width 0.25 and depth 4 trains on a CPU at 32^3.
 """
@@ -27,12 +31,15 @@ class CosmoFlow(nn.Module):
                  head: Literal["flatten", "gap"] = "flatten",
                  fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0) -> None:
         super().__init__()
+        if kernel_size % 2 == 0:
+            raise ConfigError(f"model.kernel_size = {kernel_size}: CosmoFlow keeps sizes with "
+                              "padding kernel_size // 2, which needs an odd kernel such as 3")
         smallest = min(spatial)
-        if smallest >> depth < 1:
+        if head == "flatten" and smallest >> depth < 1:
             raise ConfigError(
                 f"model.depth = {depth} halves each axis {depth} times, but the samples are "
-                f"only {smallest} voxels wide; use model.depth <= {int(math.log2(smallest))} "
-                "or larger samples")
+                f"only {smallest} voxels wide; use model.depth <= {int(math.log2(smallest))}, "
+                "larger samples, or model.head = 'gap' (which takes any size)")
         base = max(1, round(32 * width))
         blocks: list[nn.Module] = []
         channels = in_channels
@@ -40,7 +47,9 @@ class CosmoFlow(nn.Module):
             out = base * 2**i
             blocks += [nn.Conv3d(channels, out, kernel_size, padding=kernel_size // 2),
                        nn.LeakyReLU(0.3),
-                       nn.MaxPool3d(2)]
+                       # ceil_mode: a 1-voxel map stays 1 voxel, so with the gap head the
+                       # same network runs on every pyramid level, however coarse.
+                       nn.MaxPool3d(2, ceil_mode=True)]
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head

@@ -67,11 +67,13 @@ class NeuronInverter(nn.Module):
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head
+        self._flat_shape: tuple[int, ...] | None = None
         if head == "gap":
             self.pool: nn.Module = nn.AdaptiveAvgPool1d(1)
             features = channels
         else:
             self.pool = nn.Identity()
+            self._flat_shape = (channels, reduced)
             features = channels * reduced
         layers: list[nn.Module] = [nn.Flatten()]
         for size in fc_sizes:
@@ -81,6 +83,13 @@ class NeuronInverter(nn.Module):
             features = size
         layers.append(nn.Linear(features, num_outputs))
         self.head = nn.Sequential(*layers)
+
+    def dense_input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Dense weights that read flattened time features, with that input's (C, T')."""
+        if self._flat_shape is None:
+            return {}
+        first = next(i for i, m in enumerate(self.head) if isinstance(m, nn.Linear))
+        return {f"head.{first}.weight": self._flat_shape}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T) -> (B, num_outputs) in (-1.2, 1.2)

@@ -51,14 +51,18 @@ class DataConfig:
 class ModelConfig:
     """The network. Input channels, sample shape and outputs come from the dataset."""
 
-    name: Literal["cosmoflow"] = "cosmoflow"
-    """Architecture."""
+    name: Literal["cosmoflow", "neuron_inverter"] = "cosmoflow"
+    """Architecture: cosmoflow (3D samples) or neuron_inverter (1D traces)."""
     width: float = 1.0
     """Width multiplier: the first conv block has round(32 * width) filters, doubling per block."""
     depth: int = 5
-    """Number of conv blocks, each halving every spatial axis (input side must be >= 2^depth)."""
+    """cosmoflow: conv blocks, each halving every axis (input side must be >= 2^depth)."""
     kernel_size: int = 3
-    """Convolution kernel size (odd)."""
+    """Convolution kernel size (odd for cosmoflow; the Neuron Inverter uses 4)."""
+    conv_channels: tuple[int, ...] = (30, 90, 180)
+    """neuron_inverter: filters of its conv blocks (scaled by width)."""
+    pool: int = 4
+    """neuron_inverter: max-pooling factor of each conv block."""
     head: Literal["flatten", "gap"] = "flatten"
     """flatten: dense layers on the flattened features (original); gap: global average pool."""
     fc_sizes: tuple[int, ...] = (128, 64)
@@ -215,8 +219,10 @@ def _check_values(cfg: Config) -> None:
     need(d.prefetch >= 1, "data.prefetch", d.prefetch, "use 1 or more")
     need(m.width > 0, "model.width", m.width, "use a positive multiplier such as 0.25 or 1")
     need(m.depth >= 1, "model.depth", m.depth, "use 1 or more conv blocks")
-    need(m.kernel_size >= 1 and m.kernel_size % 2 == 1, "model.kernel_size", m.kernel_size,
-         "use an odd size such as 3")
+    need(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "use a size such as 3")
+    need(m.pool >= 1, "model.pool", m.pool, "use a pooling factor such as 4")
+    need(len(m.conv_channels) >= 1 and all(c >= 1 for c in m.conv_channels),
+         "model.conv_channels", m.conv_channels, "use positive filter counts, e.g. [30, 90, 180]")
     need(all(s >= 1 for s in m.fc_sizes), "model.fc_sizes", m.fc_sizes,
          "use positive layer sizes, e.g. [128, 64]")
     need(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "use a probability in [0, 1)")

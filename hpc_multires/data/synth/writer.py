@@ -84,3 +84,38 @@ def synth_cosmoflow(out: Path, *, num_samples: int, size: int, channels: int, se
         prov=provenance(cosmoflow.GENERATOR_NAME, seed=seed, size=size, channels=channels,
                         label_ranges=[[p.name, p.low, p.high, p.log] for p in cosmoflow.PARAMS]),
         overwrite=overwrite)
+
+
+def synth_neuron(out: Path, *, num_samples: int, num_bins: int, probes: int, seed: int,
+                 samples_per_shard: int, overwrite: bool = False) -> int:
+    from hpc_multires.data.synth import neuron
+
+    if num_samples < 1:
+        raise UserError(f"--samples {num_samples}: need at least 1")
+    try:
+        neuron.generate(0, seed, num_bins, probes)  # validates the arguments early
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def sample(i: int) -> tuple[np.ndarray, np.ndarray]:
+        # Neurons are integrated a shard at a time (vectorised over samples); the result
+        # equals sample-by-sample generation, so the dataset does not depend on it.
+        shard = i // samples_per_shard
+        if shard not in cache:
+            cache.clear()
+            first = shard * samples_per_shard
+            indices = list(range(first, min(num_samples, first + samples_per_shard)))
+            cache[shard] = neuron.generate_batch(indices, seed, num_bins, probes)
+        x, y = cache[shard]
+        row = i - shard * samples_per_shard
+        return x[row], y[row]
+
+    return write_dataset(
+        out, num_samples=num_samples, samples_per_shard=samples_per_shard, sample_fn=sample,
+        sample_shape=(probes, num_bins), x_dtype="float32",
+        label_names=tuple(neuron.LABEL_NAMES), x_transform="none",
+        prov=provenance(neuron.GENERATOR_NAME, seed=seed, num_bins=num_bins, probes=probes,
+                        sample_rate_hz=neuron.SAMPLE_RATE_HZ,
+                        label_ranges=[[p.name, p.low, p.high, p.log] for p in neuron.PARAMS]),
+        overwrite=overwrite)

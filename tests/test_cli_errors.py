@@ -76,3 +76,10 @@ def test_synth_refuses_to_overwrite(cli, tiny_cosmo: Path) -> None:
                           "--samples", "8", "--size", "8"]))
     assert "--overwrite" in line
     assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_cosmo.iterdir()) == before
+
+
+def test_plan_needs_a_level_the_data_lacks(cli, tiny_config, tmp_path: Path) -> None:
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text(tiny_config().read_text() + '\n[[stages]]\nname = "coarse"\nlevel = 2\n')
+    line = one_error(cli(["train", str(cfg)]))
+    assert "no complete pyramid level 2" in line and "data pyramid" in line and "--levels 2" in line

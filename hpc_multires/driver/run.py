@@ -10,6 +10,7 @@ process group, and waits for the rest of the wave.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -143,6 +144,16 @@ class PlanRunner:
         MetricsLog(path, enabled=True).rewrite(kept)
         return max((r.get("wall_s") or 0.0 for r in kept), default=0.0)
 
+    def rank_log(self, event: str, stage: Stage) -> None:
+        """One line per stage start/end in RUN_DIR/logs/rank-NNNN.log: who ran what, when."""
+        path = self.run_dir / "logs" / f"rank-{self.comm.rank:04d}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"{self.clock():.3f} {event} stage={stage.name} level={stage.level} "
+                    f"group={stage.group} ranks={','.join(map(str, stage.ranks))} "
+                    f"host={socket.gethostname()} local_rank={self.comm.info.local_rank} "
+                    f"node={self.comm.info.node_index}\n")
+
     def run(self) -> dict[str, Any]:
         self.start()
         stopped = False
@@ -150,7 +161,9 @@ class PlanRunner:
         for wave in sorted({s.wave for s in self.stages}):
             for stage in self.stages:
                 if stage.wave == wave and self.comm.rank in stage.ranks:
+                    self.rank_log("start", stage)
                     results[stage.name] = r = self.run_stage(stage)
+                    self.rank_log("end" if r["done"] else "stopped", stage)
                     if not r["done"]:
                         stopped = True
                         self.comm.flag("stopped", "1")
@@ -186,7 +199,11 @@ class PlanRunner:
         if stage.config.init == "fuse" and not resuming and comm.is_root:
             # Fusion runs on the consuming stage's root; DDP's construction then
             # broadcasts the fused weights to the rest of the stage's ranks.
-            model.load_state_dict(self.fused_start(stage, model))
+            fused = self.fused_start(stage, model)
+            model.load_state_dict(fused)
+            # Kept beside the stage's checkpoints: what the stage started from.
+            checkpoint.save_atomic({"model": fused, "fusion": stage.config.fusion,
+                                    "fuse_from": list(stage.config.fuse_from)}, sdir / "init.pt")
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=comm.is_root)
         progress = Progress(0, comm.is_root, cfg.log.progress_s)
         trainer = Trainer(cfg, stage, comm, model, train, val, sdir, log, progress, self.clock)

@@ -15,7 +15,7 @@ export MPIR_CVAR_CH4_PROGRESS_THROTTLE ?= 1
 
 MPIRUN := $(BIN)/mpiexec -n $(RANKS) $(PY) -m mpi4py -m hpc_multires
 
-.PHONY: setup demo test test-unit test-mpi lint typecheck bench clean
+.PHONY: setup demo test test-unit test-mpi lint typecheck bench clean horovod
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: setup
 	rm -rf $(DEMO_RUN)
 	$(MPIRUN) train configs/cosmoflow-demo.toml --run-dir $(DEMO_RUN) --set data.path=$(DEMO_DATA)
 	$(BIN)/hpc-multires report $(DEMO_RUN)
+
+# Horovod 0.28.1 built against this venv's torch and MPI, cached outside the repo.
+horovod: setup
+	scripts/build-horovod.sh $(VENV)
 
 lint: setup
 	$(BIN)/ruff check hpc_multires tests benchmarks

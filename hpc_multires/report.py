@@ -1,4 +1,8 @@
-"""`hpc-multires report RUN_DIR...`: a summary table and validation MAE against wall time."""
+"""`hpc-multires report RUN_DIR...`: a summary table and validation MAE against wall time.
+
+Several runs share one plot, and every stage of a multi-stage run is its own curve on
+the run's wall-clock axis (coarse levels dashed), so methods compare at a glance.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,25 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     if not records:
         raise UserError(f"{run_dir} has no metrics.jsonl records; is it a run directory of "
                         "`hpc-multires train`?")
-    start = next((r for r in records if r.get("kind") == "start"), {})
+    starts = {r.get("stage", "main"): r for r in records if r.get("kind") == "start"}
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    last = epochs[-1] if epochs else {}
-    best = min((r["val_mae"] for r in epochs if r.get("val_mae") is not None), default=None)
-    return {"run": run_dir.name, "ranks": start.get("world_size"), "epochs": last.get("epoch", 0),
-            "steps": last.get("step", 0), "wall_s": last.get("wall_s"),
+    order = list(starts) or ["main"]
+    last_stage = order[-1]
+    last_epochs = [r for r in epochs if r.get("stage", "main") == last_stage]
+    last = last_epochs[-1] if last_epochs else {}
+    first = starts.get(last_stage, {})
+    curves: dict[str, dict[str, Any]] = {}
+    for r in epochs:
+        if r.get("val_mae") is None:
+            continue
+        c = curves.setdefault(r.get("stage", "main"), {"level": r.get("level", 0), "points": []})
+        c["points"].append((r["wall_s"], r["val_mae"]))
+    return {"run": run_dir.name, "stages": len(order), "ranks": first.get("world_size"),
+            "epochs": last.get("epoch", 0), "wall_s": max(r.get("wall_s") or 0 for r in records),
             "samples_per_s": last.get("samples_per_s"), "val_mae": last.get("val_mae"),
-            "best_val_mae": best, "mean_predictor_mae": start.get("val_mae_mean_predictor"),
-            "curve": [(r["wall_s"], r["val_mae"]) for r in epochs if r.get("val_mae") is not None]}
+            "best_val_mae": min((r["val_mae"] for r in last_epochs
+                                 if r.get("val_mae") is not None), default=None),
+            "mean_predictor_mae": first.get("val_mae_mean_predictor"), "curves": curves}
 
 
 def _fmt(v: Any) -> str:
@@ -32,7 +46,7 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["run", "ranks", "epochs", "steps", "wall_s", "samples_per_s", "val_mae",
+    cols = ["run", "stages", "ranks", "epochs", "wall_s", "samples_per_s", "val_mae",
             "best_val_mae", "mean_predictor_mae"]
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
@@ -47,18 +61,23 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in rows:
-        if r["curve"]:
-            t, mae = zip(*r["curve"], strict=True)
-            ax.plot(t, mae, marker="o", label=r["run"])
-        if r["mean_predictor_mae"] is not None:
-            ax.axhline(r["mean_predictor_mae"], ls=":", color="grey")
-    ax.set_xlabel("wall time (s)")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(rows):
+        color = colors[i % len(colors)]
+        for stage, curve in r["curves"].items():
+            t, mae = zip(*curve["points"], strict=True)
+            label = r["run"] if r["stages"] == 1 else \
+                f"{r['run']}: {stage} (level {curve['level']})"
+            ax.plot(t, mae, marker="o", ms=3, color=color, label=label,
+                    ls="-" if curve["level"] == 0 else "--", alpha=1 if curve["level"] == 0 else .6)
+        if r["mean_predictor_mae"] is not None and i == 0:
+            ax.axhline(r["mean_predictor_mae"], ls=":", color="grey", label="predict the mean")
+    ax.set_xlabel("wall time since the run started (s)")
     ax.set_ylabel("validation MAE")
-    ax.set_title("validation MAE against wall time (dotted: predict the mean)")
+    ax.set_title("validation MAE against wall time (dashed: coarse levels)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

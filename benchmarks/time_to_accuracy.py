@@ -1,0 +1,128 @@
+"""Time to accuracy of multi-resolution methods against the baseline, side by side.
+
+    python benchmarks/time_to_accuracy.py --app cosmoflow|neuron \
+        --methods baseline,mrt,mrmf --ranks 4 [--data DIR] [--samples N]
+
+Runs each method's config (configs/<app>-<method>.toml) on the same data and the same
+number of ranks, one after the other. Each method gets its own copy of the dataset and
+builds the pyramid levels it needs on its ranks, timed: a method's time is its pyramid
+build plus its training run (all stages, evaluation included), as the MRMF paper counts
+it. The target is the baseline's final validation MAE plus 2%; a method's time to target
+is the first epoch end of a level-0 stage at or below it. The last line is
+`speedup mrmf/baseline = X.XX` (time to target of the baseline over that of mrmf).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, cli, machine
+
+DEFAULT_SAMPLES = {"cosmoflow": 1024, "neuron": 4096}
+
+
+def max_level(config: Path) -> int:
+    table = tomllib.loads(config.read_text())
+    return max([s.get("level", 0) for s in table.get("stages", [])] or
+               [table.get("data", {}).get("level", 0)])
+
+
+def run_method(app: str, method: str, data: Path, work: Path, ranks: int,
+               extra: list[str]) -> dict:
+    config = ROOT / "configs" / f"{app}-{method}.toml"
+    if not config.exists():
+        sys.exit(f"no config {config}; methods are baseline, mrt, mrmf")
+    copy = work / f"data-{method}"
+    shutil.copytree(data, copy)
+    levels = max_level(config)
+    pyramid_s = 0.0
+    if levels:
+        t0 = time.monotonic()
+        cli(["data", "pyramid", str(copy), "--levels", str(levels)], ranks=ranks)
+        pyramid_s = time.monotonic() - t0
+    run = work / f"run-{method}"
+    t0 = time.monotonic()
+    cli(["train", str(config), "--run-dir", str(run), "--set", f"data.path={copy}", *extra],
+        ranks=ranks)
+    process_s = time.monotonic() - t0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fine = [r for r in records if r["kind"] == "epoch" and r["level"] == 0]
+    return {"method": method, "run": run, "pyramid_s": pyramid_s, "process_s": process_s,
+            "train_s": max(r["wall_s"] for r in records), "fine": fine,
+            "final": fine[-1]["val_mae"]}
+
+
+def time_to(result: dict, target: float) -> float | None:
+    for r in result["fine"]:
+        if r["val_mae"] <= target:
+            return result["pyramid_s"] + r["wall_s"]
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--app", choices=["cosmoflow", "neuron"], default="cosmoflow")
+    ap.add_argument("--methods", default="baseline,mrt,mrmf")
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--data", type=Path, help="existing level-0 dataset (default: generate)")
+    ap.add_argument("--samples", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, help="keep run directories here")
+    ap.add_argument("--set", action="append", default=[], help="passed to every train")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    if methods[0] != "baseline":
+        sys.exit("--methods must start with baseline (it sets the target)")
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="hpcmr-tta-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = args.data
+    if data is None:
+        data = work / "data"
+        if not data.exists():
+            n = args.samples or DEFAULT_SAMPLES[args.app]
+            extra = ["--size", "32"] if args.app == "cosmoflow" else []
+            cli(["data", "synth", args.app, "--out", str(data), "--samples", str(n),
+                 "--seed", str(args.seed), *extra], ranks=min(args.ranks, 2))
+    print(f"machine: {machine()}")
+    print(f"app {args.app}, {args.ranks} ranks, data {data}")
+    results = []
+    for method in methods:
+        r = run_method(args.app, method, data, work, args.ranks, [f"--set={s}" for s in args.set])
+        results.append(r)
+        print(f"  {method}: final val_mae {r['final']:.4f}, pyramid {r['pyramid_s']:.1f} s, "
+              f"training {r['train_s']:.1f} s", flush=True)
+    target = results[0]["final"] * 1.02
+    base_t = time_to(results[0], target)
+    assert base_t is not None
+    print(f"\ntarget: val_mae <= {target:.4f} (baseline final {results[0]['final']:.4f} + 2%)")
+    print(f"{'method':<10} {'final MAE':>9} {'pyramid s':>9} {'total s':>8} {'to target s':>11} "
+          f"{'speedup':>8}")
+    speedups = {}
+    for r in results:
+        t = time_to(r, target)
+        speedups[r["method"]] = None if t is None else base_t / t
+        total = r["pyramid_s"] + r["train_s"]
+        print(f"{r['method']:<10} {r['final']:9.4f} {r['pyramid_s']:9.1f} {total:8.1f} "
+              f"{'not reached' if t is None else f'{t:.1f}':>11} "
+              f"{'-' if t is None else f'{base_t / t:.2f}x':>8}")
+    runs = " ".join(str(r["run"]) for r in results)
+    print(f"\nplot: hpc-multires report {runs} --out {work / 'time-to-accuracy.png'}")
+    cli(["report", *[str(r["run"]) for r in results], "--out",
+         str(work / "time-to-accuracy.png")])
+    # mrmf's line last: scripts read the last line.
+    for m in sorted(methods[1:], key=lambda name: name == "mrmf"):
+        s = speedups[m]
+        print(f"speedup {m}/baseline = {'not reached' if s is None else f'{s:.2f}'}")
+
+
+if __name__ == "__main__":
+    main()

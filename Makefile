@@ -51,8 +51,8 @@ test-unit: setup
 test-mpi: setup
 	$(BIN)/pytest -m mpi
 
-test: lint typecheck
-	$(BIN)/pytest
+test: lint typecheck horovod
+	HPC_MULTIRES_REQUIRE_HOROVOD=1 $(BIN)/pytest
 
 bench: setup
 	$(PY) benchmarks/io.py

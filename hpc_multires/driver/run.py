@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from hpc_multires.comm import dist as comm_dist
 from hpc_multires.comm.dist import Comm
+from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError, DataError, UserError
 from hpc_multires.methods.fusion import fuse
@@ -97,6 +98,8 @@ class PlanRunner:
                 whole = len(s.ranks) == comm.world_size
                 self.groups[s.ranks] = None if whole or not comm.distributed else \
                     dist.new_group(list(s.ranks))
+        self.horovod = HorovodGroups([s.ranks for s in self.stages], comm.world_size) \
+            if cfg.comm.backend == "horovod" else None
         self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=False)
         self._t0 = time.monotonic()
         self._offset = 0.0
@@ -206,7 +209,8 @@ class PlanRunner:
                                     "fuse_from": list(stage.config.fuse_from)}, sdir / "init.pt")
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=comm.is_root)
         progress = Progress(0, comm.is_root, cfg.log.progress_s)
-        trainer = Trainer(cfg, stage, comm, model, train, val, sdir, log, progress, self.clock)
+        trainer = Trainer(cfg, stage, comm, model, train, val, sdir, log, progress, self.clock,
+                          self.horovod)
         progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
         result = trainer.fit(resume=resuming, stop=self.stop)
         if result["done"] and comm.is_root:
@@ -239,7 +243,10 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
     run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
     comm = comm_dist.init(cfg.comm.timeout_s)
     try:
-        result = PlanRunner(cfg, comm, run_dir, resume, stop).run()
+        runner = PlanRunner(cfg, comm, run_dir, resume, stop)
+        result = runner.run()
+        if runner.horovod is not None:
+            runner.horovod.shutdown()
         if comm.is_root:
             (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         return result

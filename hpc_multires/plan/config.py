@@ -105,8 +105,11 @@ class TrainConfig:
 class CommConfig:
     """How ranks talk."""
 
-    backend: Literal["ddp"] = "ddp"
-    """Gradient allreduce: torch.distributed DDP (gloo on CPU, NCCL on GPU)."""
+    backend: Literal["ddp", "horovod"] = "ddp"
+    """Gradient allreduce: ddp (torch.distributed DDP: gloo on CPU, NCCL on GPU) or horovod
+    (hvd.DistributedOptimizer; one Horovod process set per stage group; `make horovod`)."""
+    compression: Literal["none", "fp16"] = "none"
+    """horovod: compress gradients to fp16 for the allreduce (none: full precision)."""
     timeout_s: float = 300.0
     """A collective waiting longer than this fails the job instead of hanging it."""
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hpc_multires.comm.dist import Comm
+from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.loader import iterate_batches
 from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
 from hpc_multires.data.store import SampleStore
@@ -83,7 +84,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, stage: Stage, comm: Comm, model: nn.Module, train: Split,
                  val: Split, stage_dir: Path, log: MetricsLog, progress: Progress,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], horovod: HorovodGroups | None = None) -> None:
         self.cfg = cfg
         self.stage = stage
         self.tcfg = stage.train
@@ -95,6 +96,7 @@ class Trainer:
         self.log = log
         self.progress = progress
         self.clock = clock
+        self.horovod = horovod
         self.optimizer = build_optimizer(self.tcfg, list(self.model.parameters()))
         self.sampler = GlobalBatchSampler(train.indices, self.tcfg.global_batch, comm.rank,
                                           comm.world_size, cfg.run.seed)
@@ -154,7 +156,7 @@ class Trainer:
         else:
             self.log.write({"kind": "start", **self.tag(), "step": 0, "wall_s": self.clock(),
                             **self._start_record()})
-        ddp = comm.wrap(self.model)  # DDP broadcasts the group root's weights here
+        ddp = self.distribute(broadcast=not (resume and step > 0))
         stage_start = self.clock() - elapsed_before
         last_val: dict[str, float] = {}
         out_of_time = False
@@ -174,7 +176,7 @@ class Trainer:
                 lr = learning_rate(tcfg, step, total_steps, spe)
                 set_learning_rate(self.optimizer, lr)
                 loss = nn.functional.mse_loss(ddp(x), y)
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad()  # set_to_none, torch's default
                 loss.backward()  # DDP allreduces the gradients here
                 self.optimizer.step()
                 loss_sum += loss.detach()  # no sync: stays on the device until epoch end
@@ -223,6 +225,20 @@ class Trainer:
             self.save(self.state(epoch, step, 0, 0.0, wall - stage_start), epoch, None)
             comm.barrier()  # nobody reads a checkpoint before it is complete
         return {"done": True, "epoch": epoch, "step": step, "wall_s": self.clock(), **last_val}
+
+    def distribute(self, broadcast: bool) -> nn.Module:
+        """The model as trained, with gradient averaging over the stage's ranks.
+
+        DDP: a wrapper that allreduces during backward and broadcasts the group root's
+        weights when built. Horovod: the optimizer is wrapped instead (its `step` waits
+        for the averaged gradients) and the root's weights and optimizer state are
+        broadcast once, unless they came from a checkpoint every rank loaded.
+        """
+        if self.horovod is None:
+            return self.comm.wrap(self.model)
+        self.optimizer = self.horovod.distribute(
+            self.model, self.optimizer, self.stage.ranks, self.cfg.comm.compression, broadcast)
+        return self.model
 
     def _start_record(self) -> dict[str, Any]:
         train_y = self.train.store.labels()[self.train.indices]  # (N, P)

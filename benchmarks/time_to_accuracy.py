@@ -23,6 +23,8 @@ import time
 import tomllib
 from pathlib import Path
 
+import h5py
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, cli, machine
 
@@ -92,6 +94,11 @@ def main() -> None:
             extra = ["--size", "32"] if args.app == "cosmoflow" else []
             cli(["data", "synth", args.app, "--out", str(data), "--samples", str(n),
                  "--seed", str(args.seed), *extra], ranks=min(args.ranks, 2))
+    with_levels = [s.name for s in sorted(data.glob("shard-*.h5"))
+                   if "levels" in h5py.File(s, "r", locking=False)]
+    if with_levels:
+        sys.exit(f"{data} already has pyramid levels ({with_levels[0]}, ...): each method's "
+                 "pyramid build is part of its measured time; pass a level-0-only dataset")
     print(f"machine: {machine()}")
     print(f"app {args.app}, {args.ranks} ranks, data {data}")
     results = []

@@ -22,7 +22,7 @@ def test_method_configs_resolve() -> None:
     mrmf = resolve(load_config(ROOT / "configs" / "cosmoflow-mrmf.toml"), 4)
     assert [(s.name, s.level, s.ranks, s.wave) for s in mrmf] == [
         ("coarse2", 2, (0, 1), 0), ("coarse1", 1, (2, 3), 0), ("fine", 0, (0, 1, 2, 3), 1)]
-    assert mrmf[2].train.epochs == 4 and mrmf[2].train.global_batch == 16  # inherited
+    assert mrmf[2].train.epochs == 6 and mrmf[2].train.global_batch == 16  # inherited
     mrt = resolve(load_config(ROOT / "configs" / "cosmoflow-mrt.toml"), 4)
     assert [s.wave for s in mrt] == [0, 1]
     baseline = resolve(load_config(ROOT / "configs" / "cosmoflow-baseline.toml"), 2)

@@ -69,9 +69,11 @@ class Schema:
 
 
 def transform(x: np.ndarray, name: str) -> np.ndarray:
-    """Stored values -> float32 model input, before normalisation."""
-    x = x.astype(np.float32, copy=False)
-    return np.log1p(x) if name == "log1p" else x
+    """Stored values -> float32 model input, before normalisation (one new array)."""
+    out = x.astype(np.float32, copy=True)
+    if name == "log1p":
+        np.log1p(out, out=out)
+    return out
 
 
 class ShardWriter:
@@ -364,13 +366,15 @@ class SampleStore:
         """Model-ready x (C, *spatial) float32, normalised per channel, and y (P,) float32."""
         x, y = self.read_raw(index)
         x = transform(x, self.schema.x_transform)
-        if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        # NaN or infinity anywhere makes the sum non-finite: one cheap pass, no mask array.
+        if not (np.isfinite(x.sum(dtype=np.float64)) and np.isfinite(y).all()):
             shard, row = self._locate(index)
             raise SampleError(f"sample {index} ({self.shards[shard].path.name}, row {row}) "
                               "holds NaN or infinity; remove or fix it in the source data and "
                               "rebuild the store")
         shape = (-1,) + (1,) * (x.ndim - 1)
-        x = (x - self.mean.reshape(shape)) / self.std.reshape(shape)
+        x -= self.mean.reshape(shape)  # in place: no temporaries of the sample's size
+        x *= (1.0 / self.std).reshape(shape)
         return x, y.astype(np.float32, copy=False)
 
     def labels(self) -> np.ndarray:

@@ -48,10 +48,11 @@ Labels are the parameters mapped to ``[-1, 1]`` (in log space for the log-unifor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from hpc_multires.data.synth.priors import ParamSpec, Prior
 
 __all__ = [
     "GENERATOR_NAME",
@@ -77,16 +78,6 @@ _UINT16_MAX = np.iinfo(np.uint16).max
 MEAN_COUNT = 200.0
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One regressed parameter: its name and prior range (log-uniform when ``log``)."""
-
-    name: str
-    low: float
-    high: float
-    log: bool
-
-
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("amplitude", 0.4, 1.0, log=False),
     ParamSpec("slope", -3.0, -1.5, log=False),
@@ -96,41 +87,22 @@ PARAMS: tuple[ParamSpec, ...] = (
 
 LABEL_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
 
-# Bounds in the space where each prior is uniform, precomputed for the label maps.
-_LO = np.array([np.log(p.low) if p.log else p.low for p in PARAMS], dtype=np.float64)
-_HI = np.array([np.log(p.high) if p.log else p.high for p in PARAMS], dtype=np.float64)
-_IS_LOG = np.array([p.log for p in PARAMS], dtype=bool)
+PRIOR = Prior(PARAMS)
 
 
 def sample_params(rng: np.random.Generator) -> np.ndarray:
-    """Draw one parameter vector from the prior.
-
-    Returns float64 (4,) physical values in :data:`PARAMS` order, uniform in range, or
-    log-uniform for parameters with ``log=True``.
-    """
-    u = rng.uniform(_LO, _HI)  # (4,) in prior space
-    return np.where(_IS_LOG, np.exp(u), u)
+    """Draw one float64 (4,) parameter vector from the prior, in :data:`PARAMS` order."""
+    return PRIOR.sample(rng)
 
 
 def scale_labels(params: np.ndarray) -> np.ndarray:
-    """Map physical parameters (..., 4) to float32 labels in [-1, 1].
-
-    Log-uniform parameters are mapped in log space so labels are uniform under the prior.
-    """
-    p = np.asarray(params, dtype=np.float64)
-    if p.shape[-1:] != (len(PARAMS),):
-        raise ValueError(f"expected parameters with last axis {len(PARAMS)}, got shape {p.shape}")
-    x = np.where(_IS_LOG, np.log(np.where(_IS_LOG, p, 1.0)), p)
-    return (2.0 * (x - _LO) / (_HI - _LO) - 1.0).astype(np.float32)
+    """Map physical parameters (..., 4) to float32 labels in [-1, 1] (log space where log)."""
+    return PRIOR.scale(params)
 
 
 def unscale_labels(labels: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`scale_labels`: labels (..., 4) in [-1, 1] to float64 physical values."""
-    y = np.asarray(labels, dtype=np.float64)
-    if y.shape[-1:] != (len(PARAMS),):
-        raise ValueError(f"expected labels with last axis {len(PARAMS)}, got shape {y.shape}")
-    x = _LO + (y + 1.0) * 0.5 * (_HI - _LO)
-    return np.where(_IS_LOG, np.exp(x), x)
+    """Inverse of :func:`scale_labels`: labels (..., 4) to float64 physical values."""
+    return PRIOR.unscale(labels)
 
 
 def growth_factors(channels: int) -> tuple[float, ...]:

@@ -92,10 +92,11 @@ batches of 64 or more on one CPU core), so write datasets in batches.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from hpc_multires.data.synth.priors import ParamSpec, Prior
 
 __all__ = [
     "COMPARTMENTS",
@@ -155,63 +156,33 @@ _CHIRP_AMP = 0.4  # uA/cm^2
 _CHIRP_HZ = (20.0, 200.0)
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """One regressed parameter: its name, prior range (log-uniform when ``log``) and unit."""
-
-    name: str
-    low: float
-    high: float
-    log: bool
-    unit: str = "mS/cm^2"
-
-
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("g_na", 25.0, 100.0, log=True),
-    ParamSpec("g_k", 3.5, 14.0, log=True),
-    ParamSpec("g_m", 0.02, 0.2, log=True),
-    ParamSpec("g_leak", 0.03, 0.15, log=True),
-    ParamSpec("g_h", 0.02, 0.2, log=True),
-    ParamSpec("g_axial", 0.5, 5.0, log=True),
+    ParamSpec("g_na", 25.0, 100.0, log=True, unit="mS/cm^2"),
+    ParamSpec("g_k", 3.5, 14.0, log=True, unit="mS/cm^2"),
+    ParamSpec("g_m", 0.02, 0.2, log=True, unit="mS/cm^2"),
+    ParamSpec("g_leak", 0.03, 0.15, log=True, unit="mS/cm^2"),
+    ParamSpec("g_h", 0.02, 0.2, log=True, unit="mS/cm^2"),
+    ParamSpec("g_axial", 0.5, 5.0, log=True, unit="mS/cm^2"),
 )
 
 LABEL_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
 
-# Bounds in the space where each prior is uniform, precomputed for the label maps.
-_LO = np.array([np.log(p.low) if p.log else p.low for p in PARAMS], dtype=np.float64)
-_HI = np.array([np.log(p.high) if p.log else p.high for p in PARAMS], dtype=np.float64)
-_IS_LOG = np.array([p.log for p in PARAMS], dtype=bool)
+PRIOR = Prior(PARAMS)
 
 
 def sample_params(rng: np.random.Generator) -> np.ndarray:
-    """Draw one parameter vector from the prior.
-
-    Returns float64 (6,) physical values in :data:`PARAMS` order (mS/cm^2), uniform in range, or
-    log-uniform for parameters with ``log=True``.
-    """
-    u = rng.uniform(_LO, _HI)  # (P,) in prior space
-    return np.where(_IS_LOG, np.exp(u), u)
+    """Draw one float64 (6,) parameter vector from the prior, in :data:`PARAMS` order."""
+    return PRIOR.sample(rng)
 
 
 def scale_labels(params: np.ndarray) -> np.ndarray:
-    """Map physical parameters (..., 6) to float32 labels in [-1, 1].
-
-    Log-uniform parameters are mapped in log space so labels are uniform under the prior.
-    """
-    p = np.asarray(params, dtype=np.float64)
-    if p.shape[-1:] != (len(PARAMS),):
-        raise ValueError(f"expected parameters with last axis {len(PARAMS)}, got shape {p.shape}")
-    x = np.where(_IS_LOG, np.log(np.where(_IS_LOG, p, 1.0)), p)
-    return (2.0 * (x - _LO) / (_HI - _LO) - 1.0).astype(np.float32)
+    """Map physical parameters (..., 6) to float32 labels in [-1, 1] (log space where log)."""
+    return PRIOR.scale(params)
 
 
 def unscale_labels(labels: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`scale_labels`: labels (..., 6) in [-1, 1] to float64 physical values."""
-    y = np.asarray(labels, dtype=np.float64)
-    if y.shape[-1:] != (len(PARAMS),):
-        raise ValueError(f"expected labels with last axis {len(PARAMS)}, got shape {y.shape}")
-    x = _LO + (y + 1.0) * 0.5 * (_HI - _LO)
-    return np.where(_IS_LOG, np.exp(x), x)
+    """Inverse of :func:`scale_labels`: labels (..., 6) to float64 physical values."""
+    return PRIOR.unscale(labels)
 
 
 def _vtrap(x: np.ndarray, y: float) -> np.ndarray:

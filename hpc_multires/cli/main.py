@@ -12,6 +12,7 @@ from pathlib import Path
 
 from hpc_multires import __version__
 from hpc_multires.errors import UserError
+from hpc_multires.train.preempt import PREEMPTED_EXIT, Preempted
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -66,7 +67,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     stop = None if args.stop_after_epoch is None else StopAt(args.stop_after_epoch,
                                                              args.stop_stage)
-    result = train(cfg, run_dir=args.run_dir, resume=args.resume, stop=stop)
+    resume: bool | str = "auto" if args.auto_resume else args.resume
+    result = train(cfg, run_dir=args.run_dir, resume=resume, stop=stop)
     if result.get("stopped"):
         _say("stopped as asked, with a checkpoint; continue with --resume")
     elif "val_mae" in result:
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a config value, e.g. --set data.path=DIR (repeatable)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --run-dir from its latest checkpoint")
+    tr.add_argument("--auto-resume", action="store_true",
+                    help="resume if --run-dir holds checkpoints, else start (batch scripts)")
     tr.add_argument("--stop-after-epoch", type=int, metavar="N",
                     help="stop (with a checkpoint) once a stage has done N epochs; --resume "
                          "continues")
@@ -203,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except UserError as e:
         return fail(str(e), 2, e.all_ranks)
+    except Preempted as e:
+        # Every rank stops here together: a clean exit, no MPI abort.
+        if _rank_and_size()[0] == 0:
+            print(f"hpc-multires: {e}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         return fail("interrupted", 130, all_ranks=False)
     except Exception:

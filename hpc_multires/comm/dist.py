@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -113,7 +113,8 @@ class Comm:
         info = replace(self.info, rank=ranks.index(self.info.rank), world_size=len(ranks))
         return Comm(info, self.device, group, ranks, self.store)
 
-    def wait_all(self, tag: str, poll_s: float = 0.2) -> None:
+    def wait_all(self, tag: str, poll_s: float = 0.2,
+                 interrupt: Callable[[], None] | None = None) -> None:
         """A barrier over the whole job that may wait for hours without timing out.
 
         Ranks idle here while other rank groups finish their stages, for as long as those
@@ -124,6 +125,8 @@ class Comm:
             return
         self.store.add(tag, 1)
         while self.store.add(tag, 0) < self.info.world_size:
+            if interrupt is not None:
+                interrupt()  # may raise, e.g. when the job is being preempted
             time.sleep(poll_s)
 
     def flag(self, key: str, value: str | None = None) -> str | None:

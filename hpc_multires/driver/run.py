@@ -29,7 +29,7 @@ from hpc_multires.methods.fusion import fuse
 from hpc_multires.models import build_model
 from hpc_multires.plan.config import Config, DataConfig, config_to_dict, config_to_toml
 from hpc_multires.plan.stages import Stage, describe_plan, resolve
-from hpc_multires.train import checkpoint
+from hpc_multires.train import checkpoint, preempt
 from hpc_multires.train.loop import Split, StopAt, Trainer, config_changes
 from hpc_multires.train.metrics import MetricsLog, Progress, read_metrics
 
@@ -170,7 +170,8 @@ class PlanRunner:
                     if not r["done"]:
                         stopped = True
                         self.comm.flag("stopped", "1")
-            self.comm.wait_all(f"wave-{wave}")  # other groups may still be training
+            # Other groups may still be training; leave with them if the job is preempted.
+            self.comm.wait_all(f"wave-{wave}", interrupt=self._check_preempted)
             if stopped or self.comm.flag("stopped"):
                 stopped = True
                 break
@@ -178,6 +179,12 @@ class PlanRunner:
         final = results.get(last.name, {})
         final = self.comm.broadcast_object(final, src=last.ranks[0])
         return {**final, "stopped": stopped}
+
+    def _check_preempted(self) -> None:
+        if self.comm.flag("preempted"):
+            raise preempt.Preempted(
+                f"stopped while waiting for other stages ({preempt.reason() or 'another rank'}"
+                " was signalled); checkpoints written; continue with --resume")
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
         cfg, sdir = self.cfg, self.stage_dir(stage)
@@ -238,12 +245,17 @@ class PlanRunner:
                     bottom_layers=stage.config.bottom_layers, dense_layers=dense)
 
 
-def train(cfg: Config, run_dir: Path | None = None, resume: bool = False,
+def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
           stop: StopAt | None = None) -> dict[str, Any]:
+    """Run the plan. `resume`: False, True (a checkpoint must exist) or "auto"."""
     run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
+    preempt.install()
     comm = comm_dist.init(cfg.comm.timeout_s)
+    if resume == "auto":
+        # Continue if the run directory holds a checkpoint (a requeued job), else start.
+        resume = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
     try:
-        runner = PlanRunner(cfg, comm, run_dir, resume, stop)
+        runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop)
         result = runner.run()
         if runner.horovod is not None:
             runner.horovod.shutdown()

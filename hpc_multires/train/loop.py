@@ -29,7 +29,7 @@ from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import UserError
 from hpc_multires.plan.config import Config, config_to_dict
 from hpc_multires.plan.stages import Stage
-from hpc_multires.train import checkpoint
+from hpc_multires.train import checkpoint, preempt
 from hpc_multires.train.metrics import MetricsLog, Progress
 from hpc_multires.train.optim import build_optimizer, learning_rate, set_learning_rate
 
@@ -206,6 +206,16 @@ class Trainer:
                 if every and step % every == 0 and epoch_step < spe:
                     self.save(self.state(epoch, step, epoch_step, float(loss_sum),
                                          self.clock() - stage_start), epoch + 1, step)
+                # Every rank of the stage stops at the same step if any got the signal.
+                if comm.max(float(preempt.requested())) > 0:
+                    self.save(self.state(epoch, step, epoch_step, float(loss_sum),
+                                         self.clock() - stage_start), epoch + 1, step)
+                    comm.barrier()  # the checkpoint is complete before anyone leaves
+                    comm.flag("preempted", "1")
+                    raise preempt.Preempted(
+                        f"stopped on {preempt.reason() or 'a signal'} at step {step} of stage "
+                        f"{self.stage.name!r} (epoch {epoch + 1}), checkpoint written; "
+                        "continue with --resume (the Slurm scripts requeue themselves)")
             epoch += 1
             epoch_loss = comm.sum([float(loss_sum)])[0] / (comm.world_size * max(epoch_step, 1))
             epoch_step = 0

@@ -1,0 +1,78 @@
+"""Preemption: a signal mid-training stops every rank at one step with a checkpoint, the
+job exits with the requeue code, and --auto-resume finishes as if nothing happened."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import ROOT, mpiexec_path, run_env
+
+from hpc_multires.train.preempt import PREEMPTED_EXIT
+
+pytestmark = pytest.mark.mpi
+
+
+def rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
+    return [p for p in launcher.children(recursive=True)
+            if "hpc_multires" in " ".join(p.cmdline()) and p.parent() is not None
+            and "hydra_pmi_proxy" in p.parent().name()]
+
+
+def steps(run: Path) -> list[dict]:
+    if not (run / "metrics.jsonl").exists():
+        return []
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == "step"]
+
+
+def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: Path) -> None:
+    cfg = str(tiny_config(epochs=3))  # 9 steps per epoch
+    straight = tmp_path / "straight"
+    assert cli(["train", cfg, "--run-dir", str(straight)], ranks=2).returncode == 0
+
+    run = tmp_path / "run"
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
+           "train", cfg, "--run-dir", str(run), "--auto-resume"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["step"] >= 12 for r in steps(run)):  # inside epoch 2
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ranks = rank_processes(psutil.Process(proc.pid))
+        assert len(ranks) == 2
+        for p in ranks:  # what srun does with --signal=USR1@...: every task gets it
+            os.kill(p.pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT, err
+    assert "stopped on SIGUSR1" in err
+    ckpts = sorted(p.name for p in (run / "stages" / "main" / "checkpoints").iterdir())
+    mid = [c for c in ckpts if "-step-" in c]
+    assert mid, ckpts  # a checkpoint inside an epoch, where the signal stopped it
+    stopped_at = max(r["step"] for r in steps(run))
+    assert 12 <= stopped_at < 27
+
+    again = cli(["train", cfg, "--run-dir", str(run), "--auto-resume"], ranks=2)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from epoch-0002-step-" in again.stderr
+    a, b = steps(straight), steps(run)
+    assert [r["step"] for r in b] == list(range(1, 28))  # none twice, none skipped
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6)
+    fa = torch.load(straight / "stages" / "main" / "final.pt", weights_only=False)["model"]
+    fb = torch.load(run / "stages" / "main" / "final.pt", weights_only=False)["model"]
+    for k in fa:
+        torch.testing.assert_close(fb[k], fa[k], rtol=1e-5, atol=1e-6)

@@ -76,6 +76,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from hpc_multires.cli.submit import JobSpec, submit
+
+    root = Path(__file__).resolve().parents[2]
+    run_dir = (args.run_dir or Path("runs") / args.config.stem).absolute()
+    job = JobSpec(config=args.config.absolute(), run_dir=run_dir, root=root, nodes=args.nodes,
+                  ntasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task,
+                  gpus_per_node=args.gpus_per_node, time=args.time,
+                  job_name=args.job_name or f"hpcmr-{args.config.stem}",
+                  partition=args.partition or "", account=args.account or "",
+                  overrides=tuple(args.set))
+    out = submit(job, args.dry_run)
+    print(out if args.dry_run else f"submitted job {out}; output in {run_dir}/slurm-{out}.out")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from hpc_multires.report import report
 
@@ -151,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-stage", metavar="NAME",
                     help="with --stop-after-epoch: only count epochs of this stage")
     tr.set_defaults(func=cmd_train)
+
+    sb = sub.add_parser("submit", help="write a Slurm batch script for a config and sbatch it")
+    sb.add_argument("config", type=Path)
+    sb.add_argument("--nodes", type=int, default=1)
+    sb.add_argument("--ntasks-per-node", type=int, default=1, help="ranks per node")
+    sb.add_argument("--cpus-per-task", type=int, default=1)
+    sb.add_argument("--gpus-per-node", type=int, default=0,
+                    help="GPUs per node; use as many as --ntasks-per-node (one rank per GPU)")
+    sb.add_argument("--time", default="01:00:00", help="time limit, e.g. 04:00:00")
+    sb.add_argument("--partition")
+    sb.add_argument("--account")
+    sb.add_argument("--job-name")
+    sb.add_argument("--run-dir", type=Path, help="default runs/<config name>")
+    sb.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="passed on to train (repeatable)")
+    sb.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    sb.set_defaults(func=cmd_submit)
 
     rep = sub.add_parser("report", help="summary table and plot of runs")
     rep.add_argument("run_dirs", type=Path, nargs="+")

@@ -15,7 +15,7 @@ export MPIR_CVAR_CH4_PROGRESS_THROTTLE ?= 1
 
 MPIRUN := $(BIN)/mpiexec -n $(RANKS) $(PY) -m mpi4py -m hpc_multires
 
-.PHONY: setup demo test test-unit test-mpi lint typecheck bench clean horovod
+.PHONY: setup demo test test-unit test-mpi test-slurm lint typecheck bench clean horovod
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,7 +49,11 @@ test-unit: setup
 	$(BIN)/pytest -m "not mpi"
 
 test-mpi: setup
-	$(BIN)/pytest -m mpi
+	$(BIN)/pytest -m "mpi and not slurm"
+
+# Starts a real Slurm (slurmctld + two slurmd; installs slurm-wlm and munge if absent).
+test-slurm: setup
+	$(BIN)/pytest -m slurm
 
 test: lint typecheck horovod
 	HPC_MULTIRES_REQUIRE_HOROVOD=1 $(BIN)/pytest

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_multires.errors import UserError
-from hpc_multires.train.preempt import PREEMPTED_EXIT
+from hpc_multires.train.preempt import MARKER, PREEMPTED_EXIT
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,15 @@ def render(job: JobSpec) -> str:
         f"export HPCMR_ROOT={q(str(job.root))}",
         'source "$HPCMR_ROOT/slurm/env.sh"',
         f"mkdir -p {q(str(job.run_dir))}",
+        f"rm -f {q(str(job.run_dir / MARKER))}  # only a signal during this run may requeue it",
         "",
-        "# USR1 (time limit near) goes to the ranks through srun; the trainer checkpoints",
-        f"# and every rank exits with {PREEMPTED_EXIT}. A requeued job resumes by itself.",
+        "# USR1 (time limit near) goes to the ranks through srun; the trainer checkpoints,",
+        f"# writes RUN_DIR/{MARKER} and exits with {PREEMPTED_EXIT}. A requeued job resumes.",
         'srun --kill-on-bad-exit=1 --mpi="$HPCMR_SRUN_MPI" "$HPCMR_PYTHON" -m mpi4py \\',
         f"    -m hpc_multires train {q(str(job.config))} \\",
         f"    --run-dir {q(str(job.run_dir))} --auto-resume{sets}",
         "rc=$?",
-        f"if [ $rc -eq {PREEMPTED_EXIT} ]; then",
+        f"if [ -f {q(str(job.run_dir / MARKER))} ]; then",
         '    echo "hpc-multires: checkpointed before the time limit; requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",

@@ -149,6 +149,8 @@ def node_layout(hostnames: list[str], rank: int) -> tuple[int, int, int, int]:
 def discover(env: Mapping[str, str] | None = None) -> RankInfo:
     """`rank_info_from_env`, with the node layout taken from MPI when mpi4py is loaded."""
     info = rank_info_from_env(env)
+    if info.launcher in ("slurm", "torchrun"):
+        return info  # they publish the node layout; host names may not tell nodes apart
     mpi = mpi_world()
     if mpi is None or info.world_size == 1:
         return info

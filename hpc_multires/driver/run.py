@@ -117,6 +117,7 @@ class PlanRunner:
         offset = 0.0
         if comm.is_root:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / preempt.MARKER).unlink(missing_ok=True)
             (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
             if self.resume:
                 offset = self._trim_metrics()
@@ -256,7 +257,14 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         resume = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
     try:
         runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop)
-        result = runner.run()
+        try:
+            result = runner.run()
+        except preempt.Preempted as e:
+            if comm.is_root:
+                # The batch script requeues the job when it finds this (srun's exit code
+                # alone cannot say it: --kill-on-bad-exit turns the others' 75 into kills).
+                (run_dir / preempt.MARKER).write_text(f"{e}\n")
+            raise
         if runner.horovod is not None:
             runner.horovod.shutdown()
         if comm.is_root:

@@ -8,6 +8,7 @@ both nodes to be idle, and stops them at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -42,8 +43,8 @@ SlurmUser=root
 SlurmdUser=root
 KillWait=10
 MinJobAge=600
-NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=2 RealMemory=1000 State=UNKNOWN
-NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=2 RealMemory=1000 State=UNKNOWN
+NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=2 RealMemory=1000
+NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=2 RealMemory=1000
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
 """
 
@@ -132,10 +133,8 @@ def cluster(workdir: Path) -> Iterator[dict[str, str]]:
         for pid_file in ("slurmd-n1.pid", "slurmd-n2.pid", "slurmctld.pid"):
             p = workdir / pid_file
             if p.exists():
-                try:
+                with contextlib.suppress(ValueError, ProcessLookupError):
                     os.kill(int(p.read_text().strip()), signal.SIGTERM)
-                except (ValueError, ProcessLookupError):
-                    pass
 
 
 def wait_gone(job: str, env: dict[str, str], timeout: float,

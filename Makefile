@@ -17,11 +17,17 @@ MPIRUN := $(BIN)/mpiexec -n $(RANKS) $(PY) -m mpi4py -m hpc_multires
 
 .PHONY: setup demo test test-unit test-mpi test-slurm lint typecheck bench clean horovod
 
+# Containers and sites override these: VENV_FLAGS=--system-site-packages with
+# TORCH_SPEC= keeps an image's own torch (containers/gpu.def); TORCH_INDEX picks a wheel index.
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch pinned to the 2.13.0 CPU wheel; the project's range admits it and nothing newer.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# torch pinned to 2.13.0 (a CPU wheel here); the project's range admits it and nothing newer.
+	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)))
 	$(PY) -m pip install --quiet -e '.[mpi,dev]'
 	touch $@
 

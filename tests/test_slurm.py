@@ -17,6 +17,8 @@ import torch
 from conftest import ROOT
 from slurm_cluster import cluster, wait_gone
 
+from hpc_multires.data.store import checksum_shard
+
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 
 
@@ -113,3 +115,23 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_loads(slurm, tiny_config,
     latest = sorted(ckpt_dir.glob("epoch-*.pt"))[-1]
     state = torch.load(latest, weights_only=False)
     assert state["epoch"] >= 1 and "model" in state
+
+
+def test_staging_on_each_node(slurm, tiny_config, tiny_cosmo: Path, tmp_path: Path) -> None:
+    local = tmp_path / "local"  # both "nodes" share this disk; each gets its own copy
+    cfg = tiny_config(epochs=6)
+    cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
+    run = tmp_path / "run"
+    job = sbatch(slurm, run, cfg)
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").exists():
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    shards = sorted(p.name for p in tiny_cosmo.glob("shard-*.h5"))
+    for node in (0, 1):
+        copies = sorted(local.glob(f"hpc-multires-{job}-node{node}/0-cosmo16/shard-*.h5"))
+        assert [p.name for p in copies] == shards, node
+        assert all(checksum_shard(p)["ok"] for p in copies)
+    wait_gone(job, slurm, timeout=240)
+    assert "done: val_mae" in output(run, job)
+    assert not any(local.iterdir())

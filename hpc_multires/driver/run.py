@@ -13,6 +13,7 @@ import json
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ class PlanRunner:
     """Holds what the stages of one run share: config, job, data, groups, clock, log."""
 
     def __init__(self, cfg: Config, comm: Comm, run_dir: Path, resume: bool,
-                 stop: StopAt | None) -> None:
+                 stop: StopAt | None, data: DataConfig | None = None) -> None:
         self.cfg = cfg
         self.comm = comm
         self.run_dir = run_dir
@@ -85,7 +86,8 @@ class PlanRunner:
         self.stop = stop
         self.stages = resolve(cfg, comm.world_size)
         # Every level any stage needs is opened (and so checked) before anything runs.
-        self.splits = {s.level: open_splits(cfg.data, s.level) for s in self.stages}
+        data = data or cfg.data  # where to read (a node-local copy when staged)
+        self.splits = {s.level: open_splits(data, s.level) for s in self.stages}
         prepare_run_dir(run_dir, resume)
         schema = self.splits[self.stages[0].level][0].store.schema
         self.num_outputs = schema.num_labels
@@ -252,11 +254,22 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
     run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
     preempt.install()
     comm = comm_dist.init(cfg.comm.timeout_s)
+    staged: Path | None = None
+    if cfg.data.stage_to and cfg.data.path:
+        from hpc_multires.data import staging
+
+        (path, val_path), staged = staging.stage([cfg.data.path, cfg.data.val_path],
+                                                 cfg.data.stage_to, comm)
+        # Read the local copies; the saved config keeps the shared paths.
+        read_cfg = replace(cfg, data=replace(cfg.data, path=path,
+                                             val_path=val_path if cfg.data.val_path else ""))
+    else:
+        read_cfg = cfg
     if resume == "auto":
         # Continue if the run directory holds a checkpoint (a requeued job), else start.
         resume = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
     try:
-        runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop)
+        runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
         try:
             result = runner.run()
         except preempt.Preempted as e:
@@ -264,9 +277,13 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
                 # The batch script requeues the job when it finds this (srun's exit code
                 # alone cannot say it: --kill-on-bad-exit turns the others' 75 into kills).
                 (run_dir / preempt.MARKER).write_text(f"{e}\n")
+            if staged is not None:  # every rank is leaving: the node's copy goes too
+                staging.cleanup(staged, comm)
             raise
         if runner.horovod is not None:
             runner.horovod.shutdown()
+        if staged is not None:
+            staging.cleanup(staged, comm)
         if comm.is_root:
             (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         return result

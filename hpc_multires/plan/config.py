@@ -45,6 +45,9 @@ class DataConfig:
     """Background reader processes per rank; 0 reads in the training process."""
     prefetch: int = 4
     """Batches each reader process keeps ready ahead of the training step."""
+    stage_to: str = ""
+    """Node-local directory (e.g. "$TMPDIR") to copy the shards to before training, once
+    per node, checksums verified, removed at the end; empty: read in place."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,7 @@ from hpc_multires.train.optim import build_optimizer, learning_rate, set_learnin
 # Config keys that may change between a run and its resumption: they do not change
 # what is computed (or, for epochs, only extend it).
 RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "data.path", "data.val_path",
+                     "data.stage_to",
                      "data.num_workers", "data.prefetch", "comm.timeout_s", "log.*")
 
 

@@ -1,0 +1,82 @@
+"""Node-local staging: copy a dataset's shards to each node's local disk once, read there.
+
+`[data] stage_to = "$TMPDIR"` (any path; environment variables are expanded on the node):
+on every node, local rank 0 copies the shards into
+`<stage_to>/hpc-multires-<job>-node<k>/<dataset name>/`, verifies each copy against the
+SHA-256 stored in the shard, and the node's other ranks wait on a node-local
+communicator. Training then reads the local copy; the directory is removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpc_multires.comm.dist import Comm
+from hpc_multires.comm.ranks import mpi_world
+from hpc_multires.data.store import SHARD_PATTERN, checksum_shard
+from hpc_multires.errors import DataError
+
+
+def stage_root(stage_to: str, comm: Comm) -> Path:
+    base = Path(os.path.expandvars(os.path.expanduser(stage_to)))
+    if "$" in str(base):
+        raise DataError(f"data.stage_to = {stage_to!r}: an environment variable in it is not "
+                        "set on this node; use a path or a variable the job defines")
+    job = os.environ.get("SLURM_JOB_ID") or f"pid{os.getppid()}"
+    return base / f"hpc-multires-{job}-node{comm.info.node_index}"
+
+
+def _node_barrier(comm: Comm) -> Any:
+    """Barrier among the ranks of this node (MPI shared-memory split), else the world's."""
+    mpi = mpi_world()
+    if mpi is not None and mpi.Get_size() == comm.world_size > 1:
+        from mpi4py import MPI
+
+        node = mpi.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        node.Barrier()
+        node.Free()
+    else:
+        comm.barrier()
+
+
+def copy_verified(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    shards = sorted(p for p in src.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+    free = shutil.disk_usage(dst).free
+    need = sum(p.stat().st_size for p in shards)
+    if need > free:
+        raise DataError(f"staging {src} needs {need / 2**30:.1f} GiB, {dst} has "
+                        f"{free / 2**30:.1f} GiB free; point data.stage_to at a larger "
+                        "local disk or leave it empty to read from the shared file system")
+    for shard in shards:
+        tmp = dst / (shard.name + ".tmp")
+        shutil.copyfile(shard, tmp)
+        if not checksum_shard(tmp)["ok"]:
+            tmp.unlink()
+            raise DataError(f"the copy of {shard} in {dst} does not match its checksums; "
+                            "the local disk or the source is damaged")
+        os.replace(tmp, dst / shard.name)
+
+
+def stage(paths: list[str], stage_to: str, comm: Comm) -> tuple[list[str], Path]:
+    """Stage each dataset path; returns the local paths (same order) and the staging root."""
+    root = stage_root(stage_to, comm)
+    local = [str(root / f"{i}-{Path(p).name}") if p else "" for i, p in enumerate(paths)]
+    if comm.info.local_rank == 0:
+        for src, dst in zip(paths, local, strict=True):
+            if src:
+                copy_verified(Path(src), Path(dst))
+        print(f"staged {sum(map(bool, paths))} dataset(s) to {root} on node "
+              f"{comm.info.node_index}", file=sys.stderr, flush=True)
+    _node_barrier(comm)
+    return local, root
+
+
+def cleanup(root: Path, comm: Comm) -> None:
+    _node_barrier(comm)  # nobody on the node is still reading
+    if comm.info.local_rank == 0:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Node-local staging: each node's copy exists during the run, verified, gone after."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, mpiexec_path, run_env
+
+from hpc_multires.data.store import checksum_shard
+
+pytestmark = pytest.mark.mpi
+
+
+def test_staged_copy_is_verified_used_and_removed(tiny_config, tiny_cosmo: Path,
+                                                  tmp_path: Path) -> None:
+    local = tmp_path / "node-local"
+    cfg = tiny_config(epochs=6)
+    cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
+           "train", str(cfg), "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen: list[Path] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # training has started
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        seen = sorted(local.glob("hpc-multires-*-node0/0-cosmo16/shard-*.h5"))
+        assert [p.name for p in seen] == sorted(p.name for p in tiny_cosmo.glob("shard-*.h5"))
+        assert all(checksum_shard(p)["ok"] for p in seen)  # verified copies, in use now
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "staged 1 dataset(s)" in err
+    assert not any(local.iterdir())  # cleaned up at the end
+    saved = (tmp_path / "run" / "config.toml").read_text()
+    assert str(tiny_cosmo) in saved  # the run records the shared path, not the copy
+
+
+def test_unset_variable_in_stage_to(cli, tiny_config) -> None:
+    cfg = tiny_config()
+    cfg.write_text(cfg.read_text().replace("[data]", '[data]\nstage_to = "$NO_SUCH_VAR/x"'))
+    r = cli(["train", str(cfg)])
+    assert r.returncode == 2 and "not set on this node" in r.stderr, r.stderr

@@ -90,19 +90,10 @@ LABEL_NAMES: tuple[str, ...] = tuple(p.name for p in PARAMS)
 PRIOR = Prior(PARAMS)
 
 
-def sample_params(rng: np.random.Generator) -> np.ndarray:
-    """Draw one float64 (4,) parameter vector from the prior, in :data:`PARAMS` order."""
-    return PRIOR.sample(rng)
-
-
-def scale_labels(params: np.ndarray) -> np.ndarray:
-    """Map physical parameters (..., 4) to float32 labels in [-1, 1] (log space where log)."""
-    return PRIOR.scale(params)
-
-
-def unscale_labels(labels: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`scale_labels`: labels (..., 4) to float64 physical values."""
-    return PRIOR.unscale(labels)
+# The prior's draws and label maps (log space for log-uniform parameters), by name.
+sample_params = PRIOR.sample
+scale_labels = PRIOR.scale
+unscale_labels = PRIOR.unscale
 
 
 def growth_factors(channels: int) -> tuple[float, ...]:

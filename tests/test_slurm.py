@@ -135,3 +135,20 @@ def test_staging_on_each_node(slurm, tiny_config, tiny_cosmo: Path, tmp_path: Pa
     wait_gone(job, slurm, timeout=240)
     assert "done: val_mae" in output(run, job)
     assert not any(local.iterdir())
+
+
+def test_submit_renders_submits_and_runs(slurm, tiny_config, tmp_path: Path) -> None:
+    """`hpc-multires submit` through the real sbatch: prints the job id, the job runs the
+    rendered script (a run directory with a space in its name) to the end."""
+    run = tmp_path / "my runs" / "demo"
+    r = subprocess.run([sys.executable, "-m", "hpc_multires", "submit", str(tiny_config()),
+                        "--nodes", "2", "--ntasks-per-node", "2", "--time", "00:10:00",
+                        "--run-dir", str(run), "--set", "train.epochs=1"],
+                       capture_output=True, text=True, env=slurm, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.split()[2].rstrip(";")
+    assert job.isdigit(), r.stdout
+    wait_gone(job, slurm, timeout=240)
+    out = output(run, job)
+    assert "4 rank(s) on 2 node(s) (slurm)" in out and "done: val_mae" in out, out
+    assert (run / "job.sbatch").read_text().startswith("#!/bin/bash")

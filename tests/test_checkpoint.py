@@ -1,0 +1,54 @@
+"""Checkpoints: atomic writes, and a damaged newest checkpoint falls back to the previous."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpc_multires.errors import UserError
+from hpc_multires.train.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_latest,
+    prune,
+    save_atomic,
+)
+
+
+def state(epoch: int) -> dict:
+    return {"model": {"w": torch.full((4,), float(epoch))}, "epoch": epoch, "step": 10 * epoch}
+
+
+def test_order_and_mid_epoch_names(tmp_path: Path) -> None:
+    for epoch, mid in ((1, None), (2, 15), (2, None), (10, None)):
+        save_atomic(state(epoch), checkpoint_path(tmp_path, epoch, mid))
+    (tmp_path / ".epoch-0011.pt.tmp-123").write_bytes(b"half")  # a write that died
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "epoch-0001.pt", "epoch-0002-step-00000015.pt", "epoch-0002.pt", "epoch-0010.pt"]
+    prune(tmp_path, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch-0002.pt", "epoch-0010.pt"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_damaged_newest_falls_back(tmp_path: Path, damage: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    save_atomic(state(1), checkpoint_path(tmp_path, 1))
+    save_atomic(state(2), checkpoint_path(tmp_path, 2))
+    newest = checkpoint_path(tmp_path, 2)
+    data = newest.read_bytes()
+    newest.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00" * 100,
+                        "empty": b""}[damage])
+    path, loaded = load_latest(tmp_path)
+    assert path.name == "epoch-0001.pt" and loaded["epoch"] == 1
+    assert torch.equal(loaded["model"]["w"], torch.full((4,), 1.0))
+    assert "does not load" in capsys.readouterr().err
+
+
+def test_nothing_loads(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no checkpoint"):
+        load_latest(tmp_path)
+    checkpoint_path(tmp_path, 1).write_bytes(b"junk")
+    with pytest.raises(UserError, match="none of the 1 checkpoints"):
+        load_latest(tmp_path)

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hpc_multires.data.store import provenance
-from hpc_multires.data.synth.writer import write_dataset
+from hpc_multires.data.writer import write_dataset
 from hpc_multires.errors import DataError
 
 

@@ -102,7 +102,6 @@ class PlanRunner:
                     dist.new_group(list(s.ranks))
         self.horovod = HorovodGroups([s.ranks for s in self.stages], comm.world_size) \
             if cfg.comm.backend == "horovod" else None
-        self.log = MetricsLog(run_dir / "metrics.jsonl", enabled=False)
         self._t0 = time.monotonic()
         self._offset = 0.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,14 @@ def run_cli(args: list[str], ranks: int = 1, timeout: float = 180,
                "-m", "hpc_multires", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or ROOT, env=run_env(**env))
+
+
+def steps(run: Path) -> list[dict]:
+    """The step records of a run's metrics.jsonl, as far as it has been written."""
+    if not (run / "metrics.jsonl").exists():
+        return []
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == "step"]
 
 
 @pytest.fixture

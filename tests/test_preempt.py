@@ -3,7 +3,6 @@ job exits with the requeue code, and --auto-resume finishes as if nothing happen
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, mpiexec_path, run_env
+from conftest import ROOT, mpiexec_path, run_env, steps
 
 from hpc_multires.train.preempt import PREEMPTED_EXIT
 
@@ -25,13 +24,6 @@ def rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
     return [p for p in launcher.children(recursive=True)
             if "hpc_multires" in " ".join(p.cmdline()) and p.parent() is not None
             and "hydra_pmi_proxy" in p.parent().name()]
-
-
-def steps(run: Path) -> list[dict]:
-    if not (run / "metrics.jsonl").exists():
-        return []
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in recs if r["kind"] == "step"]
 
 
 def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: Path) -> None:

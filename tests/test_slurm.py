@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, steps
 from slurm_cluster import cluster, wait_gone
 
 from hpc_multires.data.store import checksum_shard
@@ -45,13 +44,6 @@ def sbatch(env: dict[str, str], run: Path, config: Path, nodes: int = 2, tasks: 
 
 def output(run: Path, job: str) -> str:
     return (run / f"slurm-{job}.out").read_text()
-
-
-def steps(run: Path) -> list[dict]:
-    if not (run / "metrics.jsonl").exists():
-        return []
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in recs if r["kind"] == "step"]
 
 
 def test_two_nodes_two_tasks_see_their_place(slurm, tiny_config, tmp_path: Path) -> None:

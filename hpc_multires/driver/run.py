@@ -267,26 +267,24 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
     if resume == "auto":
         # Continue if the run directory holds a checkpoint (a requeued job), else start.
         resume = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
+    # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,
+    # since a barrier could wait for a rank that is gone.
+    runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
     try:
-        runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
-        try:
-            result = runner.run()
-        except preempt.Preempted as e:
-            if comm.is_root:
-                # The batch script requeues the job when it finds this (srun's exit code
-                # alone cannot say it: --kill-on-bad-exit turns the others' 75 into kills).
-                (run_dir / preempt.MARKER).write_text(f"{e}\n")
-            if staged is not None:  # every rank is leaving: the node's copy goes too
-                staging.cleanup(staged, comm)
-            raise
-        if runner.horovod is not None:
-            runner.horovod.shutdown()
-        if staged is not None:
-            staging.cleanup(staged, comm)
+        result = runner.run()
+    except preempt.Preempted as e:
         if comm.is_root:
-            (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-        return result
-    except BaseException:
-        raise  # the CLI reports it and aborts the job; a barrier here could hang
-    else:
-        comm_dist.shutdown(comm)
+            # The batch script requeues the job when it finds this (srun's exit code
+            # alone cannot say it: --kill-on-bad-exit turns the others' 75 into kills).
+            (run_dir / preempt.MARKER).write_text(f"{e}\n")
+        if staged is not None:  # every rank is leaving: the node's copy goes too
+            staging.cleanup(staged, comm)
+        raise
+    if runner.horovod is not None:
+        runner.horovod.shutdown()
+    if staged is not None:
+        staging.cleanup(staged, comm)
+    if comm.is_root:
+        (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    comm_dist.shutdown(comm)  # every rank is here: leave together
+    return result

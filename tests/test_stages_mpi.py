@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,23 @@ def test_mrmf_runs_coarse_stages_concurrently_then_fuses(cli, pyramid_data: Path
     for k, v in init.items():
         torch.testing.assert_close(v, (final["coarse1"][k] + final["coarse2"][k]) / 2)
     assert not all(torch.equal(final["coarse1"][k], final["coarse2"][k]) for k in init)
+
+    # The fine stage's start record holds the fused model's validation MAE before training:
+    # the same figure as evaluating init.pt on the held-out tail at level 0 here.
+    from hpc_multires.data.store import SampleStore
+    from hpc_multires.models import build_model
+    from hpc_multires.plan.config import load_config
+
+    store = SampleStore(pyramid_data, level=0)
+    n_val = round(len(store) * 0.25)
+    xs, ys = zip(*(store.read(i) for i in range(len(store) - n_val, len(store))), strict=True)
+    model = build_model(load_config(config).model, store.sample_shape, len(ys[0]))
+    model.load_state_dict(init)
+    model.eval()
+    with torch.no_grad():
+        err = model(torch.from_numpy(np.stack(xs))) - torch.from_numpy(np.stack(ys))
+    assert starts["fine"]["start_val_mae"] == pytest.approx(float(err.abs().mean()), rel=1e-5)
+    assert "start_val_mae" not in starts["coarse1"]  # a fresh stage has no fused start
 
 
 def test_resume_in_the_middle_of_a_stage(cli, pyramid_data: Path, tmp_path: Path) -> None:

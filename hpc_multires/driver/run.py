@@ -91,8 +91,8 @@ class PlanRunner:
         prepare_run_dir(run_dir, resume)
         schema = self.splits[self.stages[0].level][0].store.schema
         self.num_outputs = schema.num_labels
-        for train, _ in self.splits.values():  # a model that cannot take a level fails now
-            build_model(cfg.model, train.store.sample_shape, self.num_outputs)
+        for level, (train, _) in self.splits.items():  # a model unfit for a level fails now
+            build_model(cfg.model, train.store.sample_shape, self.num_outputs, level)
         # Process groups: every rank creates every group, in plan order (torch requires it).
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for s in self.stages:
@@ -206,7 +206,7 @@ class PlanRunner:
             # More epochs asked for than were run: continue from its last checkpoint.
         train, val = self.splits[stage.level]
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
-        model = build_model(cfg.model, train.store.sample_shape, self.num_outputs)
+        model = build_model(cfg.model, train.store.sample_shape, self.num_outputs, stage.level)
         resuming = self.resume and bool(checkpoint.list_checkpoints(sdir / "checkpoints"))
         if stage.config.init == "fuse" and not resuming and comm.is_root:
             # Fusion runs on the consuming stage's root; DDP's construction then
@@ -237,7 +237,7 @@ class PlanRunner:
         # this stage's model (architectures report them; see dense_input_shapes).
         first = by_name[stage.config.fuse_from[0]]
         coarse = build_model(self.cfg.model, self.splits[first.level][0].store.sample_shape,
-                             self.num_outputs)
+                             self.num_outputs, first.level)
         coarse_shapes: dict[str, tuple[int, ...]] = getattr(coarse, "dense_input_shapes", dict)()
         fine_shapes: dict[str, tuple[int, ...]] = getattr(model, "dense_input_shapes", dict)()
         dense = {name: (shape, fine_shapes[name][1:]) for name, shape in coarse_shapes.items()

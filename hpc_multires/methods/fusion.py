@@ -33,19 +33,21 @@ def prolong_dense(weight: torch.Tensor, feature_shape: Sequence[int],
                   fine_spatial: Sequence[int]) -> torch.Tensor:
     """A dense weight on flattened (C, *S) features -> the same layer on (C, *S') features.
 
-    weight: (out, C * prod(S)). Fine position j along an axis takes the weight of coarse
-    position floor(j * S / S'), scaled by prod(S / S'). When S' = 2 S this copies each
-    coarse weight to its 2^d children and divides by 2^d, so on a nearest-neighbour
-    upsampled input the fine layer gives exactly the coarse output; for sizes that are
-    not an exact multiple (pooling that floors odd lengths) it is the nearest match.
+    weight: (out, C * prod(S)). Along each axis the resolution factor is f = round(S' / S)
+    (2 for one pyramid level); fine position j covers the same stretch of the sample as
+    coarse position j // f and takes its weight divided by f. When S' = f S exactly, the
+    fine layer gives the coarse output on a nearest-neighbour upsampled input. When pooling
+    floored an odd length (12 coarse positions for 25 fine ones), positions stay aligned in
+    time or space and the fine positions past the coarse map's end reuse its last weight.
     """
     c, *spatial = feature_shape
     w = weight.reshape(weight.shape[0], c, *spatial)  # (out, C, *S)
     scale = 1.0
     for axis, (coarse, fine) in enumerate(zip(spatial, fine_spatial, strict=True), start=2):
-        index = torch.arange(fine) * coarse // fine  # fine position -> coarse position
+        factor = max(1, round(fine / coarse))
+        index = (torch.arange(fine) // factor).clamp(max=coarse - 1)  # fine -> coarse position
         w = w.index_select(axis, index)  # (out, C, ..., S'_axis, ...)
-        scale *= coarse / fine
+        scale /= factor
     return (w * scale).reshape(weight.shape[0], -1)
 
 

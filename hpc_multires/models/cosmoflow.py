@@ -29,13 +29,16 @@ class CosmoFlow(nn.Module):
     def __init__(self, *, in_channels: int, spatial: tuple[int, ...], num_outputs: int,
                  width: float = 1.0, depth: int = 5, kernel_size: int = 3,
                  head: Literal["flatten", "gap"] = "flatten",
-                 fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0) -> None:
+                 fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0,
+                 pools: list[int] | None = None) -> None:
         super().__init__()
+        pools = [2] * depth if pools is None else list(pools)  # per block; 1 = no pooling
+        shrink = math.prod(pools)
         if kernel_size % 2 == 0:
             raise ConfigError(f"model.kernel_size = {kernel_size}: CosmoFlow keeps sizes with "
                               "padding kernel_size // 2, which needs an odd kernel such as 3")
         smallest = min(spatial)
-        if head == "flatten" and smallest >> depth < 1:
+        if head == "flatten" and smallest // shrink < 1:
             raise ConfigError(
                 f"model.depth = {depth} halves each axis {depth} times, but the samples are "
                 f"only {smallest} voxels wide; use model.depth <= {int(math.log2(smallest))}, "
@@ -49,7 +52,7 @@ class CosmoFlow(nn.Module):
                        nn.LeakyReLU(0.3),
                        # ceil_mode: a 1-voxel map stays 1 voxel, so with the gap head the
                        # same network runs on every pyramid level, however coarse.
-                       nn.MaxPool3d(2, ceil_mode=True)]
+                       nn.MaxPool3d(pools[i], ceil_mode=True) if pools[i] > 1 else nn.Identity()]
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head
@@ -59,7 +62,7 @@ class CosmoFlow(nn.Module):
             features = channels
         else:
             self.pool = nn.Identity()
-            self._flat_shape = (channels, *(s >> depth for s in spatial))
+            self._flat_shape = (channels, *(s // shrink for s in spatial))
             features = math.prod(self._flat_shape)
         layers: list[nn.Module] = [nn.Flatten()]
         for size in fc_sizes:

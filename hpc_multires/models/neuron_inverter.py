@@ -14,6 +14,7 @@ At the defaults on 4 probes x 1,600 bins with 6 outputs the model has 2,545,890 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -34,7 +35,8 @@ class NeuronInverter(nn.Module):
     def __init__(self, *, in_channels: int, length: int, num_outputs: int, width: float = 1.0,
                  conv_channels: tuple[int, ...] = (30, 90, 180), kernel_size: int = 4,
                  pool: int = 4, fc_sizes: tuple[int, ...] = (512, 256, 128),
-                 dropout: float = 0.0, head: Literal["flatten", "gap"] = "flatten") -> None:
+                 dropout: float = 0.0, head: Literal["flatten", "gap"] = "flatten",
+                 pools: list[int] | None = None) -> None:
         super().__init__()
         if pool < 1 or kernel_size < 1 or length < 1:
             raise ConfigError(f"model.pool = {pool}, model.kernel_size = {kernel_size} and the "
@@ -42,7 +44,8 @@ class NeuronInverter(nn.Module):
         if head not in ("flatten", "gap"):
             raise ConfigError(f"model.head = {head!r}: use 'flatten' or 'gap'")
         depth = len(conv_channels)
-        reduced = length // pool**depth
+        pools = [pool] * depth if pools is None else list(pools)  # per block; 1 = no pooling
+        reduced = length // math.prod(pools)
         if reduced < 1:
             # The largest length-compatible depth tells the user which knob to turn.
             fits = 0
@@ -55,7 +58,7 @@ class NeuronInverter(nn.Module):
                 "blocks")
         blocks: list[nn.Module] = []
         channels = in_channels
-        for filters in conv_channels:
+        for filters, factor in zip(conv_channels, pools, strict=True):
             out = max(1, round(filters * width))
             # "Same" padding keeps the length a function of the pooling alone, so the length
             # check above is exact. Done by an explicit pad because Conv1d(padding="same")
@@ -63,7 +66,7 @@ class NeuronInverter(nn.Module):
             blocks += [nn.ConstantPad1d(((kernel_size - 1) // 2, kernel_size // 2), 0.0),
                        nn.Conv1d(channels, out, kernel_size),
                        nn.LeakyReLU(0.01),
-                       nn.MaxPool1d(pool)]
+                       nn.MaxPool1d(factor) if factor > 1 else nn.Identity()]
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head

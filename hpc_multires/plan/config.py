@@ -72,6 +72,12 @@ class ModelConfig:
     """Hidden dense layer sizes."""
     dropout: float = 0.0
     """Dropout probability before each hidden dense layer."""
+    coarse_pools: Literal["keep", "drop"] = "keep"
+    """How the network runs on a coarse level L. keep: unchanged, so every layer sees
+    features 2^L times smaller than at level 0 (cheapest, but weights moved to level 0
+    then measure the wrong scales); drop: the first poolings are reduced by 2^L in all, so
+    every later layer sees the same scale and map size as at level 0 and weights carry
+    over between levels unchanged (see docs/design.md, "Moving between levels")."""
 
 
 @dataclass(frozen=True, kw_only=True)

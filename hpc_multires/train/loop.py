@@ -147,6 +147,7 @@ class Trainer:
         total_steps = tcfg.epochs * spe
         epoch = step = epoch_step = 0  # epochs completed, optimizer steps, steps into epoch
         loss_carry, elapsed_before = 0.0, 0.0
+        start: dict[str, Any] = {}  # the start record, for a stage that starts now
         if resume and checkpoint.list_checkpoints(self.ckpt_dir):
             path, state = checkpoint.load_latest(self.ckpt_dir)
             self.restore(state, path)
@@ -155,9 +156,17 @@ class Trainer:
             self.progress.line(f"stage {self.stage.name}: resumed from {path.name} "
                                f"(epoch {epoch}, step {step})")
         else:
-            self.log.write({"kind": "start", **self.tag(), "step": 0, "wall_s": self.clock(),
-                            **self._start_record()})
+            start = {"kind": "start", **self.tag(), "step": 0, "wall_s": self.clock(),
+                     **self._start_record()}
         ddp = self.distribute(broadcast=not (resume and step > 0))
+        if start and self.stage.config.init == "fuse":
+            # What the fusion kept: the fused model's validation metrics before any training
+            # at this stage's level. After distribute, so every rank holds the fused weights.
+            start.update({f"start_{k}": v for k, v in self.evaluate().items()})
+            self.progress.line(f"stage {self.stage.name}: fused start, val MAE "
+                               f"{start['start_val_mae']:.4f}")
+        if start:
+            self.log.write(start)
         stage_start = self.clock() - elapsed_before
         last_val: dict[str, float] = {}
         out_of_time = False

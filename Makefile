@@ -67,6 +67,7 @@ test: lint typecheck horovod
 bench: setup
 	$(PY) benchmarks/io.py
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/pyramid.py
 
 clean:
 	rm -rf runs demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -106,7 +106,7 @@ def test_bad_sample_on_one_rank_ends_the_whole_job(cli, tiny_config, tiny_cosmo:
             ranks=2, timeout=120)
     elapsed = time.monotonic() - t0
     assert r.returncode != 0
-    assert "shard-00001.h5" in r.stderr and "corrupted" in r.stderr, r.stderr
+    assert "shard-00001.h5" in r.stderr and "corrupted" in r.stderr, r.stdout + r.stderr
     assert elapsed < 90
 
 

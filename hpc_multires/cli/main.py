@@ -217,6 +217,10 @@ def _abort_job(code: int) -> None:
     if mpi_mod.Is_initialized() and not mpi_mod.Is_finalized() and mpi.Get_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
+        # The launcher forwards each rank's output through a pipe and stops reading it
+        # once an abort is under way: on a busy node the error line just printed could be
+        # lost. A moment's pause lets it reach the user before the job is torn down.
+        time.sleep(float(os.environ.get("HPC_MULTIRES_ABORT_DRAIN_S", "1")))
         mpi.Abort(code)
 
 

@@ -141,3 +141,33 @@ def test_missing_level_names_the_pyramid_command(tmp_path: Path, arrays) -> None
     path = write_arrays_store(tmp_path / "s", *arrays)
     with pytest.raises(DataError, match="data pyramid .* --levels 1"):
         SampleStore(path, level=1)
+
+
+def test_reader_workers_come_from_the_fork_server_and_read_the_same(tmp_path: Path,
+                                                                    arrays) -> None:
+    """Workers are never forked from the training process (a fork there can inherit a lock
+    held by one of its threads and hang): they are children of the fork server. Checked on
+    the process tree while a loader runs, and the batches equal in-process reading."""
+    import psutil
+
+    from hpc_multires.data.loader import iterate_batches
+
+    x, y = arrays
+    store = SampleStore(write_arrays_store(tmp_path / "s", x, y))
+    batches = [np.array([3, 1, 7]), np.array([0, 2]), np.array([5, 4, 6])]
+    me = psutil.Process()
+    seen = []
+    for (bx, by), batch in zip(iterate_batches(store, batches, num_workers=2, prefetch=1),
+                               batches, strict=True):
+        direct = me.children()
+        workers = [p for p in me.children(recursive=True) if p not in direct]
+        seen.append((len(workers), [" ".join(p.cmdline()) for p in direct]))
+        want = [store.read(int(i)) for i in batch]
+        np.testing.assert_array_equal(bx.numpy(), np.stack([w[0] for w in want]))
+        np.testing.assert_array_equal(by.numpy(), np.stack([w[1] for w in want]))
+    workers, direct = seen[0]
+    assert workers == 2, seen
+    # The direct children are the fork server and its resource tracker, both fresh
+    # interpreters; with plain fork the workers themselves would be here.
+    assert any("forkserver" in cmd for cmd in direct), direct
+    assert all("from multiprocessing." in cmd for cmd in direct), direct

@@ -2,11 +2,21 @@
 
 Reading overlaps compute: `num_workers` processes read and normalise the next batches
 while the training step runs. Each worker opens its own read-only HDF5 handles.
+
+Workers are started by a fork server, never forked from the training process itself. That
+process has threads (the queue feeders of the previous epoch's loader, the communication
+backend's), and a fork that lands while one of them holds an interpreter lock leaves the
+child waiting on it forever (seen here: a worker stuck in CPython's after-fork cleanup, its
+rank stuck waiting for the worker, the other ranks in an allreduce, the job hung). The fork
+server is a single-threaded process started once per training process, with the reading
+modules already imported, so a worker still starts in milliseconds.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator, Sequence
+from multiprocessing.context import BaseContext
 
 import numpy as np
 import torch
@@ -51,6 +61,19 @@ class BatchReader(Dataset):
         return x, y
 
 
+_CONTEXT: BaseContext | None = None
+
+
+def worker_context() -> BaseContext:
+    """The multiprocessing context reader workers start from (see the module docstring)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "h5py", "hpc_multires.data.loader"])
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
 def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_workers: int,
                     prefetch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes."""
@@ -63,6 +86,7 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_worke
         num_workers=num_workers,
         prefetch_factor=prefetch if num_workers > 0 else None,
         persistent_workers=False,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
     )
     for item in loader:
         if isinstance(item, _Failure):

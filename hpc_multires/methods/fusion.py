@@ -51,11 +51,45 @@ def prolong_dense(weight: torch.Tensor, feature_shape: Sequence[int],
     return (w * scale).reshape(weight.shape[0], -1)
 
 
+def prolong_kernel(weight: torch.Tensor, factor: int) -> torch.Tensor:
+    """A conv weight (out, in, *K) -> (out, in, *(K * factor)) for a mesh-free stem.
+
+    Each tap is repeated `factor` times along each spatial axis and divided by the number
+    of copies, factor^d. Applied with stride `factor` (and `factor` times the padding) to a
+    fine input, the new kernel gives what the old one gives on that input averaged over
+    factor^d points (the next pyramid levels down): the stem computes the same function.
+    """
+    w = weight
+    for axis in range(2, weight.dim()):
+        w = w.repeat_interleave(factor, dim=axis)
+    return w / factor ** (weight.dim() - 2)
+
+
+def _kernel_factor(coarse: torch.Size, fine: torch.Size) -> int | None:
+    """The factor f with fine = coarse * f on every kernel axis (f > 1), else None."""
+    if len(coarse) < 3 or len(coarse) != len(fine) or coarse[:2] != fine[:2]:
+        return None
+    if any(c <= 0 or f % c for c, f in zip(coarse[2:], fine[2:], strict=True)):
+        return None
+    factors = {f // c for c, f in zip(coarse[2:], fine[2:], strict=True)}
+    if len(factors) != 1:
+        return None
+    factor = factors.pop()
+    return factor if factor > 1 else None
+
+
 def prolong(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
             dense_layers: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> StateDict:
     """`transfer`, then each dense weight in `dense_layers` (name -> (coarse (C, *S) input
-    shape, fine spatial S')) prolonged instead of re-initialised."""
+    shape, fine spatial S')) prolonged instead of re-initialised, and each conv weight whose
+    kernel is an integer multiple of the source's per axis (a mesh-free stem on a finer
+    level, see `prolong_kernel`) resampled."""
     out = transfer(source, target)
+    for name, value in source.items():
+        if name in out and name not in dense_layers:
+            factor = _kernel_factor(value.shape, out[name].shape)
+            if factor is not None:
+                out[name] = prolong_kernel(value.detach(), factor)
     for name, (feature_shape, fine_spatial) in dense_layers.items():
         fine = prolong_dense(source[name], feature_shape, fine_spatial)
         if fine.shape != out[name].shape:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.models.scale import DetailBranch
 
 
 class CosmoFlow(nn.Module):
@@ -30,10 +31,11 @@ class CosmoFlow(nn.Module):
                  width: float = 1.0, depth: int = 5, kernel_size: int = 3,
                  head: Literal["flatten", "gap"] = "flatten",
                  fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0,
-                 pools: list[int] | None = None) -> None:
+                 pools: list[int] | None = None, stem_stride: int = 1,
+                 stem_detail: bool = False) -> None:
         super().__init__()
         pools = [2] * depth if pools is None else list(pools)  # per block; 1 = no pooling
-        shrink = math.prod(pools)
+        shrink = math.prod(pools) * stem_stride
         if kernel_size % 2 == 0:
             raise ConfigError(f"model.kernel_size = {kernel_size}: CosmoFlow keeps sizes with "
                               "padding kernel_size // 2, which needs an odd kernel such as 3")
@@ -48,11 +50,20 @@ class CosmoFlow(nn.Module):
         channels = in_channels
         for i in range(depth):
             out = base * 2**i
-            blocks += [nn.Conv3d(channels, out, kernel_size, padding=kernel_size // 2),
+            # A mesh-free stem (stem_stride s > 1) samples a kernel of kernel_size taps on a
+            # grid s times coarser: s * kernel_size taps here, applied every s voxels.
+            s = stem_stride if i == 0 else 1
+            blocks += [nn.Conv3d(channels, out, kernel_size * s, stride=s,
+                                 padding=s * (kernel_size // 2)),
                        nn.LeakyReLU(0.3),
                        # ceil_mode: a 1-voxel map stays 1 voxel, so with the gap head the
                        # same network runs on every pyramid level, however coarse.
                        nn.MaxPool3d(pools[i], ceil_mode=True) if pools[i] > 1 else nn.Identity()]
+            if i == 0:
+                self.detail = (DetailBranch(
+                    nn.Conv3d(channels, out, kernel_size, padding=kernel_size // 2),
+                    nn.Identity(), nn.MaxPool3d(s), out, 0.3)
+                    if stem_detail and s > 1 else None)
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head
@@ -83,5 +94,10 @@ class CosmoFlow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, D, H, W) -> (B, num_outputs) in (-1.2, 1.2)
-        h = self.pool(self.features(x))  # (B, C', d, h, w) or (B, C', 1, 1, 1)
+        h = x
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i == 0 and self.detail is not None:  # after the stem's convolution
+                h = h + self.detail(x)
+        h = self.pool(h)  # (B, C', d, h, w) or (B, C', 1, 1, 1)
         return 1.2 * torch.tanh(self.head(h))

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.models.scale import DetailBranch
 
 
 class NeuronInverter(nn.Module):
@@ -36,7 +37,8 @@ class NeuronInverter(nn.Module):
                  conv_channels: tuple[int, ...] = (30, 90, 180), kernel_size: int = 4,
                  pool: int = 4, fc_sizes: tuple[int, ...] = (512, 256, 128),
                  dropout: float = 0.0, head: Literal["flatten", "gap"] = "flatten",
-                 pools: list[int] | None = None) -> None:
+                 pools: list[int] | None = None, stem_stride: int = 1,
+                 stem_detail: bool = False) -> None:
         super().__init__()
         if pool < 1 or kernel_size < 1 or length < 1:
             raise ConfigError(f"model.pool = {pool}, model.kernel_size = {kernel_size} and the "
@@ -45,7 +47,7 @@ class NeuronInverter(nn.Module):
             raise ConfigError(f"model.head = {head!r}: use 'flatten' or 'gap'")
         depth = len(conv_channels)
         pools = [pool] * depth if pools is None else list(pools)  # per block; 1 = no pooling
-        reduced = length // math.prod(pools)
+        reduced = length // (math.prod(pools) * stem_stride)
         if reduced < 1:
             # The largest length-compatible depth tells the user which knob to turn.
             fits = 0
@@ -58,15 +60,25 @@ class NeuronInverter(nn.Module):
                 "blocks")
         blocks: list[nn.Module] = []
         channels = in_channels
-        for filters, factor in zip(conv_channels, pools, strict=True):
+        for i, (filters, factor) in enumerate(zip(conv_channels, pools, strict=True)):
             out = max(1, round(filters * width))
+            # A mesh-free stem (stem_stride s > 1): a kernel of kernel_size taps on a grid
+            # s times coarser, i.e. s * kernel_size taps here applied every s bins.
+            s = stem_stride if i == 0 else 1
             # "Same" padding keeps the length a function of the pooling alone, so the length
             # check above is exact. Done by an explicit pad because Conv1d(padding="same")
             # warns and copies the input for the default even kernel.
-            blocks += [nn.ConstantPad1d(((kernel_size - 1) // 2, kernel_size // 2), 0.0),
-                       nn.Conv1d(channels, out, kernel_size),
+            blocks += [nn.ConstantPad1d((s * ((kernel_size - 1) // 2), s * (kernel_size // 2)),
+                                        0.0),
+                       nn.Conv1d(channels, out, kernel_size * s, stride=s),
                        nn.LeakyReLU(0.01),
                        nn.MaxPool1d(factor) if factor > 1 else nn.Identity()]
+            if i == 0:
+                self.detail = (DetailBranch(
+                    nn.Conv1d(channels, out, kernel_size),
+                    nn.ConstantPad1d(((kernel_size - 1) // 2, kernel_size // 2), 0.0),
+                    nn.MaxPool1d(s), out, 0.01)
+                    if stem_detail and s > 1 else None)
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head
@@ -96,5 +108,10 @@ class NeuronInverter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T) -> (B, num_outputs) in (-1.2, 1.2)
-        h = self.pool(self.features(x))  # (B, C', T // pool**depth) or (B, C', 1)
+        h = x
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i == 1 and self.detail is not None:  # after the stem's convolution
+                h = h + self.detail(x)
+        h = self.pool(h)  # (B, C', T // pool**depth) or (B, C', 1)
         return 1.2 * torch.tanh(self.head(h))

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import nn
+
 from hpc_multires.errors import ConfigError
 
 
-def block_pools(pool: int, depth: int, level: int, mode: str) -> list[int]:
+def block_pools(pool: int, depth: int, level: int, mode: str, stem_level: int = 0) -> list[int]:
     """Pooling factor of each of `depth` blocks at pyramid `level` (1 = no pooling).
 
     mode "keep": every block pools by `pool`. mode "drop": the factor 2^level is taken
     out of the blocks' poolings from the first block on, e.g. pool 4, level 1 ->
-    [2, 4, 4]; pool 2, level 2 -> [1, 1, 2, ...].
+    [2, 4, 4]; pool 2, level 2 -> [1, 1, 2, ...]. With a mesh-free stem defined on level
+    R = `stem_level` (see `stem_stride`) the factor 2^R is taken out instead, at every level.
     """
     pools = [pool] * depth
+    if stem_level > 0:
+        level, mode = stem_level, "drop"
     if mode == "keep" or level == 0:
         return pools
     rest = 2**level
@@ -34,5 +40,43 @@ def block_pools(pool: int, depth: int, level: int, mode: str) -> list[int]:
         raise ConfigError(
             f"model.coarse_pools = 'drop' at level {level} must take a factor {2**level} out "
             f"of the poolings, but {depth} blocks pooling by {pool} do not hold it; use fewer "
-            "pyramid levels or model.coarse_pools = 'keep'")
+            "pyramid levels, a smaller model.stem_level or model.coarse_pools = 'keep'")
     return pools
+
+
+def stem_stride(level: int, stem_level: int) -> int:
+    """Stride (and kernel multiple) of a mesh-free first convolution defined on pyramid
+    level `stem_level`, run on `level`: 2^(stem_level - level) on finer levels, else 1.
+
+    A kernel of K taps on the level-R grid covers K * 2^(R-L) points of the level-L grid;
+    sampled there with each tap repeated 2^(R-L) times per axis and divided by the number
+    of repeats, and applied with that stride, it computes on a level-L sample exactly what
+    it computes on the same sample averaged down to level R.
+    """
+    return 2 ** max(0, stem_level - level)
+
+
+class DetailBranch(nn.Module):
+    """Full-resolution companion of a strided mesh-free stem, gated and starting at zero.
+
+    The stem sees a finer level only through a kernel resampled from a coarser grid; what
+    the coarse levels could not show (structure at the finest scales) needs filters at the
+    level's own spacing. This branch is one: `conv` (kernel_size taps at stride 1, "same"
+    padding), LeakyReLU, max-pooling by the stem's stride onto the stem's grid, times a
+    per-channel gate. The gate starts at 0, so a model prolonged from a coarse level (which
+    has no branch) computes exactly what the coarse model did, and training opens it.
+    """
+
+    def __init__(self, conv: nn.Module, pad: nn.Module, pool: nn.Module, channels: int,
+                 slope: float) -> None:
+        super().__init__()
+        self.pad = pad
+        self.conv = conv
+        self.act = nn.LeakyReLU(slope)
+        self.pool = pool
+        self.gate = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: the block's input (B, C, *S) -> (B, C', *S / stride), added to the stem's output
+        h = self.pool(self.act(self.conv(self.pad(x))))
+        return h * self.gate.view(1, -1, *([1] * (h.dim() - 2)))

@@ -78,6 +78,20 @@ class ModelConfig:
     then measure the wrong scales); drop: the first poolings are reduced by 2^L in all, so
     every later layer sees the same scale and map size as at level 0 and weights carry
     over between levels unchanged (see docs/design.md, "Moving between levels")."""
+    stem_level: int = 0
+    """Mesh-free first convolution (0: off). Its kernel is defined on the grid of pyramid
+    level R = stem_level: on a finer level L it is sampled at that level's spacing (2^(R-L)
+    times the taps per axis) and applied with stride 2^(R-L), so the first block's output
+    lies on the level-R grid whatever the input level, and `prolong` moves a level-R model
+    to level L without changing what it computes. The first block(s) pool 2^R less, which
+    keeps the later map sizes of the plain network. Levels coarser than R run the stem
+    unstrided. Train the baseline with the same setting to compare like with like."""
+    stem_detail: bool = False
+    """With stem_level: on levels finer than stem_level, add a full-resolution branch beside
+    the strided stem (a convolution at the level's own spacing, max-pooled onto the stem's
+    grid) whose per-channel gate starts at 0. A model prolonged from a coarse level starts
+    out computing what the coarse model did and learns from there what only the fine level
+    shows."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,6 +252,13 @@ def _check_values(cfg: Config) -> None:
     need(all(s >= 1 for s in m.fc_sizes), "model.fc_sizes", m.fc_sizes,
          "use positive layer sizes, e.g. [128, 64]")
     need(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "use a probability in [0, 1)")
+    need(0 <= m.stem_level <= 4, "model.stem_level", m.stem_level,
+         "use 0 (off) or the pyramid level the first convolution is defined on, e.g. 1")
+    need(m.stem_level > 0 or not m.stem_detail, "model.stem_detail", m.stem_detail,
+         "set model.stem_level (the branch sits beside a strided stem) or leave it false")
+    need(m.stem_level == 0 or m.coarse_pools == "keep", "model.stem_level", m.stem_level,
+         "use either model.stem_level or model.coarse_pools = 'drop', not both: each sets "
+         "how the first blocks pool")
     _check_train(cfg.train, "train")
     for i, stage in enumerate(cfg.stages):
         _check_train(stage.train, f"stages[{i}].train")

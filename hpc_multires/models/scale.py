@@ -1,4 +1,4 @@
-"""Pooling factors of a network run on a coarse pyramid level.
+"""How a network runs on pyramid levels: pooling factors and the mesh-free stem.
 
 A level-L sample is the level-0 sample averaged over 2^L points per axis. A network
 whose blocks pool by ``pool`` each can run on it unchanged (its feature maps are then 2^L
@@ -6,6 +6,11 @@ times smaller at every depth) or with its first poolings reduced by 2^L in all, 
 from there on every layer sees the map size, and the physical scale per map point, that
 it sees at level 0. The second way makes a coarse model's layers the level-0 model's
 layers: weights move between levels without any resampling.
+
+A mesh-free stem goes one step further: the first convolution is defined on the grid of a
+coarse level R and resampled on finer ones (`stem_stride`), so that the whole network,
+first layer included, computes the same function of a sample at every level up to R;
+`DetailBranch` gives it a full-resolution companion for what only finer levels show.
 """
 
 from __future__ import annotations

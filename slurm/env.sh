@@ -17,14 +17,6 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 export MKL_NUM_THREADS="${OMP_NUM_THREADS}"
 # MPICH (the mpich wheel): do not busy-poll when ranks share cores.
 export MPIR_CVAR_CH4_PROGRESS_THROTTLE=1
-# MPICH: talk to srun's pmi2 plugin in the PMI-1 wire protocol, which the plugin also
-# serves. With the PMI-2 protocol, the mpich wheel and Slurm 22.05 intermittently lose
-# step between a request's length and its body during the address exchange at start-up
-# ("mpi/pmi2: value not properly terminated in client request", then a UCX assertion,
-# and the step dies); seen here about once in a few runs, never with PMI-1. Other MPIs
-# ignore this variable; set it to 2 if your site's MPICH build needs PMI-2.
-: "${MPIR_CVAR_PMI_VERSION:=1}"
-export MPIR_CVAR_PMI_VERSION
 export PYTHONUNBUFFERED=1
 
 # srun's MPI plugin: pmi2 works with the mpich wheel and most MPICH/Open MPI builds;

@@ -7,6 +7,7 @@ initialised, and the same code runs on a laptop and on 512 ranks.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -179,6 +180,11 @@ def init(timeout_s: float = 300.0) -> Comm:
 def shutdown(comm: Comm | None = None) -> None:
     """Leave together: no rank tears down the rendezvous store while others still use it."""
     if dist.is_available() and dist.is_initialized():
+        # Whatever still holds a process group (a finished stage's DDP wrapper caught in a
+        # reference cycle) is freed here, while the groups are valid, not during
+        # interpreter exit, where freeing gloo work objects can abort the process
+        # ("terminate called without an active exception", seen rarely at the end of runs).
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     if comm is not None and comm.store is not None:

@@ -286,5 +286,6 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         staging.cleanup(staged, comm)
     if comm.is_root:
         (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    del runner  # its stages' models reference the process groups: free them before the groups
     comm_dist.shutdown(comm)  # every rank is here: leave together
     return result

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.models.scale import DetailBranch
+from hpc_multires.models.scale import DetailBranch, run_features
 
 
 class CosmoFlow(nn.Module):
@@ -94,10 +94,7 @@ class CosmoFlow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, D, H, W) -> (B, num_outputs) in (-1.2, 1.2)
-        h = x
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i == 0 and self.detail is not None:  # after the stem's convolution
-                h = h + self.detail(x)
-        h = self.pool(h)  # (B, C', d, h, w) or (B, C', 1, 1, 1)
+        # features[:1] is the stem's convolution
+        h = self.pool(run_features(self.features, self.detail, 1, x))
+        # h: (B, C', d, h, w) or (B, C', 1, 1, 1)
         return 1.2 * torch.tanh(self.head(h))

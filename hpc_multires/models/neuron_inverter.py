@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.models.scale import DetailBranch
+from hpc_multires.models.scale import DetailBranch, run_features
 
 
 class NeuronInverter(nn.Module):
@@ -108,10 +108,7 @@ class NeuronInverter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T) -> (B, num_outputs) in (-1.2, 1.2)
-        h = x
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i == 1 and self.detail is not None:  # after the stem's convolution
-                h = h + self.detail(x)
-        h = self.pool(h)  # (B, C', T // pool**depth) or (B, C', 1)
+        # features[:2] is the stem's convolution
+        h = self.pool(run_features(self.features, self.detail, 2, x))
+        # h: (B, C', T // pool**depth) or (B, C', 1)
         return 1.2 * torch.tanh(self.head(h))

@@ -85,3 +85,12 @@ class DetailBranch(nn.Module):
         # x: the block's input (B, C, *S) -> (B, C', *S / stride), added to the stem's output
         h = self.pool(self.act(self.conv(self.pad(x))))
         return h * self.gate.view(1, -1, *([1] * (h.dim() - 2)))
+
+
+def run_features(features: nn.Sequential, detail: DetailBranch | None, stem_end: int,
+                 x: torch.Tensor) -> torch.Tensor:
+    """The conv blocks on `x`, with the detail branch (if any) added to the output of the
+    stem's convolution, which is `features[:stem_end]`."""
+    if detail is None:
+        return features(x)
+    return features[stem_end:](features[:stem_end](x) + detail(x))

@@ -30,6 +30,11 @@ def test_block_pools() -> None:
         block_pools(2, 2, 3, "drop")
     with pytest.raises(ConfigError, match="coarse_pools = 'keep'"):
         block_pools(3, 3, 1, "drop")  # a factor 2 cannot come out of poolings by 3
+    # A mesh-free stem on level R takes 2^R out at every level, level 0 included.
+    assert block_pools(4, 3, 0, "keep", stem_level=1) == [2, 4, 4]
+    assert block_pools(2, 4, 2, "keep", stem_level=2) == [1, 1, 2, 2]
+    with pytest.raises(ConfigError, match="smaller model.stem_level"):
+        block_pools(2, 2, 0, "keep", stem_level=3)
 
 
 def _models(cfg: ModelConfig, shape0: tuple[int, ...], level: int,

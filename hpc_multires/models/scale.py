@@ -33,8 +33,12 @@ def block_pools(pool: int, depth: int, level: int, mode: str, stem_level: int = 
     """
     pools = [pool] * depth
     if stem_level > 0:
-        level, mode = stem_level, "drop"
-    if mode == "keep" or level == 0:
+        setting, level = f"model.stem_level = {stem_level}", stem_level
+        fix = "a smaller model.stem_level"
+    elif mode == "drop" and level > 0:
+        setting = f"model.coarse_pools = 'drop' at level {level}"
+        fix = "fewer pyramid levels or model.coarse_pools = 'keep'"
+    else:
         return pools
     rest = 2**level
     for i in range(depth):
@@ -43,9 +47,8 @@ def block_pools(pool: int, depth: int, level: int, mode: str, stem_level: int = 
         rest //= common
     if rest > 1:
         raise ConfigError(
-            f"model.coarse_pools = 'drop' at level {level} must take a factor {2**level} out "
-            f"of the poolings, but {depth} blocks pooling by {pool} do not hold it; use fewer "
-            "pyramid levels, a smaller model.stem_level or model.coarse_pools = 'keep'")
+            f"{setting} must take a factor {2**level} out of the poolings, but {depth} "
+            f"blocks pooling by {pool} do not hold it; use {fix}")
     return pools
 
 

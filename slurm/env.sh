@@ -23,3 +23,36 @@ export PYTHONUNBUFFERED=1
 # use pmix where your site's MPI needs it.
 : "${HPCMR_SRUN_MPI:=pmi2}"
 export HPCMR_SRUN_MPI
+
+# How many times a step that died in MPI start-up on Slurm's pmi2 plugin is started again.
+: "${HPCMR_START_RETRIES:=2}"
+
+# hpcmr_launch ARGS...: start the ranks as `srun ... python -m mpi4py -m hpc_multires ARGS`.
+#
+# Slurm's pmi2 plugin reads each PMI-1 request with a single read() of at most 1024 bytes.
+# MPICH splits its address exchange into values of up to 1024 characters, so one request
+# line can be longer; the plugin then reports "mpi/pmi2: value not properly terminated in
+# client request" or "request not begin with 'cmd='" and the step dies inside MPI_Init.
+# The values hold per-run data, so a new step usually gets through. Nothing has run at that
+# point (and the trainer resumes from its checkpoints anyway), so the step is started again,
+# up to HPCMR_START_RETRIES times; any other failure is returned as it is.
+hpcmr_launch() {
+    local attempt=0 rc log
+    log=$(mktemp "${TMPDIR:-/tmp}/hpcmr-srun.XXXXXX") || return 1
+    while :; do
+        # stdout as it is; stderr to the job's stderr and to $log, to look for the error.
+        { srun --kill-on-bad-exit=1 --mpi="$HPCMR_SRUN_MPI" "$HPCMR_PYTHON" -m mpi4py \
+            -m hpc_multires "$@" 2>&1 1>&3 3>&- | tee "$log" >&2; } 3>&1
+        rc=${PIPESTATUS[0]}
+        if [ "$rc" -eq 0 ] || [ "$attempt" -ge "$HPCMR_START_RETRIES" ] ||
+           ! grep -qE "mpi/pmi2: (value not properly terminated|request not begin with)" "$log"; then
+            break
+        fi
+        attempt=$((attempt + 1))
+        echo "hpc-multires: Slurm's pmi2 plugin garbled the MPI start-up (exit $rc);" \
+             "starting the step again ($attempt of $HPCMR_START_RETRIES)" >&2
+        sleep 2
+    done
+    rm -f "$log"
+    return "$rc"
+}

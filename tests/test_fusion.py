@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -88,3 +90,27 @@ def test_bottom_top_splits_by_layer_order() -> None:
     assert [float(out[n][0]) for n in names] == [1.0, 1.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="bottom_layers = 4"):
         bottom_top(bottom, top, target, bottom_layers=4)
+
+
+@pytest.mark.parametrize("name,shape0", [("cosmoflow", (2, 16, 16, 16)),
+                                         ("neuron_inverter", (4, 1600))])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_prolong_finds_the_dense_layer_behind_dropout(name: str, shape0: tuple[int, ...],
+                                                      dropout: float) -> None:
+    """The networks name the dense layer that reads the flattened features; with dropout in
+    the head it is not the head's second module, and prolong must still find it."""
+    from hpc_multires.models import build_model
+    from hpc_multires.plan.config import ModelConfig
+
+    cfg = ModelConfig(name=name, width=0.125, depth=3, conv_channels=(30, 90, 180), pool=4,
+                      head="flatten", fc_sizes=(8,), dropout=dropout)
+    fine = build_model(cfg, shape0, 3, 0)
+    coarse = build_model(cfg, (shape0[0], *(s // 2 for s in shape0[1:])), 3, 1)
+    fine_shapes, coarse_shapes = fine.dense_input_shapes(), coarse.dense_input_shapes()
+    assert fine_shapes.keys() == coarse_shapes.keys() and len(fine_shapes) == 1
+    (layer,) = fine_shapes
+    state = coarse.state_dict()
+    assert layer in state and state[layer].shape[1] == math.prod(coarse_shapes[layer])
+    out = prolong(state, fine.state_dict(), {layer: (coarse_shapes[layer], fine_shapes[layer][1:])})
+    torch.testing.assert_close(out[layer], prolong_dense(state[layer], coarse_shapes[layer],
+                                                         fine_shapes[layer][1:]))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.models.scale import DetailBranch, run_features
+from hpc_multires.models.scale import DetailBranch, dense_head, flat_dense_shapes, run_features
 
 
 class CosmoFlow(nn.Module):
@@ -75,14 +75,7 @@ class CosmoFlow(nn.Module):
             self.pool = nn.Identity()
             self._flat_shape = (channels, *(s // shrink for s in spatial))
             features = math.prod(self._flat_shape)
-        layers: list[nn.Module] = [nn.Flatten()]
-        for size in fc_sizes:
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            layers += [nn.Linear(features, size), nn.LeakyReLU(0.3)]
-            features = size
-        layers.append(nn.Linear(features, num_outputs))
-        self.head = nn.Sequential(*layers)
+        self.head = dense_head(features, fc_sizes, dropout, num_outputs, lambda: nn.LeakyReLU(0.3))
 
     def dense_input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Dense weights that read flattened spatial features, with that input's (C, *S).
@@ -90,7 +83,7 @@ class CosmoFlow(nn.Module):
         These are the layers whose size depends on the input resolution; the `prolong`
         fusion operator needs their shapes.
         """
-        return {} if self._flat_shape is None else {"head.1.weight": self._flat_shape}
+        return flat_dense_shapes(self.head, self._flat_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, D, H, W) -> (B, num_outputs) in (-1.2, 1.2)

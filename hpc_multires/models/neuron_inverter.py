@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.models.scale import DetailBranch, run_features
+from hpc_multires.models.scale import DetailBranch, dense_head, flat_dense_shapes, run_features
 
 
 class NeuronInverter(nn.Module):
@@ -90,21 +90,11 @@ class NeuronInverter(nn.Module):
             self.pool = nn.Identity()
             self._flat_shape = (channels, reduced)
             features = channels * reduced
-        layers: list[nn.Module] = [nn.Flatten()]
-        for size in fc_sizes:
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            layers += [nn.Linear(features, size), nn.ReLU()]
-            features = size
-        layers.append(nn.Linear(features, num_outputs))
-        self.head = nn.Sequential(*layers)
+        self.head = dense_head(features, fc_sizes, dropout, num_outputs, nn.ReLU)
 
     def dense_input_shapes(self) -> dict[str, tuple[int, ...]]:
         """Dense weights that read flattened time features, with that input's (C, T')."""
-        if self._flat_shape is None:
-            return {}
-        first = next(i for i, m in enumerate(self.head) if isinstance(m, nn.Linear))
-        return {f"head.{first}.weight": self._flat_shape}
+        return flat_dense_shapes(self.head, self._flat_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, T) -> (B, num_outputs) in (-1.2, 1.2)

@@ -16,6 +16,7 @@ first layer included, computes the same function of a sample at every level up t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -97,3 +98,27 @@ def run_features(features: nn.Sequential, detail: DetailBranch | None, stem_end:
     if detail is None:
         return features(x)
     return features[stem_end:](features[:stem_end](x) + detail(x))
+
+
+def dense_head(in_features: int, fc_sizes: Sequence[int], dropout: float, num_outputs: int,
+               activation: Callable[[], nn.Module]) -> nn.Sequential:
+    """Flatten, then (dropout,) linear and activation per hidden size, then the output layer."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for size in fc_sizes:
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(in_features, size), activation()]
+        in_features = size
+    layers.append(nn.Linear(in_features, num_outputs))
+    return nn.Sequential(*layers)
+
+
+def flat_dense_shapes(head: nn.Sequential,
+                      flat_shape: tuple[int, ...] | None) -> dict[str, tuple[int, ...]]:
+    """{state-dict name of the head's first dense weight: the (C, *S) features it reads},
+    for a head over flattened features (`flat_shape`), else {}. Dropout before it moves
+    its index, so it is looked up, not assumed."""
+    if flat_shape is None:
+        return {}
+    first = next(i for i, m in enumerate(head) if isinstance(m, nn.Linear))
+    return {f"head.{first}.weight": flat_shape}

@@ -23,7 +23,13 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.models.scale import DetailBranch, dense_head, flat_dense_shapes, run_features
+from hpc_multires.models.scale import (
+    DetailBranch,
+    dense_head,
+    feature_pool,
+    flat_dense_shapes,
+    run_features,
+)
 
 
 class CosmoFlow(nn.Module):
@@ -67,14 +73,8 @@ class CosmoFlow(nn.Module):
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head
-        self._flat_shape: tuple[int, ...] | None = None
-        if head == "gap":
-            self.pool: nn.Module = nn.AdaptiveAvgPool3d(1)
-            features = channels
-        else:
-            self.pool = nn.Identity()
-            self._flat_shape = (channels, *(s // shrink for s in spatial))
-            features = math.prod(self._flat_shape)
+        self.pool, self._flat_shape, features = feature_pool(
+            head, channels, tuple(s // shrink for s in spatial), nn.AdaptiveAvgPool3d(1))
         self.head = dense_head(features, fc_sizes, dropout, num_outputs, lambda: nn.LeakyReLU(0.3))
 
     def dense_input_shapes(self) -> dict[str, tuple[int, ...]]:

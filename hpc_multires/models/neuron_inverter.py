@@ -21,7 +21,13 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.models.scale import DetailBranch, dense_head, flat_dense_shapes, run_features
+from hpc_multires.models.scale import (
+    DetailBranch,
+    dense_head,
+    feature_pool,
+    flat_dense_shapes,
+    run_features,
+)
 
 
 class NeuronInverter(nn.Module):
@@ -82,14 +88,8 @@ class NeuronInverter(nn.Module):
             channels = out
         self.features = nn.Sequential(*blocks)
         self.head_kind = head
-        self._flat_shape: tuple[int, ...] | None = None
-        if head == "gap":
-            self.pool: nn.Module = nn.AdaptiveAvgPool1d(1)
-            features = channels
-        else:
-            self.pool = nn.Identity()
-            self._flat_shape = (channels, reduced)
-            features = channels * reduced
+        self.pool, self._flat_shape, features = feature_pool(
+            head, channels, (reduced,), nn.AdaptiveAvgPool1d(1))
         self.head = dense_head(features, fc_sizes, dropout, num_outputs, nn.ReLU)
 
     def dense_input_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -100,6 +100,18 @@ def run_features(features: nn.Sequential, detail: DetailBranch | None, stem_end:
     return features[stem_end:](features[:stem_end](x) + detail(x))
 
 
+def feature_pool(head: str, channels: int, flat_spatial: tuple[int, ...],
+                 gap: nn.Module) -> tuple[nn.Module, tuple[int, ...] | None, int]:
+    """How the conv features reach the dense head: "gap" averages each channel over space
+    with `gap` (one network for every level), "flatten" keeps all (channels, *flat_spatial)
+    values. Returns the pooling module, the flattened (C, *S) shape (None for gap) and the
+    head's input size."""
+    if head == "gap":
+        return gap, None, channels
+    shape = (channels, *flat_spatial)
+    return nn.Identity(), shape, math.prod(shape)
+
+
 def dense_head(in_features: int, fc_sizes: Sequence[int], dropout: float, num_outputs: int,
                activation: Callable[[], nn.Module]) -> nn.Sequential:
     """Flatten, then (dropout,) linear and activation per hidden size, then the output layer."""

@@ -83,3 +83,19 @@ def test_resume_equals_an_uninterrupted_run(cli, tiny_config, tmp_path: Path) ->
     assert [r["step"] for r in sb] == list(range(1, 19))
     assert [r["loss"] for r in sa] == [r["loss"] for r in sb]
     assert records(resumed, "epoch")[1]["wall_s"] > records(resumed, "epoch")[0]["wall_s"]
+
+
+@pytest.mark.mpi
+def test_time_budget_stops_every_rank_at_the_same_step(cli, tiny_config, tmp_path: Path) -> None:
+    """A budget already spent after the first step: the vote taken then is counted after the
+    second step, so both ranks stop there, write the epoch's checkpoint and end the stage."""
+    run = tmp_path / "run"
+    r = cli(["train", str(tiny_config(epochs=3, workers=1)), "--run-dir", str(run),
+             "--set", "train.time_budget_s=1e-6"], ranks=2)
+    assert r.returncode == 0, r.stderr
+    assert [s["step"] for s in records(run, "step")] == [1, 2]
+    epochs = records(run, "epoch")
+    assert [(e["epoch"], e["step"]) for e in epochs] == [(1, 2)]
+    assert "time budget reached" in r.stdout + r.stderr
+    ckpts = run / "stages" / "main" / "checkpoints"
+    assert [p.name for p in ckpts.iterdir()] == ["epoch-0001.pt"]

@@ -97,6 +97,22 @@ class Comm:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return float(t.item())
 
+    def max_started(self, values: Sequence[float]) -> Callable[[], list[float]]:
+        """Element-wise max over ranks, started now; call the result to wait for it.
+
+        For a vote taken every step: started after one step and collected after the next,
+        it costs no waiting, where a blocking collective costs a round trip per step.
+        """
+        t = torch.tensor(list(values), dtype=torch.float64)
+        if not self.distributed:
+            return lambda: [float(v) for v in t.tolist()]
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+
+        def result() -> list[float]:
+            work.wait()
+            return [float(v) for v in t.tolist()]
+        return result
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)
@@ -154,8 +170,8 @@ class Comm:
 def init(timeout_s: float = 300.0) -> Comm:
     """Discover ranks, pick the device and initialise torch.distributed when needed.
 
-    gloo on CPU, NCCL when CUDA is present (the local rank picks the GPU). With one
-    process nothing is initialised.
+    gloo on CPU; when CUDA is present (the local rank picks the GPU), NCCL for CUDA
+    tensors and gloo for CPU ones. With one process nothing is initialised.
     """
     info = discover()
     if torch.cuda.is_available():
@@ -171,7 +187,9 @@ def init(timeout_s: float = 300.0) -> Comm:
     # barriers without timeout between plan waves and for job-wide flags.
     store = dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
                           timeout=timeout)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # With CUDA the gradients go through NCCL, and the scalar collectives on CPU tensors
+    # (losses, metrics, votes) through gloo: NCCL alone cannot reduce a CPU tensor.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=info.rank,
                             world_size=info.world_size, timeout=timeout)
     return Comm(info, device, store=store)

@@ -179,6 +179,7 @@ class Trainer:
             ddp.train()
             loss_sum = torch.tensor(loss_carry, dtype=torch.float64, device=comm.device)
             mark_t, mark_step = self.clock(), step
+            pending: Callable[[], list[float]] | None = None  # the previous step's stop vote
             for x, y in iterate_batches(self.train.store, self.sampler.batches(epoch, epoch_step),
                                         cfg.data.num_workers, cfg.data.prefetch):
                 x = x.to(comm.device, non_blocking=True)  # (b, C, *spatial)
@@ -208,24 +209,24 @@ class Trainer:
                                     "lr": lr})
                     self.progress.update(step, epoch + 1, f"{self.stage.name} loss "
                                          f"{mean_loss:.4f} {sps:.1f} samples/s")
-                if tcfg.time_budget_s and \
-                        comm.max(self.clock() - stage_start) >= tcfg.time_budget_s:
-                    out_of_time = True  # every rank agrees: the max is the same everywhere
-                    break
                 every = tcfg.checkpoint_every_steps
                 if every and step % every == 0 and epoch_step < spe:
                     self.save(self.state(epoch, step, epoch_step, float(loss_sum),
                                          self.clock() - stage_start), epoch + 1, step)
-                # Every rank of the stage stops at the same step if any got the signal.
-                if comm.max(float(preempt.requested())) > 0:
-                    self.save(self.state(epoch, step, epoch_step, float(loss_sum),
-                                         self.clock() - stage_start), epoch + 1, step)
-                    comm.barrier()  # the checkpoint is complete before anyone leaves
-                    comm.flag("preempted", "1")
-                    raise preempt.Preempted(
-                        f"stopped on {preempt.reason() or 'a signal'} at step {step} of stage "
-                        f"{self.stage.name!r} (epoch {epoch + 1}), checkpoint written; "
-                        "continue with --resume (the Slurm scripts requeue themselves)")
+                # The stop vote (a preemption signal on any rank, the time budget), started
+                # now and counted after the next step: every rank acts on the same vote at
+                # the same step, and nobody waits for it.
+                vote = comm.max_started([float(preempt.requested()),
+                                         self.clock() - stage_start])
+                decided, pending = (pending() if pending else None), vote
+                if decided and self._stop(decided, epoch, step, epoch_step, loss_sum,
+                                          stage_start):
+                    out_of_time = True
+                    break
+            if pending is not None:  # the last step's vote
+                decided, pending = pending(), None
+                if self._stop(decided, epoch, step, epoch_step, loss_sum, stage_start):
+                    out_of_time = True
             epoch += 1
             epoch_loss = comm.sum([float(loss_sum)])[0] / (comm.world_size * max(epoch_step, 1))
             epoch_step = 0
@@ -245,6 +246,21 @@ class Trainer:
             self.save(self.state(epoch, step, 0, 0.0, wall - stage_start), epoch, None)
             comm.barrier()  # nobody reads a checkpoint before it is complete
         return {"done": True, "epoch": epoch, "step": step, "wall_s": self.clock(), **last_val}
+
+    def _stop(self, vote: list[float], epoch: int, step: int, epoch_step: int,
+              loss_sum: torch.Tensor, stage_start: float) -> bool:
+        """Act on a stop vote: raise on preemption (after a checkpoint); True: out of time."""
+        preempted, elapsed = vote
+        if preempted > 0:
+            self.save(self.state(epoch, step, epoch_step, float(loss_sum),
+                                 self.clock() - stage_start), epoch + 1, step)
+            self.comm.barrier()  # the checkpoint is complete before anyone leaves
+            self.comm.flag("preempted", "1")
+            raise preempt.Preempted(
+                f"stopped on {preempt.reason() or 'a signal'} at step {step} of stage "
+                f"{self.stage.name!r} (epoch {epoch + 1}), checkpoint written; "
+                "continue with --resume (the Slurm scripts requeue themselves)")
+        return bool(self.tcfg.time_budget_s) and elapsed >= self.tcfg.time_budget_s
 
     def distribute(self, broadcast: bool) -> nn.Module:
         """The model as trained, with gradient averaging over the stage's ranks.

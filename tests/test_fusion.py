@@ -13,6 +13,7 @@ from hpc_multires.methods.fusion import (
     layer_names,
     prolong,
     prolong_dense,
+    shrink,
     transfer,
 )
 
@@ -90,6 +91,18 @@ def test_bottom_top_splits_by_layer_order() -> None:
     assert [float(out[n][0]) for n in names] == [1.0, 1.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="bottom_layers = 4"):
         bottom_top(bottom, top, target, bottom_layers=4)
+
+
+def test_shrink_mixes_float_entries_with_the_fresh_model() -> None:
+    fused = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(7)}
+    fresh = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(0)}
+    out = shrink(fused, fresh, keep=0.25)
+    assert out["w"].tolist() == [1.0, 5.0]
+    assert int(out["n"]) == 7  # counters such as BatchNorm's are not mixed
+    assert shrink(fused, fresh, keep=1.0)["w"].tolist() == [4.0, 8.0]
+    assert fused["w"].tolist() == [4.0, 8.0]  # inputs untouched
+    with pytest.raises(ValueError, match="keep = -0.1"):
+        shrink(fused, fresh, keep=-0.1)
 
 
 @pytest.mark.parametrize("name,shape0", [("cosmoflow", (2, 16, 16, 16)),

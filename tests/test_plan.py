@@ -59,6 +59,8 @@ def test_group_specs(spec: str, world: int, ranks: tuple[int, ...]) -> None:
     (plan({"name": "a"}, groups={"g": "half"}), "write START:END"),
     (plan({"name": "a"}, groups={"g": "x:2"}), "'x' is neither a rank count"),
     (plan({"name": "a", "train": {"epochs": 0}}), r"stages\[0\]\.train\.epochs = 0"),
+    (plan({"name": "a"}, {"name": "b", "init": "fuse", "fuse_from": ["a"],
+                          "fusion_keep": 1.5}), "fusion_keep = 1.5; use a value between 0"),
 ])
 def test_bad_plans_fail_at_load(table: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

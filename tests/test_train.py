@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_multires.plan.config import load_config
+from hpc_multires.plan.config import config_to_dict, load_config
+from hpc_multires.train.loop import config_changes
 
 
 def records(run: Path, kind: str) -> list[dict]:
@@ -99,3 +100,14 @@ def test_time_budget_stops_every_rank_at_the_same_step(cli, tiny_config, tmp_pat
     assert "time budget reached" in r.stdout + r.stderr
     ckpts = run / "stages" / "main" / "checkpoints"
     assert [p.name for p in ckpts.iterdir()] == ["epoch-0001.pt"]
+
+
+def test_a_config_saved_before_a_key_existed_is_not_a_change(tiny_config) -> None:
+    """Resuming a run whose checkpoint predates a new config key: the key counts as its
+    default; a real change is still reported."""
+    current = config_to_dict(load_config(tiny_config(epochs=2)))
+    saved = json.loads(json.dumps(current))
+    del saved["train"]["time_budget_s"]
+    assert config_changes(saved, current) == []
+    saved["train"]["lr"] = current["train"]["lr"] * 2
+    assert config_changes(saved, current) == ["train.lr"]

@@ -26,7 +26,7 @@ from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError, DataError, UserError
-from hpc_multires.methods.fusion import fuse
+from hpc_multires.methods.fusion import fuse, shrink
 from hpc_multires.models import build_model
 from hpc_multires.plan.config import Config, DataConfig, config_to_dict, config_to_toml
 from hpc_multires.plan.stages import Stage, describe_plan, resolve
@@ -242,9 +242,11 @@ class PlanRunner:
         fine_shapes: dict[str, tuple[int, ...]] = getattr(model, "dense_input_shapes", dict)()
         dense = {name: (shape, fine_shapes[name][1:]) for name, shape in coarse_shapes.items()
                  if name in fine_shapes}
-        return fuse(stage.config.fusion, sources, model.state_dict(),
-                    weights=stage.config.fusion_weights,
-                    bottom_layers=stage.config.bottom_layers, dense_layers=dense)
+        fresh = model.state_dict()
+        fused = fuse(stage.config.fusion, sources, fresh,
+                     weights=stage.config.fusion_weights,
+                     bottom_layers=stage.config.bottom_layers, dense_layers=dense)
+        return shrink(fused, fresh, stage.config.fusion_keep)
 
 
 def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,

@@ -143,6 +143,21 @@ def bottom_top(bottom: Mapping[str, torch.Tensor], top: Mapping[str, torch.Tenso
     return transfer({**pick_top, **pick_bottom}, target)
 
 
+def shrink(fused: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor],
+           keep: float) -> StateDict:
+    """keep * fused + (1 - keep) * fresh for every float entry; other entries as fused.
+
+    A fused start pulled part of the way back to a fresh initialisation (shrink and
+    perturb): a warm start that sits deep in the coarse models' solution can be slow to
+    learn what only the finer level shows; mixing in fresh weights trades part of the head
+    start for that. keep = 1 returns the fused model unchanged.
+    """
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep = {keep}: use a value between 0 and 1")
+    return {k: keep * v + (1.0 - keep) * fresh[k] if v.is_floating_point() else v.clone()
+            for k, v in fused.items()}
+
+
 def fuse(fusion: str, sources: Sequence[Mapping[str, torch.Tensor]],
          target: Mapping[str, torch.Tensor], *, weights: Sequence[float] = (),
          bottom_layers: int = 0,

@@ -177,6 +177,9 @@ class StageConfig:
     """Weights for `average`, one per fuse_from stage (empty: equal)."""
     bottom_layers: int = 0
     """For bottom-top: how many parameterised layers come from the first model."""
+    fusion_keep: float = 1.0
+    """Shrink the fused weights towards a fresh initialisation: keep * fused + (1 - keep) *
+    fresh for every float entry (1: the fused model as it is)."""
     after: tuple[str, ...] = ()
     """Stages that must finish first, besides those in fuse_from."""
     train: TrainConfig = TrainConfig()

@@ -115,6 +115,9 @@ def check_plan(cfg: Config) -> None:
             if st.fusion_weights and len(st.fusion_weights) != n:
                 raise ConfigError(f"stage {st.name!r}: {len(st.fusion_weights)} fusion_weights "
                                   f"for {n} stages in fuse_from")
+        if not 0.0 <= st.fusion_keep <= 1.0:
+            raise ConfigError(f"stage {st.name!r}: fusion_keep = {st.fusion_keep}; use a value "
+                              "between 0 (a fresh start) and 1 (the fused model as it is)")
         seen.append(st.name)
     for name, spec in cfg.groups.items():
         group_ranks(name, spec, 1 << 20)  # syntax only; sizes are checked per world

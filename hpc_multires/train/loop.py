@@ -9,6 +9,7 @@ share) and a checkpoint is written, and every `train.checkpoint_every_steps` in 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from collections.abc import Callable
@@ -26,8 +27,8 @@ from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.loader import iterate_batches
 from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
 from hpc_multires.data.store import SampleStore
-from hpc_multires.errors import UserError
-from hpc_multires.plan.config import Config, config_to_dict
+from hpc_multires.errors import ConfigError, UserError
+from hpc_multires.plan.config import Config, config_from_dict, config_to_dict
 from hpc_multires.plan.stages import Stage
 from hpc_multires.train import checkpoint, preempt
 from hpc_multires.train.metrics import MetricsLog, Progress
@@ -63,7 +64,14 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ and that a resumed run may not change."""
+    """Keys whose values differ and that a resumed run may not change.
+
+    The saved config is read back through today's schema first, so a key added since it
+    was written counts as its default, not as a change.
+    """
+    # A key since removed or renamed fails the schema: compared as written, it is a change.
+    with contextlib.suppress(ConfigError):
+        saved = config_to_dict(config_from_dict(saved))
     a, b = _flatten(saved), _flatten(current)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
                   and not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE_CHANGES))

@@ -101,7 +101,8 @@ class Comm:
         """Element-wise max over ranks, started now; call the result to wait for it.
 
         For a vote taken every step: started after one step and collected after the next,
-        it costs no waiting, where a blocking collective costs a round trip per step.
+        it is complete by then, so the step never waits on it (a blocking one waits for the
+        slowest rank's round trip).
         """
         t = torch.tensor(list(values), dtype=torch.float64)
         if not self.distributed:

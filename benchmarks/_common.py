@@ -6,6 +6,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -20,6 +22,16 @@ def machine() -> str:
     return (f"{platform.node()}: {psutil.cpu_count(logical=True)} CPUs, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
             f"torch {torch.__version__}, {platform.platform()}")
+
+
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `fn`, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -14,23 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cli, machine
+from _common import best_seconds, cli, machine
 
 from hpc_multires.data.loader import iterate_batches
 from hpc_multires.data.store import SampleStore
-
-
-def timed(fn) -> float:  # type: ignore[no-untyped-def]
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -94,7 +87,7 @@ def main() -> None:
     print(f"{'reader':<36} {'MiB/s':>9} {'samples/s':>10} {'vs raw':>7}")
     raw_rate = 0.0
     for name, fn, nbytes in cases:
-        best = min(timed(fn) for _ in range(args.repeats))
+        best = best_seconds(fn, args.repeats)
         rate = nbytes / best / 2**20
         raw_rate = raw_rate or rate
         print(f"{name:<36} {rate:9.1f} {n / best:10.1f} {rate / raw_rate:7.3f}")

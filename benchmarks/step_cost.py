@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, ROOT, cli, env, machine
+from _common import BIN, ROOT, best_seconds, cli, env, machine
 
 from hpc_multires.data import loader
 from hpc_multires.data.store import SampleStore
@@ -41,13 +41,10 @@ from hpc_multires.data.store import SampleStore
 
 def per_call(fn: Callable[[], object], n: int, repeats: int = 3) -> float:
     """Best of `repeats` mean seconds per call over `n` calls."""
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+    def calls() -> None:
         for _ in range(n):
             fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best
+    return best_seconds(calls, repeats) / n
 
 
 def line(what: str, before: float, after: float, unit: str) -> None:

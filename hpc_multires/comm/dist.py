@@ -92,10 +92,8 @@ class Comm:
         return [float(v) for v in t.tolist()]
 
     def max(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return float(t.item())
+        """Max over ranks of one scalar (a sync point)."""
+        return self.max_started([value])()[0]
 
     def max_started(self, values: Sequence[float]) -> Callable[[], list[float]]:
         """Element-wise max over ranks, started now; call the result to wait for it.

@@ -154,6 +154,8 @@ def shrink(fused: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor],
     """
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep = {keep}: use a value between 0 and 1")
+    if keep == 1.0:
+        return dict(fused)
     return {k: keep * v + (1.0 - keep) * fresh[k] if v.is_floating_point() else v.clone()
             for k, v in fused.items()}
 

@@ -231,10 +231,9 @@ class Trainer:
                                           stage_start):
                     out_of_time = True
                     break
-            if pending is not None:  # the last step's vote
-                decided, pending = pending(), None
-                if self._stop(decided, epoch, step, epoch_step, loss_sum, stage_start):
-                    out_of_time = True
+            if pending is not None and self._stop(pending(), epoch, step, epoch_step, loss_sum,
+                                                  stage_start):  # the last step's vote
+                out_of_time = True
             epoch += 1
             epoch_loss = comm.sum([float(loss_sum)])[0] / (comm.world_size * max(epoch_step, 1))
             epoch_step = 0

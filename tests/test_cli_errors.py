@@ -83,3 +83,35 @@ def test_plan_needs_a_level_the_data_lacks(cli, tiny_config, tmp_path: Path) -> 
     cfg.write_text(tiny_config().read_text() + '\n[[stages]]\nname = "coarse"\nlevel = 2\n')
     line = one_error(cli(["train", str(cfg)]))
     assert "no complete pyramid level 2" in line and "data pyramid" in line and "--levels 2" in line
+
+
+def test_missing_levels_name_the_highest(cli, tiny_config, tmp_path: Path) -> None:
+    # Level 1 comes first in the plan; the fix offered must build level 2 as well.
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text(tiny_config().read_text() + '\n[[stages]]\nname = "c1"\nlevel = 1\n'
+                   '\n[[stages]]\nname = "c2"\nlevel = 2\nafter = ["c1"]\n')
+    for command in (["train", str(cfg)], ["plan", str(cfg), "--ranks", "2"]):
+        line = one_error(cli(command))
+        assert "no complete pyramid level 2" in line and "--levels 2" in line, command
+
+
+def test_plan_checks_without_running(cli, tiny_cosmo: Path, tiny_config,
+                                     tmp_path: Path) -> None:
+    data = copy_store(tiny_cosmo, tmp_path / "data")
+    assert cli(["data", "pyramid", str(data), "--levels", "1"]).returncode == 0
+    cfg = tmp_path / "plan.toml"
+    text = tiny_config(data=data).read_text().replace("[train]", '[groups]\nhalf = "0:1/2"\n\n'
+                                                      "[train]")
+    cfg.write_text(text + '\n[[stages]]\nname = "coarse"\nlevel = 1\ngroup = "half"\n'
+                   '\n[[stages]]\nname = "fine"\ninit = "fuse"\nfuse_from = ["coarse"]\n'
+                   'fusion = "transfer"\n')
+    before = sorted(tmp_path.iterdir())
+    out = cli(["plan", str(cfg), "--ranks", "2"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    # 2 coarse epochs of 1/8 the work on half the ranks, then 2 fine epochs: 0.5 + 2.
+    assert "coarse 2 x 0.25 = 0.50" in out.stdout and "total 2.50" in out.stdout
+    assert sorted(tmp_path.iterdir()) == before  # nothing trained, no run directory
+    line = one_error(cli(["plan", str(cfg), "--ranks", "3"]))
+    assert "not divisible by the 3 ranks" in line
+    line = one_error(cli(["plan", str(cfg), "--ranks", "2", "--set", "train.epochz=3"]))
+    assert "did you mean 'train.epochs'" in line

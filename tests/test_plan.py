@@ -8,6 +8,7 @@ import pytest
 
 from hpc_multires.errors import ConfigError
 from hpc_multires.plan.config import config_from_dict, config_to_toml, load_config
+from hpc_multires.plan.cost import parse_level_costs, plan_cost
 from hpc_multires.plan.stages import group_ranks, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +95,42 @@ def test_batch_must_divide_by_the_stage_group() -> None:
     with pytest.raises(ConfigError, match="stage 'a': train.global_batch = 9 is not divisible "
                                           "by the 2 ranks"):
         resolve(cfg, 4)
+
+
+def _mrmf_neuron() -> list:
+    return resolve(load_config(ROOT / "configs" / "neuron-mrmf.toml"), 4)
+
+
+def test_plan_cost_in_level0_epochs() -> None:
+    # coarse2 (level 2) and coarse1 (level 1) each on half of 4 ranks, 6 epochs, side by
+    # side; fused1 1 epoch at level 1 on all; fine 6 epochs at level 0 on all.
+    costs, waves = plan_cost(_mrmf_neuron(), 4, spatial_dims=1)
+    assert [(c.name, c.per_epoch) for c in costs] == [
+        ("coarse2", 0.5), ("coarse1", 1.0), ("fused1", 0.5), ("fine", 1.0)]
+    assert waves == {0: 6.0, 1: 0.5, 2: 6.0}  # a wave lasts as long as its longest stage
+    _, waves3d = plan_cost(_mrmf_neuron(), 4, spatial_dims=3)  # 8x less work per level
+    assert waves3d == {0: 1.5, 1: 0.125, 2: 6.0}
+    # Measured epoch-time ratios replace the ideal 2^-d per level.
+    _, measured = plan_cost(_mrmf_neuron(), 4, 1, {1: 0.73, 2: 0.6})
+    assert sum(measured.values()) == pytest.approx(6 * 0.73 * 2 + 0.73 + 6)
+    baseline = resolve(load_config(ROOT / "configs" / "neuron-baseline.toml"), 4)
+    assert sum(plan_cost(baseline, 4, 1)[1].values()) == 10.0
+
+
+def test_plan_cost_scales_with_the_group_and_marks_time_budgets() -> None:
+    cfg = config_from_dict(plan(
+        {"name": "a", "level": 1, "group": "one", "train": {"epochs": 2, "global_batch": 8}},
+        {"name": "b", "after": ["a"], "train": {"epochs": 3, "time_budget_s": 60}},
+        groups={"one": "0:1"}))
+    costs, waves = plan_cost(resolve(cfg, 4), 4, spatial_dims=2)
+    # A level-1 2D epoch is a quarter of the work, on a quarter of the ranks.
+    assert (costs[0].per_epoch, costs[0].capped) == (1.0, False)
+    assert (costs[1].total, costs[1].capped) == (3.0, True)
+    assert waves == {0: 2.0, 1: 3.0}
+
+
+@pytest.mark.parametrize("text", ["1", "0=0.5", "1=-2", "a=b", "1=0.5,2"])
+def test_level_cost_option_errors(text: str) -> None:
+    with pytest.raises(ConfigError, match="LEVEL=COST pairs"):
+        parse_level_costs(text)
+    assert parse_level_costs("1=0.73, 2=0.6") == {1: 0.73, 2: 0.6}

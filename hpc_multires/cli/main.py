@@ -76,6 +76,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hpc_multires.driver.run import open_splits
+    from hpc_multires.models import build_model
+    from hpc_multires.plan.config import load_config
+    from hpc_multires.plan.cost import describe_cost, parse_level_costs, plan_cost
+    from hpc_multires.plan.stages import describe_plan, resolve
+
+    cfg = load_config(args.config, args.set)
+    if args.ranks < 1:
+        raise UserError(f"--ranks {args.ranks}: give the number of ranks the job will run")
+    measured = parse_level_costs(args.level_cost or "")
+    stages = resolve(cfg, args.ranks)
+    # The checks `train` makes before it starts: every level on disk, a model for each.
+    shapes: dict[int, tuple[int, ...]] = {}
+    for level in sorted({s.level for s in stages}, reverse=True):  # as `train` does
+        train, _ = open_splits(cfg.data, level)
+        shapes[level] = train.store.sample_shape
+        build_model(cfg.model, shapes[level], train.store.schema.num_labels, level)
+    dims = len(shapes[min(shapes)]) - 1
+    costs, waves = plan_cost(stages, args.ranks, dims, measured)
+    print(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
+          + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
+    print(describe_plan(stages))
+    print(describe_cost(costs, waves, args.ranks, dims, measured))
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from hpc_multires.cli.submit import JobSpec, submit
 
@@ -167,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-stage", metavar="NAME",
                     help="with --stop-after-epoch: only count epochs of this stage")
     tr.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plan", help="check a config's stage plan against its data for N "
+                                     "ranks and estimate its cost; runs nothing")
+    pl.add_argument("config", type=Path)
+    pl.add_argument("--ranks", type=int, required=True, help="world size the job will have")
+    pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value (repeatable)")
+    pl.add_argument("--level-cost", metavar="LEVEL=RATIO,...",
+                    help="measured epoch time of a level over level 0's, replacing the ideal "
+                         "2^-d per level (e.g. 1=0.73,2=0.6)")
+    pl.set_defaults(func=cmd_plan)
 
     sb = sub.add_parser("submit", help="write a Slurm batch script for a config and sbatch it")
     sb.add_argument("config", type=Path)

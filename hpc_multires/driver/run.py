@@ -85,9 +85,11 @@ class PlanRunner:
         self.resume = resume
         self.stop = stop
         self.stages = resolve(cfg, comm.world_size)
-        # Every level any stage needs is opened (and so checked) before anything runs.
+        # Every level any stage needs is opened (and so checked) before anything runs, the
+        # highest first: if the pyramid is missing, its fix then builds every level needed.
         data = data or cfg.data  # where to read (a node-local copy when staged)
-        self.splits = {s.level: open_splits(data, s.level) for s in self.stages}
+        self.splits = {level: open_splits(data, level)
+                       for level in sorted({s.level for s in self.stages}, reverse=True)}
         prepare_run_dir(run_dir, resume)
         schema = self.splits[self.stages[0].level][0].store.schema
         self.num_outputs = schema.num_labels

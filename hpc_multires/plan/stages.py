@@ -173,7 +173,8 @@ def describe_plan(stages: list[Stage]) -> str:
     for s in stages:
         start = "fresh" if s.config.init == "fresh" else \
             f"{s.config.fusion}({', '.join(s.config.fuse_from)})"
-        length = f"{s.train.epochs} epochs" + (
+        n = s.train.epochs
+        length = f"{n} epoch{'' if n == 1 else 's'}" + (
             f" or {s.train.time_budget_s:g} s" if s.train.time_budget_s else "")
         ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
         rows.append(f"    wave {s.wave}  {s.name:<12} level {s.level}  ranks {ranks:<7} "

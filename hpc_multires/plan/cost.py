@@ -1,0 +1,92 @@
+"""What a stage plan costs, counted in level-0 epochs on all ranks, before anything runs.
+
+The unit is the baseline's: one epoch at level 0 on the whole world. A level-L epoch does
+`c_L` of that work, ideally 2^(-d L) for samples with d spatial (or time) axes, since each
+level averages 2 points per axis; a measured value can replace the ideal one (per-step
+overheads that do not shrink with the input keep it higher). A stage on n of the P ranks
+takes P / n times as long per epoch as it would on all of them, and stages of one wave run
+side by side, so a wave takes as long as its longest stage. This assumes that every rank
+has its own devices, as on a cluster; ranks that share cores (several ranks per core) add
+up the work of concurrent stages instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from hpc_multires.errors import ConfigError
+from hpc_multires.plan.stages import Stage
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """One stage's share of the plan, in level-0 epochs on all ranks."""
+
+    name: str
+    wave: int
+    epochs: int
+    per_epoch: float
+    capped: bool  # the stage has a time budget: its epochs are an upper bound
+
+    @property
+    def total(self) -> float:
+        return self.epochs * self.per_epoch
+
+
+def level_work(level: int, spatial_dims: int, measured: Mapping[int, float]) -> float:
+    """Work of one level-`level` epoch relative to a level-0 epoch on the same ranks."""
+    if level in measured:
+        return measured[level]
+    return 2.0 ** (-spatial_dims * level)
+
+
+def parse_level_costs(text: str) -> dict[int, float]:
+    """`"1=0.73,2=0.6"` -> {1: 0.73, 2: 0.6} (the --level-cost option)."""
+    out: dict[int, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        level, sep, value = item.partition("=")
+        try:
+            lv, cost = int(level), float(value)
+        except ValueError:
+            lv, cost = -1, -1.0
+        if not sep or lv < 1 or not cost > 0:
+            raise ConfigError(
+                f"--level-cost {text!r}: write LEVEL=COST pairs separated by commas, each level "
+                "an integer >= 1 and each cost a positive number, the time of one epoch at "
+                "that level over the time of one at level 0 (e.g. 1=0.73,2=0.6)")
+        out[lv] = cost
+    return out
+
+
+def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
+              measured: Mapping[int, float] | None = None) -> tuple[list[StageCost],
+                                                                    dict[int, float]]:
+    """Each stage's cost and each wave's (its longest stage), in level-0 epochs on `world`
+    ranks. `measured` maps levels to measured epoch-time ratios that replace 2^(-d L)."""
+    measured = measured or {}
+    costs = [StageCost(s.name, s.wave, s.train.epochs,
+                       level_work(s.level, spatial_dims, measured) * world / len(s.ranks),
+                       bool(s.train.time_budget_s))
+             for s in stages]
+    waves: dict[int, float] = {}
+    for c in costs:
+        waves[c.wave] = max(waves.get(c.wave, 0.0), c.total)
+    return costs, waves
+
+
+def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world: int,
+                  spatial_dims: int, measured: Mapping[int, float]) -> str:
+    source = "measured ratios for levels " + ", ".join(map(str, sorted(measured))) + \
+        " and " if measured else ""
+    lines = [f"estimated cost in level-0 epochs on all {world} rank(s) ({source}work x "
+             f"2^-{spatial_dims} per level for {spatial_dims}D samples; concurrent stages on "
+             "their own devices):"]
+    for wave in sorted(waves):
+        parts = [f"{c.name} {c.epochs}{'(max)' if c.capped else ''} x {c.per_epoch:.3g} = "
+                 f"{c.total:.2f}" for c in costs if c.wave == wave]
+        lines.append(f"    wave {wave}  " + "; ".join(parts) + f"  -> {waves[wave]:.2f}")
+    total = sum(waves.values())
+    lines.append(f"    total {total:.2f}: a one-stage level-0 plan of N epochs costs N "
+                 "(ranks that share cores add concurrent stages up instead)")
+    return "\n".join(lines)

@@ -77,11 +77,11 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
 
 def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world: int,
                   spatial_dims: int, measured: Mapping[int, float]) -> str:
-    source = "measured ratios for levels " + ", ".join(map(str, sorted(measured))) + \
-        " and " if measured else ""
-    lines = [f"estimated cost in level-0 epochs on all {world} rank(s) ({source}work x "
-             f"2^-{spatial_dims} per level for {spatial_dims}D samples; concurrent stages on "
-             "their own devices):"]
+    given = f"; measured for level(s) {', '.join(map(str, sorted(measured)))}" \
+        if measured else ""
+    lines = [f"estimated cost in level-0 epochs on all {world} rank(s) (an epoch at level L is "
+             f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}; concurrent "
+             "stages on their own devices):"]
     for wave in sorted(waves):
         parts = [f"{c.name} {c.epochs}{'(max)' if c.capped else ''} x {c.per_epoch:.3g} = "
                  f"{c.total:.2f}" for c in costs if c.wave == wave]

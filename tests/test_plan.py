@@ -113,6 +113,9 @@ def test_plan_cost_in_level0_epochs() -> None:
     # Measured epoch-time ratios replace the ideal 2^-d per level.
     _, measured = plan_cost(_mrmf_neuron(), 4, 1, {1: 0.73, 2: 0.6})
     assert sum(measured.values()) == pytest.approx(6 * 0.73 * 2 + 0.73 + 6)
+    # Ranks on the same cores: concurrent stages add up, whatever their group sizes.
+    _, shared = plan_cost(_mrmf_neuron(), 4, 1, shared=True)
+    assert shared == {0: 6 * 0.25 + 6 * 0.5, 1: 0.5, 2: 6.0}
     baseline = resolve(load_config(ROOT / "configs" / "neuron-baseline.toml"), 4)
     assert sum(plan_cost(baseline, 4, 1)[1].values()) == 10.0
 

@@ -95,11 +95,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shapes[level] = train.store.sample_shape
         build_model(cfg.model, shapes[level], train.store.schema.num_labels, level)
     dims = len(shapes[min(shapes)]) - 1
-    costs, waves = plan_cost(stages, args.ranks, dims, measured)
+    costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores)
     print(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
           + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
     print(describe_plan(stages))
-    print(describe_cost(costs, waves, args.ranks, dims, measured))
+    print(describe_cost(costs, waves, args.ranks, dims, measured, args.shared_cores))
     return 0
 
 
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--level-cost", metavar="LEVEL=RATIO,...",
                     help="measured epoch time of a level over level 0's, replacing the ideal "
                          "2^-d per level (e.g. 1=0.73,2=0.6)")
+    pl.add_argument("--shared-cores", action="store_true",
+                    help="all ranks share the same cores (one workstation, an oversubscribed "
+                         "node): concurrent stages add up instead of overlapping")
     pl.set_defaults(func=cmd_plan)
 
     sb = sub.add_parser("submit", help="write a Slurm batch script for a config and sbatch it")

@@ -5,9 +5,9 @@ The unit is the baseline's: one epoch at level 0 on the whole world. A level-L e
 level averages 2 points per axis; a measured value can replace the ideal one (per-step
 overheads that do not shrink with the input keep it higher). A stage on n of the P ranks
 takes P / n times as long per epoch as it would on all of them, and stages of one wave run
-side by side, so a wave takes as long as its longest stage. This assumes that every rank
-has its own devices, as on a cluster; ranks that share cores (several ranks per core) add
-up the work of concurrent stages instead.
+side by side, so a wave takes as long as its longest stage. That holds when every rank has
+its own devices, as on a cluster; when all ranks share the same cores (a workstation, an
+oversubscribed node) the cores do the work of every concurrent stage, which adds up.
 """
 
 from __future__ import annotations
@@ -60,33 +60,45 @@ def parse_level_costs(text: str) -> dict[int, float]:
 
 
 def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
-              measured: Mapping[int, float] | None = None) -> tuple[list[StageCost],
-                                                                    dict[int, float]]:
-    """Each stage's cost and each wave's (its longest stage), in level-0 epochs on `world`
-    ranks. `measured` maps levels to measured epoch-time ratios that replace 2^(-d L)."""
+              measured: Mapping[int, float] | None = None,
+              shared: bool = False) -> tuple[list[StageCost], dict[int, float]]:
+    """Each stage's cost and each wave's, in level-0 epochs on `world` ranks. `measured`
+    maps levels to measured epoch-time ratios that replace 2^(-d L).
+
+    Each rank on its own devices (`shared` false): a stage on n ranks takes world / n times
+    as long per epoch, and a wave lasts as long as its longest stage. All ranks on the same
+    cores (`shared` true): those cores do every stage's work, so a stage costs its work
+    whatever its ranks, and a wave costs the sum of its stages.
+    """
     measured = measured or {}
     costs = [StageCost(s.name, s.wave, s.train.epochs,
-                       level_work(s.level, spatial_dims, measured) * world / len(s.ranks),
+                       level_work(s.level, spatial_dims, measured)
+                       * (1.0 if shared else world / len(s.ranks)),
                        bool(s.train.time_budget_s))
              for s in stages]
     waves: dict[int, float] = {}
     for c in costs:
-        waves[c.wave] = max(waves.get(c.wave, 0.0), c.total)
+        waves[c.wave] = waves.get(c.wave, 0.0) + c.total if shared else \
+            max(waves.get(c.wave, 0.0), c.total)
     return costs, waves
 
 
 def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world: int,
-                  spatial_dims: int, measured: Mapping[int, float]) -> str:
+                  spatial_dims: int, measured: Mapping[int, float], shared: bool = False) -> str:
     given = f"; measured for level(s) {', '.join(map(str, sorted(measured)))}" \
         if measured else ""
+    sharing = "all ranks on the same cores, so concurrent stages add up" if shared else \
+        "concurrent stages on their own devices"
     lines = [f"estimated cost in level-0 epochs on all {world} rank(s) (an epoch at level L is "
-             f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}; concurrent "
-             "stages on their own devices):"]
+             f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}; "
+             f"{sharing}):"]
     for wave in sorted(waves):
         parts = [f"{c.name} {c.epochs}{'(max)' if c.capped else ''} x {c.per_epoch:.3g} = "
                  f"{c.total:.2f}" for c in costs if c.wave == wave]
         lines.append(f"    wave {wave}  " + "; ".join(parts) + f"  -> {waves[wave]:.2f}")
     total = sum(waves.values())
+    other = "if the ranks share cores, add --shared-cores" if not shared else \
+        "if each rank has its own devices, leave out --shared-cores"
     lines.append(f"    total {total:.2f}: a one-stage level-0 plan of N epochs costs N "
-                 "(ranks that share cores add concurrent stages up instead)")
+                 f"({other})")
     return "\n".join(lines)

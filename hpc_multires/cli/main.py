@@ -77,8 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hpc_multires.driver.run import open_splits
-    from hpc_multires.models import build_model
+    from hpc_multires.driver.run import open_levels
     from hpc_multires.plan.config import load_config
     from hpc_multires.plan.cost import describe_cost, parse_level_costs, plan_cost
     from hpc_multires.plan.stages import describe_plan, resolve
@@ -89,11 +88,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     measured = parse_level_costs(args.level_cost or "")
     stages = resolve(cfg, args.ranks)
     # The checks `train` makes before it starts: every level on disk, a model for each.
-    shapes: dict[int, tuple[int, ...]] = {}
-    for level in sorted({s.level for s in stages}, reverse=True):  # as `train` does
-        train, _ = open_splits(cfg.data, level)
-        shapes[level] = train.store.sample_shape
-        build_model(cfg.model, shapes[level], train.store.schema.num_labels, level)
+    shapes = {level: train.store.sample_shape
+              for level, (train, _) in open_levels(cfg, cfg.data, stages).items()}
     dims = len(shapes[min(shapes)]) - 1
     costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores)
     print(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "

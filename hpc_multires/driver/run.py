@@ -63,6 +63,18 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
     return (Split(store, np.arange(n_train)), Split(store, np.arange(n_train, len(store))))
 
 
+def open_levels(cfg: Config, data: DataConfig,
+                stages: list[Stage]) -> dict[int, tuple[Split, Split]]:
+    """Every level the stages need, opened (and so checked) before anything runs, with a
+    model built for each so that one unfit for a level fails now. The highest level is
+    opened first: if the pyramid is missing, its fix then builds every level needed."""
+    splits = {level: open_splits(data, level)
+              for level in sorted({s.level for s in stages}, reverse=True)}
+    for level, (train, _) in splits.items():
+        build_model(cfg.model, train.store.sample_shape, train.store.schema.num_labels, level)
+    return splits
+
+
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse to overwrite a run's checkpoints unless resuming it. Runs on every rank."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -85,16 +97,10 @@ class PlanRunner:
         self.resume = resume
         self.stop = stop
         self.stages = resolve(cfg, comm.world_size)
-        # Every level any stage needs is opened (and so checked) before anything runs, the
-        # highest first: if the pyramid is missing, its fix then builds every level needed.
-        data = data or cfg.data  # where to read (a node-local copy when staged)
-        self.splits = {level: open_splits(data, level)
-                       for level in sorted({s.level for s in self.stages}, reverse=True)}
+        # data: where to read (a node-local copy when staged)
+        self.splits = open_levels(cfg, data or cfg.data, self.stages)
         prepare_run_dir(run_dir, resume)
-        schema = self.splits[self.stages[0].level][0].store.schema
-        self.num_outputs = schema.num_labels
-        for level, (train, _) in self.splits.items():  # a model unfit for a level fails now
-            build_model(cfg.model, train.store.sample_shape, self.num_outputs, level)
+        self.num_outputs = self.splits[self.stages[0].level][0].store.schema.num_labels
         # Process groups: every rank creates every group, in plan order (torch requires it).
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for s in self.stages:

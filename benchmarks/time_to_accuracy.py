@@ -2,9 +2,10 @@
 
     python benchmarks/time_to_accuracy.py --app cosmoflow|neuron \
         --methods baseline,mrt,mrmf --ranks 4 [--data DIR] [--samples N] \
-        [--train-seeds 0,1,2]
+        [--train-seeds 0,1,2] [--network reference|level]
 
-Runs each method's config (configs/<app>-<method>.toml) on the same data and the same
+Runs each method's config (configs/<app>-<method>.toml; with --network level the
+level-consistent network's, configs/<app>-<method>-level.toml) on the same data and the same
 number of ranks, one after the other. Each method gets its own copy of the dataset and
 builds the pyramid levels it needs on its ranks, timed: a method's time is its pyramid
 build plus its training run (all stages, evaluation included), as the MRMF paper counts
@@ -42,10 +43,12 @@ def max_level(config: Path) -> int:
 
 
 def run_method(app: str, method: str, data: Path, work: Path, ranks: int,
-               extra: list[str]) -> dict:
-    config = ROOT / "configs" / f"{app}-{method}.toml"
+               extra: list[str], network: str = "reference") -> dict:
+    suffix = "-level" if network == "level" else ""
+    config = ROOT / "configs" / f"{app}-{method}{suffix}.toml"
     if not config.exists():
-        sys.exit(f"no config {config}; methods are baseline, mrt, mrmf")
+        have = sorted(p.stem for p in (ROOT / "configs").glob(f"{app}-*{suffix}.toml"))
+        sys.exit(f"no config {config}; for --network {network} there are: {', '.join(have)}")
     copy = work / f"data-{method}"
     shutil.copytree(data, copy)
     levels = max_level(config)
@@ -85,6 +88,9 @@ def main() -> None:
                     "every method once per seed and report the median speedup")
     ap.add_argument("--keep", type=Path, help="keep run directories here")
     ap.add_argument("--set", action="append", default=[], help="passed to every train")
+    ap.add_argument("--network", choices=["reference", "level"], default="reference",
+                    help="reference: the shipped networks; level: the level-consistent "
+                    "ones (model.kernel_level), every method and its baseline alike")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if methods[0] != "baseline":
@@ -106,7 +112,7 @@ def main() -> None:
         sys.exit(f"{data} already has pyramid levels ({with_levels[0]}, ...): each method's "
                  "pyramid build is part of its measured time; pass a level-0-only dataset")
     print(f"machine: {machine()}")
-    print(f"app {args.app}, {args.ranks} ranks, data {data}")
+    print(f"app {args.app}, {args.ranks} ranks, {args.network} networks, data {data}")
     seeds = [int(x) for x in args.train_seeds.split(",")] if args.train_seeds else [None]
     per_seed: list[dict[str, float | None]] = []
     for seed in seeds:
@@ -116,7 +122,7 @@ def main() -> None:
         if seed is not None:
             print(f"\n== training seed {seed}")
         per_seed.append(compare(args.app, methods, data, out, args.ranks,
-                                [*seed_set, *(f"--set={s}" for s in args.set)]))
+                                [*seed_set, *(f"--set={s}" for s in args.set)], args.network))
     speedups = per_seed[0] if len(seeds) == 1 else median_speedups(methods[1:], per_seed)
     # mrmf's line last: scripts read the last line.
     for m in sorted(methods[1:], key=lambda name: name == "mrmf"):
@@ -146,11 +152,11 @@ def median_speedups(methods: list[str], per_seed: list[dict[str, float | None]]
 
 
 def compare(app: str, methods: list[str], data: Path, work: Path, ranks: int,
-            extra: list[str]) -> dict[str, float | None]:
+            extra: list[str], network: str = "reference") -> dict[str, float | None]:
     """Run every method once on `data`; print the table; return each method's speedup."""
     results = []
     for method in methods:
-        r = run_method(app, method, data, work, ranks, extra)
+        r = run_method(app, method, data, work, ranks, extra, network)
         results.append(r)
         print(f"  {method}: final val_mae {r['final']:.4f}, pyramid {r['pyramid_s']:.1f} s, "
               f"training {r['train_s']:.1f} s", flush=True)

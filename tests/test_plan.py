@@ -30,6 +30,25 @@ def test_method_configs_resolve() -> None:
     assert [(s.name, s.ranks) for s in baseline] == [("main", (0, 1))]
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_resolves(path: Path) -> None:
+    assert resolve(load_config(path), 4)
+
+
+def test_level_consistent_method_shares_its_baselines_network_and_one_schedule() -> None:
+    for method in sorted((ROOT / "configs").glob("*-level.toml")):
+        app = method.name.split("-")[0]
+        base = load_config(ROOT / "configs" / f"{app}-baseline-level.toml")
+        cfg = load_config(method)
+        assert cfg.model == base.model and cfg.model.kernel_level > 0
+        stages = resolve(cfg, 4)
+        # Consecutive stages run one schedule: each starts where the one before ended.
+        spans = {s.train.schedule_epochs for s in stages}
+        assert len(spans) == 1
+        ends = [s.train.schedule_offset + s.train.epochs for s in stages]
+        assert [s.train.schedule_offset for s in stages[1:]] == ends[:-1]
+
+
 def test_stage_train_overrides_and_round_trip(tmp_path: Path) -> None:
     cfg = config_from_dict(plan({"name": "a", "train": {"lr": 0.5}}, {"name": "b",
                                  "after": ["a"]}, lr=0.1, epochs=3))

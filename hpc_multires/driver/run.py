@@ -253,7 +253,8 @@ class PlanRunner:
         fresh = model.state_dict()
         fused = fuse(stage.config.fusion, sources, fresh,
                      weights=stage.config.fusion_weights,
-                     bottom_layers=stage.config.bottom_layers, dense_layers=dense)
+                     bottom_layers=stage.config.bottom_layers, dense_layers=dense,
+                     sampled=getattr(model, "level_factor", 1) > 1)
         return shrink(fused, fresh, stage.config.fusion_keep)
 
 

@@ -30,7 +30,7 @@ def transfer(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tens
 
 
 def prolong_dense(weight: torch.Tensor, feature_shape: Sequence[int],
-                  fine_spatial: Sequence[int]) -> torch.Tensor:
+                  fine_spatial: Sequence[int], sampled: bool = False) -> torch.Tensor:
     """A dense weight on flattened (C, *S) features -> the same layer on (C, *S') features.
 
     weight: (out, C * prod(S)). Along each axis the resolution factor is f = round(S' / S)
@@ -39,12 +39,26 @@ def prolong_dense(weight: torch.Tensor, feature_shape: Sequence[int],
     fine layer gives the coarse output on a nearest-neighbour upsampled input. When pooling
     floored an odd length (12 coarse positions for 25 fine ones), positions stay aligned in
     time or space and the fine positions past the coarse map's end reuse its last weight.
+
+    sampled: the fine features hold the coarse ones at every f-th position (a
+    level-consistent network, `hpc_multires.models.scale`), so fine position j * f takes
+    coarse position j's weight whole and the positions in between take 0: the fine layer
+    gives the coarse output exactly on such features.
     """
     c, *spatial = feature_shape
     w = weight.reshape(weight.shape[0], c, *spatial)  # (out, C, *S)
     scale = 1.0
     for axis, (coarse, fine) in enumerate(zip(spatial, fine_spatial, strict=True), start=2):
         factor = max(1, round(fine / coarse))
+        if sampled:
+            shape = list(w.shape)
+            shape[axis] = fine
+            spread = w.new_zeros(shape)
+            n = min(coarse, (fine + factor - 1) // factor)  # coarse positions that fit
+            spread.narrow(axis, 0, (n - 1) * factor + 1)[
+                (slice(None),) * axis + (slice(None, None, factor),)] = w.narrow(axis, 0, n)
+            w = spread
+            continue
         index = (torch.arange(fine) // factor).clamp(max=coarse - 1)  # fine -> coarse position
         w = w.index_select(axis, index)  # (out, C, ..., S'_axis, ...)
         scale /= factor
@@ -79,11 +93,13 @@ def _kernel_factor(coarse: torch.Size, fine: torch.Size) -> int | None:
 
 
 def prolong(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-            dense_layers: Mapping[str, tuple[Sequence[int], Sequence[int]]]) -> StateDict:
+            dense_layers: Mapping[str, tuple[Sequence[int], Sequence[int]]],
+            sampled: bool = False) -> StateDict:
     """`transfer`, then each dense weight in `dense_layers` (name -> (coarse (C, *S) input
     shape, fine spatial S')) prolonged instead of re-initialised, and each conv weight whose
-    kernel is an integer multiple of the source's per axis (a mesh-free stem on a finer
-    level, see `prolong_kernel`) resampled."""
+    kernel is an integer multiple of the source's per axis (a mesh-free stem, or the first
+    convolution of a level-consistent network, on a finer level; see `prolong_kernel`)
+    resampled. `sampled`: the target is a level-consistent network (see `prolong_dense`)."""
     out = transfer(source, target)
     for name, value in source.items():
         if name in out and name not in dense_layers:
@@ -91,7 +107,7 @@ def prolong(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tenso
             if factor is not None:
                 out[name] = prolong_kernel(value.detach(), factor)
     for name, (feature_shape, fine_spatial) in dense_layers.items():
-        fine = prolong_dense(source[name], feature_shape, fine_spatial)
+        fine = prolong_dense(source[name], feature_shape, fine_spatial, sampled)
         if fine.shape != out[name].shape:
             raise ValueError(f"prolonging {name} gives {tuple(fine.shape)}, the target layer "
                              f"is {tuple(out[name].shape)}: the models differ in more than "
@@ -163,13 +179,13 @@ def shrink(fused: Mapping[str, torch.Tensor], fresh: Mapping[str, torch.Tensor],
 def fuse(fusion: str, sources: Sequence[Mapping[str, torch.Tensor]],
          target: Mapping[str, torch.Tensor], *, weights: Sequence[float] = (),
          bottom_layers: int = 0,
-         dense_layers: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None
-         ) -> StateDict:
+         dense_layers: Mapping[str, tuple[Sequence[int], Sequence[int]]] | None = None,
+         sampled: bool = False) -> StateDict:
     """Dispatch on the fusion operator's name (a stage's `fusion` setting)."""
     if fusion == "transfer":
         return transfer(sources[0], target)
     if fusion == "prolong":
-        return prolong(sources[0], target, dense_layers or {})
+        return prolong(sources[0], target, dense_layers or {}, sampled)
     if fusion == "average":
         return average(sources, target, weights or None)
     if fusion == "bottom-top":

@@ -7,16 +7,18 @@ from torch import nn
 from hpc_multires.errors import ConfigError
 from hpc_multires.models.cosmoflow import CosmoFlow
 from hpc_multires.models.neuron_inverter import NeuronInverter
-from hpc_multires.models.scale import block_pools, stem_stride
+from hpc_multires.models.scale import block_pools, level_factor, stem_stride
 from hpc_multires.plan.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
                 level: int = 0) -> nn.Module:
     """The network named by `cfg`, sized for samples of `sample_shape` (C, *spatial) at
-    pyramid `level` (which sets the poolings when cfg.coarse_pools is "drop" and the first
-    convolution's stride when cfg.stem_level is set)."""
+    pyramid `level` (which sets the poolings when cfg.coarse_pools is "drop", the first
+    convolution's stride when cfg.stem_level is set, and the kernels and pooling windows
+    when cfg.kernel_level is set)."""
     stride = stem_stride(level, cfg.stem_level)
+    factor = level_factor(level, cfg.kernel_level)
     if cfg.name == "cosmoflow":
         if len(sample_shape) != 4:
             raise ConfigError(
@@ -27,7 +29,8 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
             width=cfg.width, depth=cfg.depth, kernel_size=cfg.kernel_size, head=cfg.head,
             fc_sizes=cfg.fc_sizes, dropout=cfg.dropout,
             pools=block_pools(2, cfg.depth, level, cfg.coarse_pools, cfg.stem_level),
-            stem_stride=stride, stem_detail=cfg.stem_detail)
+            stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
+            grid_factor=factor)
     if cfg.name == "neuron_inverter":
         if len(sample_shape) != 2:
             raise ConfigError(
@@ -39,7 +42,8 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
             pool=cfg.pool, fc_sizes=cfg.fc_sizes, dropout=cfg.dropout, head=cfg.head,
             pools=block_pools(cfg.pool, len(cfg.conv_channels), level, cfg.coarse_pools,
                               cfg.stem_level),
-            stem_stride=stride, stem_detail=cfg.stem_detail)
+            stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
+            grid_factor=factor)
     raise ConfigError(f"unknown model.name {cfg.name!r}")
 
 

@@ -1,9 +1,11 @@
 """The CosmoFlow network (MLPerf HPC): 3D conv blocks, dense layers, a scaled tanh output.
 
-Each conv block is Conv3d -> LeakyReLU -> MaxPool3d(2), with the number of filters
-doubling from block to block. The head is either the original flatten + dense layers,
-or global average pooling (which makes the dense layers independent of the input size,
-useful when one model sees several resolutions). The output is tanh scaled by 1.2, so
+Each conv block is Conv3d -> LeakyReLU -> MaxPool3d(2) (or average pooling, and in a
+level-consistent network wider pooling windows and dilated kernels; see
+`hpc_multires.models.scale`), with the number of filters doubling from block to block.
+The head is either the original flatten + dense layers, or global average pooling (which
+makes the dense layers independent of the input size, useful when one model sees several
+resolutions). The output is tanh scaled by 1.2, so
 labels in [-1, 1] are reachable without saturating.
 
 With the gap head the network takes any input size (pooling a 1-voxel map keeps it), so
@@ -25,9 +27,11 @@ from torch import nn
 from hpc_multires.errors import ConfigError
 from hpc_multires.models.scale import (
     DetailBranch,
+    PaddedConv3d,
     dense_head,
     feature_pool,
     flat_dense_shapes,
+    grid_pool,
     run_features,
 )
 
@@ -38,7 +42,8 @@ class CosmoFlow(nn.Module):
                  head: Literal["flatten", "gap"] = "flatten",
                  fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0,
                  pools: list[int] | None = None, stem_stride: int = 1,
-                 stem_detail: bool = False) -> None:
+                 stem_detail: bool = False, pool_type: Literal["max", "avg"] = "max",
+                 grid_factor: int = 1) -> None:
         super().__init__()
         pools = [2] * depth if pools is None else list(pools)  # per block; 1 = no pooling
         shrink = math.prod(pools) * stem_stride
@@ -54,17 +59,24 @@ class CosmoFlow(nn.Module):
         base = max(1, round(32 * width))
         blocks: list[nn.Module] = []
         channels = in_channels
+        f, half = grid_factor, kernel_size // 2
+        self.level_factor = f
         for i in range(depth):
             out = base * 2**i
             # A mesh-free stem (stem_stride s > 1) samples a kernel of kernel_size taps on a
             # grid s times coarser: s * kernel_size taps here, applied every s voxels.
             s = stem_stride if i == 0 else 1
-            blocks += [nn.Conv3d(channels, out, kernel_size * s, stride=s,
-                                 padding=s * (kernel_size // 2)),
-                       nn.LeakyReLU(0.3),
+            conv: nn.Module = nn.Conv3d(channels, out, kernel_size * s, stride=s,
+                                        padding=s * half)
+            if f > 1 and i == 0:  # level-consistent: f times the taps, voxel for voxel
+                conv = PaddedConv3d(channels, out, kernel_size * f,
+                                    (f * half, f * kernel_size - 1 - f * half))
+            elif f > 1:  # level-consistent: the kernel on every f-th map point
+                conv = nn.Conv3d(channels, out, kernel_size, dilation=f, padding=f * half)
+            blocks += [conv, nn.LeakyReLU(0.3),
                        # ceil_mode: a 1-voxel map stays 1 voxel, so with the gap head the
                        # same network runs on every pyramid level, however coarse.
-                       nn.MaxPool3d(pools[i], ceil_mode=True) if pools[i] > 1 else nn.Identity()]
+                       grid_pool(3, pool_type, pools[i], f, ceil_mode=True)]
             if i == 0:
                 self.detail = (DetailBranch(
                     nn.Conv3d(channels, out, kernel_size, padding=kernel_size // 2),

@@ -1,7 +1,9 @@
 """The Neuron Inverter network: 1D conv blocks over voltage traces, dense layers, a tanh output.
 
-Each conv block is Conv1d -> LeakyReLU -> MaxPool1d(pool), three blocks with (30, 90, 180)
-filters by default, scaled by ``width``. Convolutions keep the length ("same" padding), so only
+Each conv block is Conv1d -> LeakyReLU -> MaxPool1d(pool) (or average pooling, and in a
+level-consistent network wider pooling windows and dilated kernels; see
+`hpc_multires.models.scale`), three blocks with (30, 90, 180) filters by default, scaled by
+``width``. Convolutions keep the length ("same" padding), so only
 the pooling shortens the trace: 1,600 bins become 1600 // 4**3 = 25. The head is either the
 reference's flatten + dense layers (512, 256, 128, ReLU), whose first layer is sized for one
 input length, or global average pooling, which makes the dense layers independent of the
@@ -26,6 +28,7 @@ from hpc_multires.models.scale import (
     dense_head,
     feature_pool,
     flat_dense_shapes,
+    grid_pool,
     run_features,
 )
 
@@ -35,8 +38,11 @@ class NeuronInverter(nn.Module):
 
     ``conv_channels`` gives the filters of each conv block (one block per entry), multiplied by
     ``width`` and rounded (at least 1). ``kernel_size`` is the convolution length in bins and
-    ``pool`` the max-pooling factor of every block. ``fc_sizes`` are the hidden dense layers;
-    ``dropout`` > 0 puts a dropout layer before each of them.
+    ``pool`` the pooling factor of every block (``pool_type`` max, as the reference, or avg).
+    ``grid_factor`` f > 1 makes it the level-consistent network of a grid f times coarser
+    (`hpc_multires.models.scale`): f * kernel_size taps in the first convolution, the later
+    ones dilated by f, pooling windows of f * (pool - 1) + 1 bins. ``fc_sizes`` are the
+    hidden dense layers; ``dropout`` > 0 puts a dropout layer before each of them.
     """
 
     def __init__(self, *, in_channels: int, length: int, num_outputs: int, width: float = 1.0,
@@ -44,7 +50,8 @@ class NeuronInverter(nn.Module):
                  pool: int = 4, fc_sizes: tuple[int, ...] = (512, 256, 128),
                  dropout: float = 0.0, head: Literal["flatten", "gap"] = "flatten",
                  pools: list[int] | None = None, stem_stride: int = 1,
-                 stem_detail: bool = False) -> None:
+                 stem_detail: bool = False, pool_type: Literal["max", "avg"] = "max",
+                 grid_factor: int = 1) -> None:
         super().__init__()
         if pool < 1 or kernel_size < 1 or length < 1:
             raise ConfigError(f"model.pool = {pool}, model.kernel_size = {kernel_size} and the "
@@ -66,6 +73,8 @@ class NeuronInverter(nn.Module):
                 "blocks")
         blocks: list[nn.Module] = []
         channels = in_channels
+        f, left = grid_factor, (kernel_size - 1) // 2
+        self.level_factor = f
         for i, (filters, factor) in enumerate(zip(conv_channels, pools, strict=True)):
             out = max(1, round(filters * width))
             # A mesh-free stem (stem_stride s > 1): a kernel of kernel_size taps on a grid
@@ -74,11 +83,16 @@ class NeuronInverter(nn.Module):
             # "Same" padding keeps the length a function of the pooling alone, so the length
             # check above is exact. Done by an explicit pad because Conv1d(padding="same")
             # warns and copies the input for the default even kernel.
-            blocks += [nn.ConstantPad1d((s * ((kernel_size - 1) // 2), s * (kernel_size // 2)),
-                                        0.0),
-                       nn.Conv1d(channels, out, kernel_size * s, stride=s),
-                       nn.LeakyReLU(0.01),
-                       nn.MaxPool1d(factor) if factor > 1 else nn.Identity()]
+            pad: tuple[int, int] = (s * left, s * (kernel_size // 2))
+            conv = nn.Conv1d(channels, out, kernel_size * s, stride=s)
+            if f > 1 and i == 0:  # level-consistent: f times the taps, bin for bin
+                pad = (f * left, f * kernel_size - 1 - f * left)
+                conv = nn.Conv1d(channels, out, kernel_size * f)
+            elif f > 1:  # level-consistent: the kernel on every f-th map point
+                pad = (f * left, f * (kernel_size - 1 - left))
+                conv = nn.Conv1d(channels, out, kernel_size, dilation=f)
+            blocks += [nn.ConstantPad1d(pad, 0.0), conv, nn.LeakyReLU(0.01),
+                       grid_pool(1, pool_type, factor, f, ceil_mode=False)]
             if i == 0:
                 self.detail = (DetailBranch(
                     nn.Conv1d(channels, out, kernel_size),

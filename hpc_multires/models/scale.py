@@ -11,6 +11,15 @@ A mesh-free stem goes one step further: the first convolution is defined on the 
 coarse level R and resampled on finer ones (`stem_stride`), so that the whole network,
 first layer included, computes the same function of a sample at every level up to R;
 `DetailBranch` gives it a full-resolution companion for what only finer levels show.
+
+A level-consistent network (`level_factor`, `grid_pool`) keeps every map at its level's
+size instead, so a level costs what its samples hold, and defines its kernels and
+pooling windows on the grid of level R: on a finer level L, f = 2^(R-L), the first
+convolution spans f times the taps per axis, the later ones are dilated by f, and each
+pooling window spans f * (pool - 1) + 1 points at the unchanged stride. A level-R model
+moved there by `prolong` computes at every f-th map point what it computed on level R
+(exactly up to the first pooling, then up to the points between them that the wider
+pooling windows also read).
 """
 
 from __future__ import annotations
@@ -63,6 +72,57 @@ def stem_stride(level: int, stem_level: int) -> int:
     it computes on the same sample averaged down to level R.
     """
     return 2 ** max(0, stem_level - level)
+
+
+def level_factor(level: int, kernel_level: int) -> int:
+    """Grid factor f of a level-consistent network defined on level `kernel_level`, run
+    on `level`: 2^(kernel_level - level) on finer levels, 1 on that level and coarser ones
+    (where the network is the plain one)."""
+    return 2 ** max(0, kernel_level - level)
+
+
+class EndPad(nn.Module):
+    """Pads each spatial axis at its end by repeating its last value: by `extra` points,
+    and to at least `window` points (a map smaller than one pooling window)."""
+
+    def __init__(self, extra: int, window: int) -> None:
+        super().__init__()
+        self.extra, self.window = extra, window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad: list[int] = []
+        for size in reversed(x.shape[2:]):  # F.pad lists the last axis first
+            pad += [0, max(self.extra, self.window - size)]
+        return nn.functional.pad(x, pad, mode="replicate")
+
+
+def grid_pool(dims: int, kind: str, pool: int, factor: int, ceil_mode: bool) -> nn.Module:
+    """The pooling of a conv block (max or avg by `pool` per axis; 1 = none), with its
+    window widened to factor * (pool - 1) + 1 points at the same stride for a
+    level-consistent network on a level `factor` times finer than its own grid. The end
+    padding keeps the output the size the plain pooling gives."""
+    if pool <= 1:
+        return nn.Identity()
+    window = factor * (pool - 1) + 1
+    layer = {("max", 1): nn.MaxPool1d, ("avg", 1): nn.AvgPool1d,
+             ("max", 3): nn.MaxPool3d, ("avg", 3): nn.AvgPool3d}[(kind, dims)]
+    if factor == 1:
+        return layer(pool, ceil_mode=ceil_mode)
+    return nn.Sequential(EndPad(window - pool, window), layer(window, pool, ceil_mode=ceil_mode))
+
+
+class PaddedConv3d(nn.Conv3d):
+    """Conv3d with its own, possibly uneven, zero padding (left, right) on every axis: the
+    first convolution of a level-consistent network has an even number of taps. A
+    subclass, not a pad module before it, so its weights keep their names on every level."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 pad: tuple[int, int]) -> None:
+        super().__init__(in_channels, out_channels, kernel_size)
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, self.pad * 3))
 
 
 class DetailBranch(nn.Module):

@@ -65,7 +65,11 @@ class ModelConfig:
     conv_channels: tuple[int, ...] = (30, 90, 180)
     """neuron_inverter: filters of its conv blocks (scaled by width)."""
     pool: int = 4
-    """neuron_inverter: max-pooling factor of each conv block."""
+    """neuron_inverter: pooling factor of each conv block (cosmoflow pools by 2)."""
+    pool_type: Literal["max", "avg"] = "max"
+    """Pooling of the conv blocks: max (the reference networks) or avg. Average pooling
+    is linear, so with kernel_level a model moved between levels keeps what it computed
+    far more closely (docs/design.md, "Moving between levels")."""
     head: Literal["flatten", "gap"] = "flatten"
     """flatten: dense layers on the flattened features (original); gap: global average pool."""
     fc_sizes: tuple[int, ...] = (128, 64)
@@ -92,6 +96,16 @@ class ModelConfig:
     grid) whose per-channel gate starts at 0. A model prolonged from a coarse level starts
     out computing what the coarse model did and learns from there what only the fine level
     shows."""
+    kernel_level: int = 0
+    """Level-consistent network (0: off). Kernels and pooling windows are given on the
+    grid of pyramid level R = kernel_level. On a finer level L, with f = 2^(R-L), the
+    first convolution has f times the taps per axis, the later ones are dilated by f, and
+    each pooling window spans f * (pool - 1) + 1 points at the unchanged stride: every map
+    keeps its level's size (a level costs what its samples hold), and a level-R model moved
+    to level L by `prolong` computes at every f-th map point what it computed on level R,
+    up to the points in between that the wider pooling windows also read. Levels R and
+    coarser run the plain network. Train the baseline with the same setting to compare
+    like with like."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +130,15 @@ class TrainConfig:
     """Decay after warm-up, down to lr * min_lr_ratio at the last step."""
     min_lr_ratio: float = 0.01
     """Final learning rate as a fraction of lr."""
+    schedule_epochs: float = 0.0
+    """Lay the warm-up and decay over this many epochs instead of the stage's own (0: the
+    stage's epochs). With schedule_offset, consecutive stages can share one curve: a
+    coarse stage with epochs = 10, schedule_epochs = 13 and the fine stage after it with
+    epochs = 3, schedule_epochs = 13, schedule_offset = 10 follow one 13-epoch schedule,
+    so the fine stage goes on at the rate the coarse one stopped at, with no second
+    warm-up."""
+    schedule_offset: float = 0.0
+    """Epochs of the schedule already run by earlier stages (with schedule_epochs)."""
     checkpoint_keep: int = 3
     """Epoch checkpoints kept per stage (older ones are deleted)."""
     checkpoint_every_steps: int = 0
@@ -226,8 +249,17 @@ def _check_train(t: TrainConfig, prefix: str) -> None:
     need(t.lr > 0, f"{prefix}.lr", t.lr, "use a positive learning rate")
     need(0.0 <= t.momentum < 1.0, f"{prefix}.momentum", t.momentum, "use a value in [0, 1)")
     need(t.weight_decay >= 0, f"{prefix}.weight_decay", t.weight_decay, "use 0 or more")
-    need(0 <= t.warmup_epochs <= t.epochs, f"{prefix}.warmup_epochs", t.warmup_epochs,
-         f"use a value between 0 and {prefix}.epochs = {t.epochs}")
+    span = t.schedule_epochs or t.epochs
+    need(0 <= t.warmup_epochs <= span, f"{prefix}.warmup_epochs", t.warmup_epochs,
+         f"use a value between 0 and {span} (the epochs its schedule spans)")
+    need(t.schedule_epochs >= 0, f"{prefix}.schedule_epochs", t.schedule_epochs,
+         "use 0 (the stage's own epochs) or the epochs of the shared schedule")
+    need(t.schedule_offset >= 0 and (t.schedule_epochs > 0 or t.schedule_offset == 0),
+         f"{prefix}.schedule_offset", t.schedule_offset,
+         f"use 0, or set {prefix}.schedule_epochs to the schedule this offset is into")
+    need(t.schedule_epochs == 0 or t.schedule_offset + t.epochs <= t.schedule_epochs + 1e-9,
+         f"{prefix}.schedule_epochs", t.schedule_epochs,
+         f"use at least schedule_offset + epochs = {t.schedule_offset + t.epochs}")
     need(0 < t.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", t.min_lr_ratio,
          "use a value in (0, 1]")
     need(t.checkpoint_keep >= 1, f"{prefix}.checkpoint_keep", t.checkpoint_keep,
@@ -262,6 +294,12 @@ def _check_values(cfg: Config) -> None:
     need(m.stem_level == 0 or m.coarse_pools == "keep", "model.stem_level", m.stem_level,
          "use either model.stem_level or model.coarse_pools = 'drop', not both: each sets "
          "how the first blocks pool")
+    need(0 <= m.kernel_level <= 4, "model.kernel_level", m.kernel_level,
+         "use 0 (off) or the pyramid level the kernels are defined on, e.g. 1")
+    need(m.kernel_level == 0 or (m.stem_level == 0 and m.coarse_pools == "keep"),
+         "model.kernel_level", m.kernel_level,
+         "use model.kernel_level alone: model.stem_level and model.coarse_pools = 'drop' "
+         "change the same layers in another way")
     _check_train(cfg.train, "train")
     for i, stage in enumerate(cfg.stages):
         _check_train(stage.train, f"stages[{i}].train")

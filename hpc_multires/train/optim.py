@@ -25,8 +25,12 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
     """Rate for optimizer step `step` (0-based): linear warm-up, then the decay schedule.
 
     A function of the step alone, so a resumed run follows the same curve without
-    saving any scheduler state.
+    saving any scheduler state. With cfg.schedule_epochs the curve spans that many epochs
+    and the stage starts cfg.schedule_offset epochs into it (`total_steps` is then unused).
     """
+    if cfg.schedule_epochs > 0:
+        step += round(cfg.schedule_offset * steps_per_epoch)
+        total_steps = round(cfg.schedule_epochs * steps_per_epoch)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if step < warmup:
         return cfg.lr * (0.1 + 0.9 * step / warmup)

@@ -41,12 +41,13 @@ def test_level_consistent_method_shares_its_baselines_network_and_one_schedule()
         base = load_config(ROOT / "configs" / f"{app}-baseline-level.toml")
         cfg = load_config(method)
         assert cfg.model == base.model and cfg.model.kernel_level > 0
-        stages = resolve(cfg, 4)
-        # Consecutive stages run one schedule: each starts where the one before ended.
-        spans = {s.train.schedule_epochs for s in stages}
-        assert len(spans) == 1
-        ends = [s.train.schedule_offset + s.train.epochs for s in stages]
-        assert [s.train.schedule_offset for s in stages[1:]] == ends[:-1]
+        stages = {s.name: s for s in resolve(cfg, 4)}
+        assert len({s.train.schedule_epochs for s in stages.values()}) == 1
+        # A fused stage goes on where the stage it continues (its first source) ended.
+        for s in stages.values():
+            if s.config.init == "fuse":
+                src = stages[s.config.fuse_from[0]].train
+                assert s.train.schedule_offset == src.schedule_offset + src.epochs
 
 
 def test_stage_train_overrides_and_round_trip(tmp_path: Path) -> None:

@@ -125,3 +125,77 @@ def test_schedule_settings_are_checked() -> None:
         config_from_dict({"train": {"epochs": 4, "schedule_epochs": 13,
                                     "schedule_offset": 10}})
     config_from_dict({"train": {"epochs": 3, "schedule_epochs": 13, "schedule_offset": 10}})
+
+
+MRT_LEVEL = """
+[run]
+seed = 4
+[data]
+path = "{data}"
+val_fraction = 0.25
+num_workers = 0
+[model]
+name = "neuron_inverter"
+width = 1.0
+conv_channels = [6, 8]
+kernel_size = 4
+pool = 1
+head = "flatten"
+fc_sizes = [16]
+pool_type = "avg"
+kernel_level = 1
+[train]
+global_batch = 8
+lr = 2e-3
+warmup_epochs = 1
+[log]
+every_steps = 1
+[[stages]]
+name = "coarse1"
+level = 1
+[stages.train]
+epochs = 2
+schedule_epochs = 3
+[[stages]]
+name = "fine"
+level = 0
+init = "fuse"
+fuse_from = ["coarse1"]
+fusion = "prolong"
+[stages.train]
+epochs = 1
+schedule_epochs = 3
+schedule_offset = 2
+"""
+
+
+def test_train_moves_a_level_consistent_model_exactly(cli, tmp_path) -> None:
+    # Traces constant over each pair of bins: level 1 (the pair averages) holds the same
+    # values, so both levels are normalised alike and, with no pooling, the model moved to
+    # level 0 by the driver must score exactly what the coarse model scored on level 1.
+    import json
+
+    import numpy as np
+    from conftest import write_arrays_store
+
+    rng = np.random.default_rng(0)
+    x = np.repeat(rng.normal(size=(48, 4, 32)).astype(np.float32), 2, axis=-1)
+    y = rng.uniform(-1, 1, size=(48, 3)).astype(np.float32)
+    data = write_arrays_store(tmp_path / "data", x, y, per_shard=16)
+    assert cli(["data", "pyramid", str(data), "--levels", "1"]).returncode == 0
+    config = tmp_path / "mrt.toml"
+    config.write_text(MRT_LEVEL.format(data=data))
+    r = cli(["train", str(config), "--run-dir", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    coarse_end = [r for r in recs if r["kind"] == "epoch" and r["stage"] == "coarse1"][-1]
+    fine_start = next(r for r in recs if r["kind"] == "start" and r["stage"] == "fine")
+    assert fine_start["sample_shape"] == [4, 64]
+    assert fine_start["start_val_mae"] == pytest.approx(coarse_end["val_mae"], rel=1e-4)
+    # One schedule: the two stages' rates are those of one 3-epoch run, step for step.
+    lrs = {s: [r["lr"] for r in recs if r["kind"] == "step" and r["stage"] == s]
+           for s in ("coarse1", "fine")}
+    spe = len(lrs["fine"])
+    whole = TrainConfig(epochs=3, warmup_epochs=1, lr=2e-3)
+    assert lrs["coarse1"] + lrs["fine"] == pytest.approx(
+        [learning_rate(whole, s, 3 * spe, spe) for s in range(3 * spe)])

@@ -7,7 +7,7 @@ from torch import nn
 from hpc_multires.errors import ConfigError
 from hpc_multires.models.cosmoflow import CosmoFlow
 from hpc_multires.models.neuron_inverter import NeuronInverter
-from hpc_multires.models.scale import block_pools, level_factor, stem_stride
+from hpc_multires.models.scale import block_pools, grid_factor
 from hpc_multires.plan.config import ModelConfig
 
 
@@ -17,8 +17,8 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
     pyramid `level` (which sets the poolings when cfg.coarse_pools is "drop", the first
     convolution's stride when cfg.stem_level is set, and the kernels and pooling windows
     when cfg.kernel_level is set)."""
-    stride = stem_stride(level, cfg.stem_level)
-    factor = level_factor(level, cfg.kernel_level)
+    stride = grid_factor(level, cfg.stem_level)
+    factor = grid_factor(level, cfg.kernel_level)
     if cfg.name == "cosmoflow":
         if len(sample_shape) != 4:
             raise ConfigError(

@@ -31,6 +31,7 @@ from hpc_multires.models.scale import (
     dense_head,
     feature_pool,
     flat_dense_shapes,
+    grid_conv,
     grid_pool,
     run_features,
 )
@@ -68,11 +69,11 @@ class CosmoFlow(nn.Module):
             s = stem_stride if i == 0 else 1
             conv: nn.Module = nn.Conv3d(channels, out, kernel_size * s, stride=s,
                                         padding=s * half)
-            if f > 1 and i == 0:  # level-consistent: f times the taps, voxel for voxel
-                conv = PaddedConv3d(channels, out, kernel_size * f,
-                                    (f * half, f * kernel_size - 1 - f * half))
-            elif f > 1:  # level-consistent: the kernel on every f-th map point
-                conv = nn.Conv3d(channels, out, kernel_size, dilation=f, padding=f * half)
+            if f > 1:  # level-consistent: see grid_conv
+                taps, dilation, pad = grid_conv(kernel_size, f, first=i == 0)
+                conv = (nn.Conv3d(channels, out, taps, dilation=dilation, padding=pad[0])
+                        if pad[0] == pad[1] else  # the even first kernel pads unevenly
+                        PaddedConv3d(channels, out, taps, pad))
             blocks += [conv, nn.LeakyReLU(0.3),
                        # ceil_mode: a 1-voxel map stays 1 voxel, so with the gap head the
                        # same network runs on every pyramid level, however coarse.

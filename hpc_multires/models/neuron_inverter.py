@@ -28,6 +28,7 @@ from hpc_multires.models.scale import (
     dense_head,
     feature_pool,
     flat_dense_shapes,
+    grid_conv,
     grid_pool,
     run_features,
 )
@@ -85,12 +86,9 @@ class NeuronInverter(nn.Module):
             # warns and copies the input for the default even kernel.
             pad: tuple[int, int] = (s * left, s * (kernel_size // 2))
             conv = nn.Conv1d(channels, out, kernel_size * s, stride=s)
-            if f > 1 and i == 0:  # level-consistent: f times the taps, bin for bin
-                pad = (f * left, f * kernel_size - 1 - f * left)
-                conv = nn.Conv1d(channels, out, kernel_size * f)
-            elif f > 1:  # level-consistent: the kernel on every f-th map point
-                pad = (f * left, f * (kernel_size - 1 - left))
-                conv = nn.Conv1d(channels, out, kernel_size, dilation=f)
+            if f > 1:  # level-consistent: see grid_conv
+                taps, dilation, pad = grid_conv(kernel_size, f, first=i == 0)
+                conv = nn.Conv1d(channels, out, taps, dilation=dilation)
             blocks += [nn.ConstantPad1d(pad, 0.0), conv, nn.LeakyReLU(0.01),
                        grid_pool(1, pool_type, factor, f, ceil_mode=False)]
             if i == 0:

@@ -8,11 +8,11 @@ it sees at level 0. The second way makes a coarse model's layers the level-0 mod
 layers: weights move between levels without any resampling.
 
 A mesh-free stem goes one step further: the first convolution is defined on the grid of a
-coarse level R and resampled on finer ones (`stem_stride`), so that the whole network,
+coarse level R and resampled on finer ones (`grid_factor`), so that the whole network,
 first layer included, computes the same function of a sample at every level up to R;
 `DetailBranch` gives it a full-resolution companion for what only finer levels show.
 
-A level-consistent network (`level_factor`, `grid_pool`) keeps every map at its level's
+A level-consistent network (`grid_factor`, `grid_conv`, `grid_pool`) keeps every map at its level's
 size instead, so a level costs what its samples hold, and defines its kernels and
 pooling windows on the grid of level R: on a finer level L, f = 2^(R-L), the first
 convolution spans f times the taps per axis, the later ones are dilated by f, and each
@@ -62,23 +62,32 @@ def block_pools(pool: int, depth: int, level: int, mode: str, stem_level: int = 
     return pools
 
 
-def stem_stride(level: int, stem_level: int) -> int:
-    """Stride (and kernel multiple) of a mesh-free first convolution defined on pyramid
-    level `stem_level`, run on `level`: 2^(stem_level - level) on finer levels, else 1.
+def grid_factor(level: int, grid_level: int) -> int:
+    """How many points of the level-`level` grid one point of the level-`grid_level` grid
+    spans per axis: 2^(grid_level - level) on finer levels, 1 on that level and coarser ones.
 
-    A kernel of K taps on the level-R grid covers K * 2^(R-L) points of the level-L grid;
-    sampled there with each tap repeated 2^(R-L) times per axis and divided by the number
-    of repeats, and applied with that stride, it computes on a level-L sample exactly what
-    it computes on the same sample averaged down to level R.
+    For a mesh-free stem defined on level R (model.stem_level) it is the stem's stride and
+    kernel multiple: a kernel of K taps on the level-R grid covers K * 2^(R-L) points of the
+    level-L grid; sampled there with each tap repeated 2^(R-L) times per axis and divided by
+    the number of repeats, and applied with that stride, it computes on a level-L sample
+    exactly what it computes on the same sample averaged down to level R. For a
+    level-consistent network defined on level R (model.kernel_level) it is the factor f of
+    `grid_conv` and `grid_pool`; on level R and coarser the network is the plain one.
     """
-    return 2 ** max(0, stem_level - level)
+    return 2 ** max(0, grid_level - level)
 
 
-def level_factor(level: int, kernel_level: int) -> int:
-    """Grid factor f of a level-consistent network defined on level `kernel_level`, run
-    on `level`: 2^(kernel_level - level) on finer levels, 1 on that level and coarser ones
-    (where the network is the plain one)."""
-    return 2 ** max(0, kernel_level - level)
+def grid_conv(kernel_size: int, factor: int, first: bool) -> tuple[int, int, tuple[int, int]]:
+    """Taps, dilation and (left, right) zero padding of a convolution of `kernel_size` taps
+    in a level-consistent network on a level `factor` times finer than its grid, padded so
+    the map keeps its length. The first convolution has factor times the taps (each coarse
+    tap repeated, see `prolong_kernel`); the later ones keep theirs, dilated by factor, so
+    at every factor-th map point they read only points that hold the coarse values. With
+    factor 1 this is the plain convolution."""
+    left = factor * ((kernel_size - 1) // 2)
+    if first:
+        return kernel_size * factor, 1, (left, factor * kernel_size - 1 - left)
+    return kernel_size, factor, (left, factor * (kernel_size - 1) - left)
 
 
 class EndPad(nn.Module):

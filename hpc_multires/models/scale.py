@@ -39,7 +39,7 @@ def block_pools(pool: int, depth: int, level: int, mode: str, stem_level: int = 
     mode "keep": every block pools by `pool`. mode "drop": the factor 2^level is taken
     out of the blocks' poolings from the first block on, e.g. pool 4, level 1 ->
     [2, 4, 4]; pool 2, level 2 -> [1, 1, 2, ...]. With a mesh-free stem defined on level
-    R = `stem_level` (see `stem_stride`) the factor 2^R is taken out instead, at every level.
+    R = `stem_level` (see `grid_factor`) the factor 2^R is taken out instead, at every level.
     """
     pools = [pool] * depth
     if stem_level > 0:

@@ -23,11 +23,18 @@ def test_method_configs_resolve() -> None:
     mrmf = resolve(load_config(ROOT / "configs" / "cosmoflow-mrmf.toml"), 4)
     assert [(s.name, s.level, s.ranks, s.wave) for s in mrmf] == [
         ("coarse2", 2, (0, 1), 0), ("coarse1", 1, (2, 3), 0), ("fine", 0, (0, 1, 2, 3), 1)]
-    assert mrmf[2].train.epochs == 6 and mrmf[2].train.global_batch == 16  # inherited
+    assert mrmf[2].train.epochs == 8 and mrmf[2].train.global_batch == 16  # inherited
     mrt = resolve(load_config(ROOT / "configs" / "cosmoflow-mrt.toml"), 4)
     assert [s.wave for s in mrt] == [0, 1]
     baseline = resolve(load_config(ROOT / "configs" / "cosmoflow-baseline.toml"), 2)
     assert [(s.name, s.ranks) for s in baseline] == [("main", (0, 1))]
+    # The fine stages run the last epochs of the baseline's own schedule and end where it
+    # ends: the coarse stages stand in for the baseline's first epochs.
+    base = baseline[0].train
+    for fine in (mrmf[-1].train, mrt[-1].train):
+        assert fine.schedule_epochs == base.epochs
+        assert fine.schedule_offset + fine.epochs == base.epochs
+        assert (fine.lr, fine.warmup_epochs) == (base.lr, 0)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)

@@ -9,7 +9,7 @@ import pytest
 from hpc_multires.errors import ConfigError
 from hpc_multires.plan.config import config_from_dict, config_to_toml, load_config
 from hpc_multires.plan.cost import parse_level_costs, plan_cost
-from hpc_multires.plan.stages import group_ranks, resolve
+from hpc_multires.plan.stages import describe_plan, group_ranks, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +35,10 @@ def test_method_configs_resolve() -> None:
         assert fine.schedule_epochs == base.epochs
         assert fine.schedule_offset + fine.epochs == base.epochs
         assert (fine.lr, fine.warmup_epochs) == (base.lr, 0)
+    # The printed plan says where on the shared schedule each stage runs.
+    lines = describe_plan(mrmf).splitlines()
+    assert lines[-1].endswith("8 epochs (lr schedule epochs 5-12 of 12), average(coarse1, coarse2)")
+    assert "lr schedule" not in lines[0]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)

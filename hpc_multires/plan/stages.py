@@ -176,6 +176,10 @@ def describe_plan(stages: list[Stage]) -> str:
         n = s.train.epochs
         length = f"{n} epoch{'' if n == 1 else 's'}" + (
             f" or {s.train.time_budget_s:g} s" if s.train.time_budget_s else "")
+        if s.train.schedule_epochs:  # a stage on part of a longer learning-rate schedule
+            first = s.train.schedule_offset
+            length += (f" (lr schedule epochs {first + 1:g}-{first + n:g} of "
+                       f"{s.train.schedule_epochs:g})")
         ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
         rows.append(f"    wave {s.wave}  {s.name:<12} level {s.level}  ranks {ranks:<7} "
                     f"({s.group}) batch {s.train.global_batch} {length}, {start}")

@@ -95,6 +95,16 @@ def tiny_cosmo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pyramid_data(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_cosmo with pyramid levels 1 and 2, built under mpiexec."""
+    data = tmp_path_factory.mktemp("pyr") / "data"
+    shutil.copytree(tiny_cosmo, data)
+    r = run_cli(["data", "pyramid", str(data), "--levels", "2"], ranks=2)
+    assert r.returncode == 0, r.stderr
+    return data
+
+
 TINY_CONFIG = """
 [run]
 name = "tiny"

@@ -118,6 +118,17 @@ def test_stages_share_one_schedule() -> None:
     assert max(learning_rate(alone, s, 3 * spe, spe) for s in range(3 * spe)) > 5 * want[70]
 
 
+def test_a_fractional_schedule_tail_never_runs_past_its_end() -> None:
+    # Offset and length round separately (0.5 x 3 and 1.5 x 3 steps): the last step of the
+    # tail must still sit on the schedule, not past it (a negative rate on a linear decay).
+    tail = TrainConfig(epochs=1, warmup_epochs=0, lr=1e-3, schedule="linear",
+                       schedule_epochs=1.5, schedule_offset=0.5)
+    for spe in (3, 5, 7):
+        rates = [learning_rate(tail, s, spe, spe) for s in range(spe)]
+        floor = tail.lr * tail.min_lr_ratio
+        assert all(floor - 1e-12 <= r <= tail.lr for r in rates), (spe, rates)
+
+
 def test_schedule_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="schedule_offset"):
         config_from_dict({"train": {"epochs": 3, "schedule_offset": 2}})

@@ -68,3 +68,80 @@ def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: P
     fb = torch.load(run / "stages" / "main" / "final.pt", weights_only=False)["model"]
     for k in fa:
         torch.testing.assert_close(fb[k], fa[k], rtol=1e-5, atol=1e-6)
+
+
+CONCURRENT = """
+[run]
+seed = 1
+[data]
+path = "{data}"
+val_fraction = 0.25
+num_workers = 0
+[model]
+width = 0.125
+depth = 3
+head = "gap"
+fc_sizes = [16]
+[train]
+epochs = 400
+global_batch = 8
+lr = 1e-3
+[log]
+every_steps = 1
+[groups]
+first = "0:1/2"
+second = "1/2:end"
+[[stages]]
+name = "slow"
+level = 0
+group = "first"
+[[stages]]
+name = "fast"
+level = 2
+group = "second"
+[[stages]]
+name = "fine"
+level = 0
+init = "fuse"
+fuse_from = ["slow", "fast"]
+fusion = "average"
+[stages.train]
+epochs = 1
+"""
+
+
+def test_signal_to_one_group_stops_the_concurrent_one_with_a_checkpoint(
+        pyramid_data: Path, tmp_path: Path) -> None:
+    """Two stages train at the same time on rank 0 and rank 1, and only rank 1 (not the
+    root) is signalled. The job must still stop both stages with a checkpoint each, write
+    the requeue marker (rank 0's job) and exit with the requeue code; without waiting for
+    each other, rank 1's exit ends the job while rank 0 trains on."""
+    cfg = tmp_path / "concurrent.toml"
+    cfg.write_text(CONCURRENT.format(data=pyramid_data))
+    run = tmp_path / "run"
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
+           "train", str(cfg), "--run-dir", str(run), "--auto-resume"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # Both stages past their first epoch (so each has an epoch checkpoint to compare).
+        while {r["stage"] for r in steps(run) if r["epoch"] >= 1} != {"slow", "fast"}:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ranks = rank_processes(psutil.Process(proc.pid))
+        assert len(ranks) == 2
+        by_rank = {int(p.environ().get("PMI_RANK", "-1")): p for p in ranks}
+        os.kill(by_rank[1].pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == PREEMPTED_EXIT, err
+    assert (run / "PREEMPTED").is_file(), err
+    for stage in ("slow", "fast"):
+        mid = list((run / "stages" / stage / "checkpoints").glob("*-step-*.pt"))
+        assert mid, (stage, err)  # each stopped inside an epoch, where it was
+        assert not list((run / "stages" / stage / "checkpoints").glob("*.tmp*"))
+    assert not (run / "stages" / "fine").exists()

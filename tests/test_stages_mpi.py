@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,17 +49,6 @@ init = "fuse"
 fuse_from = ["coarse1", "coarse2"]
 fusion = "average"
 """
-
-
-@pytest.fixture(scope="module")
-def pyramid_data(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import run_cli
-
-    data = tmp_path_factory.mktemp("pyr") / "data"
-    shutil.copytree(tiny_cosmo, data)
-    r = run_cli(["data", "pyramid", str(data), "--levels", "2"], ranks=2)
-    assert r.returncode == 0, r.stderr
-    return data
 
 
 def rank_events(run: Path) -> dict[int, list[tuple[float, str, str]]]:

@@ -111,3 +111,66 @@ def test_a_config_saved_before_a_key_existed_is_not_a_change(tiny_config) -> Non
     assert config_changes(saved, current) == []
     saved["train"]["lr"] = current["train"]["lr"] * 2
     assert config_changes(saved, current) == ["train.lr"]
+
+
+def test_a_stage_ended_on_its_time_budget_stays_ended_on_resume(cli, tiny_config,
+                                                              tmp_path: Path) -> None:
+    """--resume of a stage that ended on its budget trains no further, whether its final.pt
+    was written or not (a crash between the last epoch's checkpoint and final.pt)."""
+    cfg = str(tiny_config(epochs=3))
+    run = tmp_path / "run"
+    budget = ["--set", "train.time_budget_s=1e-6"]
+    assert cli(["train", cfg, "--run-dir", str(run), *budget]).returncode == 0
+    stage = run / "stages" / "main"
+    final = (stage / "final.pt").read_bytes()
+    again = cli(["train", cfg, "--run-dir", str(run), "--resume", *budget])
+    assert again.returncode == 0, again.stderr
+    assert "already complete" in again.stderr
+    assert (stage / "final.pt").read_bytes() == final
+    (stage / "final.pt").unlink()
+    third = cli(["train", cfg, "--run-dir", str(run), "--resume", *budget])
+    assert third.returncode == 0, third.stderr
+    assert [s["step"] for s in records(run, "step")] == [1, 2]  # no step past the budget
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir()) == ["epoch-0001.pt"]
+    result = torch.load(stage / "final.pt", weights_only=False)["result"]
+    assert (result["epoch"], result["step"], result["budget_reached"]) == (1, 2, True)
+    assert result["val_mae"] == pytest.approx(records(run, "epoch")[0]["val_mae"])
+    assert "done: val_mae" in third.stdout
+
+
+def test_resume_needs_a_checkpoint_and_stop_stage_a_stage(cli, tiny_config,
+                                                         tmp_path: Path) -> None:
+    cfg = str(tiny_config(epochs=1))
+    r = cli(["train", cfg, "--run-dir", str(tmp_path / "typo"), "--resume"])
+    assert r.returncode == 2 and "holds no checkpoint" in r.stderr, r.stderr
+    assert not (tmp_path / "typo" / "stages").exists()
+    r = cli(["train", cfg, "--run-dir", str(tmp_path / "a"), "--stop-after-epoch", "1",
+             "--stop-stage", "mian"])
+    assert r.returncode == 2 and "'mian' is not a stage" in r.stderr, r.stderr
+    r = cli(["train", cfg, "--run-dir", str(tmp_path / "b"), "--stop-stage", "main"])
+    assert r.returncode == 2 and "--stop-after-epoch" in r.stderr, r.stderr
+
+
+def test_a_torn_metrics_line_does_not_block_resume(cli, tiny_config, tmp_path: Path) -> None:
+    cfg = str(tiny_config(epochs=2))
+    run = tmp_path / "run"
+    assert cli(["train", cfg, "--run-dir", str(run), "--stop-after-epoch", "1"]).returncode == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "stage": "ma')  # a write cut short
+    r = cli(["train", cfg, "--run-dir", str(run), "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "not a whole record" in r.stderr
+    assert [s["step"] for s in records(run, "step")] == list(range(1, 19))
+
+
+def test_a_new_run_sets_an_earlier_attempts_log_aside(cli, tiny_config, tmp_path: Path) -> None:
+    """An attempt that failed before its first checkpoint left a log: the next run starts
+    its own and keeps the old one beside it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    old = '{"kind": "start", "stage": "main", "step": 0, "wall_s": 0.0}\n'
+    (run / "metrics.jsonl").write_text(old)
+    assert cli(["train", str(tiny_config(epochs=1)), "--run-dir", str(run)]).returncode == 0
+    assert (run / "metrics.jsonl.prev").read_text() == old
+    assert len(records(run, "start")) == 1
+    assert [s["step"] for s in records(run, "step")] == list(range(1, 10))

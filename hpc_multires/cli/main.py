@@ -65,6 +65,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hpc_multires.train.loop import StopAt
 
     cfg = load_config(args.config, args.set)
+    if args.stop_stage is not None and args.stop_after_epoch is None:
+        raise UserError("--stop-stage says which stage --stop-after-epoch counts in; "
+                        "pass --stop-after-epoch N as well")
     stop = None if args.stop_after_epoch is None else StopAt(args.stop_after_epoch,
                                                              args.stop_stage)
     resume: bool | str = "auto" if args.auto_resume else args.resume

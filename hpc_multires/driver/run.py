@@ -97,6 +97,10 @@ class PlanRunner:
         self.resume = resume
         self.stop = stop
         self.stages = resolve(cfg, comm.world_size)
+        names = [s.name for s in self.stages]
+        if stop is not None and stop.stage is not None and stop.stage not in names:
+            raise UserError(f"--stop-stage {stop.stage!r} is not a stage of the plan; "
+                            f"use one of {', '.join(names)}")
         # data: where to read (a node-local copy when staged)
         self.splits = open_levels(cfg, data or cfg.data, self.stages)
         prepare_run_dir(run_dir, resume)
@@ -130,6 +134,8 @@ class PlanRunner:
             (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
             if self.resume:
                 offset = self._trim_metrics()
+            else:
+                self._set_aside_metrics()
             train = self.splits[self.stages[-1].level][0]
             print(f"hpc-multires train: {comm.world_size} rank(s) on {comm.info.node_count} "
                   f"node(s) ({comm.info.launcher}), device {comm.device.type}, "
@@ -156,6 +162,16 @@ class PlanRunner:
                 if r.get("step", 0) <= keep_until.get(r.get("stage", ""), -1)]
         MetricsLog(path, enabled=True).rewrite(kept)
         return max((r.get("wall_s") or 0.0 for r in kept), default=0.0)
+
+    def _set_aside_metrics(self) -> None:
+        """A new run in a directory whose earlier attempt left a log but no checkpoint (it
+        failed early): that log is kept as metrics.jsonl.prev, not appended to."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            prev = path.with_name(path.name + ".prev")
+            path.replace(prev)
+            print(f"hpc-multires: {path} of an earlier attempt kept as {prev.name}",
+                  file=sys.stderr)
 
     def rank_log(self, event: str, stage: Stage) -> None:
         """One line per stage start/end in RUN_DIR/logs/rank-NNNN.log: who ran what, when."""
@@ -207,10 +223,11 @@ class PlanRunner:
                     f"the config differs from the one stage {stage.name!r} was trained with, "
                     f"in {changed}; resume with the run's own config (RUN_DIR/config.toml) "
                     "or start a new --run-dir")
-            if done["result"]["epoch"] >= stage.train.epochs:
+            result = done["result"]
+            if result["epoch"] >= stage.train.epochs or result.get("budget_reached"):
                 if comm.is_root:
                     print(f"stage {stage.name}: already complete; skipped", file=sys.stderr)
-                return {**done["result"], "done": True}
+                return {**result, "done": True}
             # More epochs asked for than were run: continue from its last checkpoint.
         train, val = self.splits[stage.level]
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
@@ -275,9 +292,14 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
                                              val_path=val_path if cfg.data.val_path else ""))
     else:
         read_cfg = cfg
+    has_checkpoint = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
     if resume == "auto":
         # Continue if the run directory holds a checkpoint (a requeued job), else start.
-        resume = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
+        resume = has_checkpoint
+    elif resume and not has_checkpoint:
+        raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from; check "
+                        "--run-dir, or drop --resume to start the run (--auto-resume does "
+                        "either)")
     # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,
     # since a barrier could wait for a rank that is gone.
     runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
@@ -288,6 +310,10 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
             # The batch script requeues the job when it finds this (srun's exit code
             # alone cannot say it: --kill-on-bad-exit turns the others' 75 into kills).
             (run_dir / preempt.MARKER).write_text(f"{e}\n")
+        # Leave together. Concurrent stages stop at their own steps, and the first rank to
+        # exit ends the whole job (the launcher kills the rest): nobody goes before every
+        # rank has its checkpoint written and rank 0 has written the marker.
+        comm.wait_all("preempted-exit")
         if staged is not None:  # every rank is leaving: the node's copy goes too
             staging.cleanup(staged, comm)
         raise

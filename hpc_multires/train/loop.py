@@ -109,6 +109,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.tcfg, list(self.model.parameters()))
         self.sampler = GlobalBatchSampler(train.indices, self.tcfg.global_batch, comm.rank,
                                           comm.world_size, cfg.run.seed)
+        self._flag_polled = -math.inf  # when the job-wide preemption flag was last read
         if self.sampler.steps_per_epoch == 0:
             raise UserError(
                 f"stage {stage.name!r}: the training set has {len(train.indices)} samples, "
@@ -177,7 +178,10 @@ class Trainer:
             self.log.write(start)
         stage_start = self.clock() - elapsed_before
         last_val: dict[str, float] = {}
-        out_of_time = False
+        # A stage that ended on its time budget and is resumed from its last epoch (its
+        # final.pt was not written) stays ended: no step past the budget.
+        out_of_time = (bool(tcfg.time_budget_s) and epoch_step == 0
+                       and elapsed_before >= tcfg.time_budget_s)
         while epoch < tcfg.epochs and not out_of_time:
             if stop is not None and epoch_step == 0 and stop.applies(self.stage.name, epoch):
                 return {"done": False, "epoch": epoch, "step": step, **last_val}
@@ -224,7 +228,7 @@ class Trainer:
                 # The stop vote (a preemption signal on any rank, the time budget), started
                 # now and counted after the next step: every rank acts on the same vote at
                 # the same step, and nobody waits for it.
-                vote = comm.max_started([float(preempt.requested()),
+                vote = comm.max_started([float(preempt.requested() or self._job_preempted()),
                                          self.clock() - stage_start])
                 decided, pending = (pending() if pending else None), vote
                 if decided and self._stop(decided, epoch, step, epoch_step, loss_sum,
@@ -252,7 +256,19 @@ class Trainer:
                 + (" (time budget reached)" if out_of_time else ""))
             self.save(self.state(epoch, step, 0, 0.0, wall - stage_start), epoch, None)
             comm.barrier()  # nobody reads a checkpoint before it is complete
-        return {"done": True, "epoch": epoch, "step": step, "wall_s": self.clock(), **last_val}
+        if not last_val:  # resumed from the stage's last checkpoint: report where it ended
+            last_val = self.evaluate()
+        return {"done": True, "epoch": epoch, "step": step, "wall_s": self.clock(),
+                "budget_reached": out_of_time, **last_val}
+
+    def _job_preempted(self, every_s: float = 1.0) -> bool:
+        """Whether a rank of another group stopped the job on a signal (polled at most once
+        every `every_s`, by the stage's root: the vote carries it to the other ranks)."""
+        now = self.clock()
+        if not self.comm.is_root or now - self._flag_polled < every_s:
+            return False
+        self._flag_polled = now
+        return self.comm.flag("preempted") is not None
 
     def _stop(self, vote: list[float], epoch: int, step: int, epoch_step: int,
               loss_sum: torch.Tensor, stage_start: float) -> bool:

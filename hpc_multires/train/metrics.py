@@ -36,9 +36,25 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics log. A line that is not a JSON object (a write cut short by
+    a crash or a full disk) is skipped with a warning rather than making the run unreadable;
+    a resumed run rewrites the log without it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            print(f"hpc-multires: warning: {path} line {n} is not a whole record (a write cut "
+                  "short?); skipped", file=sys.stderr)
+            continue
+        records.append(record)
+    return records
 
 
 class Progress:

@@ -36,7 +36,9 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch
         return cfg.lr * (0.1 + 0.9 * step / warmup)
     if cfg.schedule == "constant" or total_steps - warmup <= 1:
         return cfg.lr
-    progress = (step - warmup) / (total_steps - warmup - 1)  # 0 .. 1
+    # Clamped: with fractional schedule epochs the offset and the length round separately,
+    # and the last step could fall past the end (a negative rate on a linear decay).
+    progress = min(1.0, max(0.0, (step - warmup) / (total_steps - warmup - 1)))  # 0 .. 1
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return cfg.lr + (floor - cfg.lr) * progress

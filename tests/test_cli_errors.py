@@ -115,3 +115,40 @@ def test_plan_checks_without_running(cli, tiny_cosmo: Path, tiny_config,
     assert "not divisible by the 3 ranks" in line
     line = one_error(cli(["plan", str(cfg), "--ranks", "2", "--set", "train.epochz=3"]))
     assert "did you mean 'train.epochs'" in line
+
+
+def test_set_shadowed_by_every_stage(cli) -> None:
+    # Both stages of the MRT config set their own epochs: train.epochs=3 would be ignored.
+    line = one_error(cli(["plan", "configs/cosmoflow-mrt.toml", "--ranks", "1",
+                          "--set", "train.epochs=3"]))
+    assert "every stage sets its own train.epochs" in line
+    assert "--set stages.coarse1.train.epochs=3" in line
+
+
+def test_bad_group_and_fusion_weights_fail_before_anything_runs(cli, tiny_config,
+                                                                tmp_path: Path) -> None:
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text(tiny_config().read_text().replace("[train]", '[groups]\ng = "-1:2"\n\n[train]')
+                   + '\n[[stages]]\nname = "a"\ngroup = "g"\n')
+    assert "'-1' is negative" in one_error(cli(["plan", str(cfg), "--ranks", "2"]))
+    cfg.write_text(tiny_config().read_text() + '\n[[stages]]\nname = "a"\n'
+                   '\n[[stages]]\nname = "b"\nafter = ["a"]\n'
+                   '\n[[stages]]\nname = "c"\ninit = "fuse"\nfuse_from = ["a", "b"]\n'
+                   'fusion = "average"\nfusion_weights = [1, -1]\n')
+    line = one_error(cli(["train", str(cfg), "--run-dir", str(tmp_path / "run")]))
+    assert "stage 'c': fusion_weights = [1.0, -1.0]" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bottom_layers_beyond_the_model_fail_before_anything_trains(cli, tiny_config,
+                                                                    tmp_path: Path) -> None:
+    cfg = tmp_path / "plan.toml"
+    cfg.write_text(tiny_config().read_text() + '\n[[stages]]\nname = "a"\n'
+                   '\n[[stages]]\nname = "b"\nafter = ["a"]\n'
+                   '\n[[stages]]\nname = "c"\ninit = "fuse"\nfuse_from = ["a", "b"]\n'
+                   'fusion = "bottom-top"\nbottom_layers = 99\n')
+    line = one_error(cli(["plan", str(cfg), "--ranks", "1"]))
+    assert "stage 'c': bottom_layers = 99" in line and "use 1 to" in line
+    line = one_error(cli(["train", str(cfg), "--run-dir", str(tmp_path / "run")]))
+    assert "stage 'c': bottom_layers = 99" in line
+    assert not (tmp_path / "run").exists()  # stages a and b never trained

@@ -45,6 +45,9 @@ def test_overrides_parse_toml_values_and_bare_strings() -> None:
     ({"model": {"pool": 0}}, "model.pool = 0: use a pooling factor"),
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
     ({"model": {"fc_sizes": 5}}, "expected a list"),
+    # numpy refuses a negative seed, but only at the first epoch: refuse it at load.
+    ({"run": {"seed": -1}}, "run.seed = -1: use 0 or a positive integer"),
+    ({"run": {"seed": 1.5}}, "run.seed = 1.5: expected an integer"),
 ])
 def test_errors_name_key_and_fix(table: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -85,3 +88,58 @@ def test_every_field_is_documented() -> None:
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     top = field_docs(Config)
     assert top.get("groups") and top.get("stages")
+
+
+MRT = ROOT / "configs" / "cosmoflow-mrt.toml"  # stages coarse1 (10 epochs) and fine (8)
+
+
+def epochs(cfg: Config) -> dict[str, int]:
+    return {s.name: s.train.epochs for s in cfg.stages}
+
+
+def test_set_addresses_a_stage_by_name() -> None:
+    assert epochs(load_config(MRT)) == {"coarse1": 10, "fine": 8}
+    cfg = load_config(MRT, ["stages.fine.train.epochs=3", "stages.coarse1.level=2",
+                            "stages.coarse1.train.lr=0.5"])
+    assert epochs(cfg) == {"coarse1": 10, "fine": 3}
+    assert [s.level for s in cfg.stages] == [2, 0]
+    assert [s.train.lr for s in cfg.stages] == [0.5, 0.002]  # fine still inherits [train]
+    # The same on a resolved config (e.g. a run's saved config.toml).
+    again = apply_overrides(load_config(MRT), ["stages.fine.train.epochs=3",
+                                               "stages.coarse1.level=2",
+                                               "stages.coarse1.train.lr=0.5"])
+    assert again == cfg
+
+
+def test_set_on_an_unknown_stage_names_the_stages() -> None:
+    with pytest.raises(ConfigError, match=r"no stage named 'fien' \(stages: coarse1, fine\); "
+                                          r"did you mean 'fine'\?"):
+        load_config(MRT, ["stages.fien.train.epochs=3"])
+    with pytest.raises(ConfigError, match="name a key of stage 'fine'"):
+        load_config(MRT, ["stages.fine=3"])
+    with pytest.raises(ConfigError, match=r"the config has no \[\[stages\]\]"):
+        apply_overrides(Config(), ["stages.main.train.epochs=3"])
+
+
+def test_set_of_a_run_train_key_that_every_stage_sets_is_an_error() -> None:
+    # Both stages set epochs in [stages.train]: train.epochs=3 would change nothing.
+    message = (r"--set 'train.epochs=3' changes nothing: every stage sets its own "
+               r"train.epochs \(coarse1, fine\); set it per stage, e.g. --set "
+               r"stages.coarse1.train.epochs=3")
+    with pytest.raises(ConfigError, match=message):
+        load_config(MRT, ["train.epochs=3"])
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(load_config(MRT), ["train.epochs=3"])
+    # A key the stages inherit reaches every stage.
+    cfg = load_config(MRT, ["train.lr=0.5"])
+    assert [s.train.lr for s in cfg.stages] == [0.5, 0.5]
+    assert apply_overrides(load_config(MRT), ["train.lr=0.5"]) == cfg
+
+
+def test_set_of_a_run_train_key_reaches_the_stages_that_inherit_it(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[train]\nepochs = 4\n\n[[stages]]\nname = "a"\nlevel = 1\n'
+                    '[stages.train]\nepochs = 2\n\n[[stages]]\nname = "b"\nafter = ["a"]\n')
+    cfg = load_config(path, ["train.epochs=6"])
+    assert epochs(cfg) == {"a": 2, "b": 6}
+    assert apply_overrides(load_config(path), ["train.epochs=6"]) == cfg

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import threading
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from hpc_multires.data.convert import convert
+from hpc_multires.data.convert import ArraySource, convert
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import DataError
 
@@ -93,3 +96,35 @@ def test_missing_and_malformed_inputs(tmp_path: Path) -> None:
     np.savez(tmp_path / "only.npz", inputs=np.zeros((2, 1, 4)))
     with pytest.raises(DataError, match="no array 'x'"):
         convert(tmp_path / "only.npz", None, tmp_path / "out")
+
+
+@pytest.mark.parametrize("compress", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+@pytest.mark.parametrize(("start", "row"), [(20, 10), (4, 10)])  # skipping / reading past the end
+def test_truncated_npz_member_is_an_error_not_a_hang(tmp_path: Path, compress: int, start: int,
+                                                     row: int) -> None:
+    # A well-formed archive whose x.npy header promises 40 samples but holds 10: its
+    # stream reads b"" after them. Read in a thread so that a loop waiting for bytes that
+    # never come fails the test instead of hanging it.
+    x, _ = make()
+    member = io.BytesIO()
+    np.save(member, x)
+    header = len(member.getvalue()) - x.nbytes
+    with zipfile.ZipFile(tmp_path / "d.npz", "w", compression=compress) as z:
+        z.writestr("x.npy", member.getvalue()[:header + 10 * x[0].nbytes])
+    source = ArraySource(tmp_path / "d.npz", "x")
+    assert source.shape == x.shape  # the header alone looks fine
+    outcome: list[BaseException | int] = []
+
+    def read() -> None:
+        try:
+            outcome.append(len(list(source.rows(start, 30))))
+        except BaseException as e:  # handed to the test's thread
+            outcome.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "reading a truncated .npz member did not return"
+    (err,) = outcome
+    assert isinstance(err, DataError)
+    assert f"d.npz:x ends at row {row} of 40; the file is truncated" in str(err)

@@ -78,6 +78,25 @@ def test_group_specs(spec: str, world: int, ranks: tuple[int, ...]) -> None:
     assert group_ranks("g", spec, world) == ranks
 
 
+@pytest.mark.parametrize("spec", ["-1:2", "-2:-1", "0:-1", "-3:end", "-1/2:1/2"])
+def test_negative_group_bounds_are_refused(spec: str) -> None:
+    # range() takes negative bounds, and (-1, 0, 1) would reach the collectives as ranks.
+    with pytest.raises(ConfigError, match=f"groups.g = '{spec}': .* is negative"):
+        group_ranks("g", spec, 4)
+
+
+def test_every_accepted_group_lies_inside_the_world() -> None:
+    bounds = ["0", "1", "2", "3", "4", "5", "1/4", "1/3", "1/2", "0.75", "1", "end"]
+    for world in (1, 2, 3, 4, 5):
+        for start in bounds:
+            for end in bounds:
+                try:
+                    ranks = group_ranks("g", f"{start}:{end}", world)
+                except ConfigError:
+                    continue
+                assert ranks and all(0 <= r < world for r in ranks), (start, end, world)
+
+
 @pytest.mark.parametrize(("table", "message"), [
     (plan({"name": "a", "init": "fuse", "fuse_from": ["nope"]}),
      "depends on 'nope', which does not exist"),
@@ -93,6 +112,21 @@ def test_group_specs(spec: str, world: int, ranks: tuple[int, ...]) -> None:
     (plan({"name": "a", "train": {"epochs": 0}}), r"stages\[0\]\.train\.epochs = 0"),
     (plan({"name": "a"}, {"name": "b", "init": "fuse", "fuse_from": ["a"],
                           "fusion_keep": 1.5}), "fusion_keep = 1.5; use a value between 0"),
+    (plan({"name": "a"}, groups={"g": "-1:2"}), "'-1' is negative; ranks count from 0"),
+    (plan({"name": "a"}, groups={"g": "-2:-1"}), "'-2' is negative"),
+    (plan({"name": "a"}, groups={"g": "0:-1"}), "'-1' is negative"),
+    (plan({"name": "a"}, groups={"g": "-1/2:end"}), "'-1/2' is negative"),
+    (plan({"name": "a"}, groups={"g": "1/0:end"}), "'1/0' is neither a rank count"),
+    # Fusion settings that only the consuming stage would trip over, after the earlier
+    # stages have trained: refused when the config is loaded.
+    *[(plan({"name": "a"}, {"name": "b"},
+            {"name": "c", "init": "fuse", "fuse_from": ["a", "b"], "fusion": "average",
+             "fusion_weights": weights}),
+       r"stage 'c': fusion_weights = .*finite weight >= 0.*not all 0")
+      for weights in ([1, -1], [0, 0], [float("nan"), 1], [float("inf"), 1])],
+    (plan({"name": "fine"}, {"name": "coarse", "level": 1, "init": "fuse",
+                             "fuse_from": ["fine"], "fusion": "prolong"}),
+     "fusion 'prolong' moves a model to a finer level, but 'fine' is on level 0"),
 ])
 def test_bad_plans_fail_at_load(table: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -171,3 +171,30 @@ def test_reader_workers_come_from_the_fork_server_and_read_the_same(tmp_path: Pa
     # interpreters; with plain fork the workers themselves would be here.
     assert any("forkserver" in cmd for cmd in direct), direct
     assert all("from multiprocessing." in cmd for cmd in direct), direct
+
+
+def test_inspect_lists_only_complete_levels(tmp_path: Path, arrays) -> None:
+    """A level whose group never got `complete = 1` (a pyramid build killed half way) is
+    one training refuses; inspect must not list it as present."""
+    from hpc_multires.data.pyramid import build_pyramid
+
+    path = write_arrays_store(tmp_path / "s", *arrays)
+    build_pyramid(path, 2)
+    with h5py.File(path / "shard-00001.h5", "r+") as f:
+        f["levels/2"].attrs["complete"] = 0
+    r = checksum_shard(path / "shard-00001.h5")
+    assert r["ok"] and r["levels"] == [1] and r["incomplete_levels"] == [2]
+    assert checksum_shard(path / "shard-00000.h5")["levels"] == [1, 2]
+    with pytest.raises(DataError, match="no complete pyramid level 2"):
+        SampleStore(path, level=2)  # what training says
+    text, ok = inspect_store(path)
+    assert ok  # the samples themselves verify
+    lines = text.splitlines()
+    assert "levels 1,2 " in next(ln for ln in lines if "shard-00000.h5" in ln)
+    assert "levels 1 (2 incomplete) " in next(ln for ln in lines if "shard-00001.h5" in ln)
+    assert (f"level(s) 2 incomplete in the shards marked above, so training cannot use them: "
+            f"rebuild with `hpc-multires data pyramid {path} --levels 2`") in text
+    # The command it names repairs the level.
+    assert build_pyramid(path, 2)["built"] == 1
+    assert "incomplete" not in inspect_store(path)[0]
+    assert len(SampleStore(path, level=2)) == 20

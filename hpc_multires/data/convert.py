@@ -81,15 +81,21 @@ class ArraySource:
         with self._open_member() as f:
             self._header(f)
             # Skip forward by reading: a zip stream cannot seek, but this is sequential I/O.
-            skip = start * row_bytes
-            while skip:
-                skip -= len(f.read(min(skip, 1 << 24)))
+            skipped = 0
+            while skipped < start * row_bytes:
+                got = len(f.read(min(start * row_bytes - skipped, 1 << 24)))
+                if not got:  # the member ends early: read() gives b"" from here on
+                    raise self._truncated(skipped // row_bytes)
+                skipped += got
             for i in range(start, stop):
                 buf = f.read(row_bytes)
                 if len(buf) != row_bytes:
-                    raise DataError(f"{self.name} ends at row {i} of {self.shape[0]}; "
-                                    "the file is truncated")
+                    raise self._truncated(i)
                 yield np.frombuffer(buf, dtype=self.dtype).reshape(row_shape)
+
+    def _truncated(self, row: int) -> DataError:
+        return DataError(f"{self.name} ends at row {row} of {self.shape[0]}; the file is "
+                         "truncated")
 
 
 def open_inputs(x: Path, y: Path | None) -> tuple[ArraySource, ArraySource]:

@@ -34,6 +34,7 @@ def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
     all_ok = True
     if verify:
         combined = hashlib.sha256()
+        incomplete: set[int] = set()
         for info in store.shards:
             try:
                 r = checksum_shard(info.path)
@@ -47,8 +48,16 @@ def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
             status = "ok" if ok else ("CHECKSUM MISMATCH" if not r["ok"] else
                                       f"{r['nonfinite']} NaN/inf values")
             levels = ",".join(map(str, r["levels"])) or "-"
+            if r["incomplete_levels"]:  # an interrupted pyramid build: training refuses them
+                levels += f" ({','.join(map(str, r['incomplete_levels']))} incomplete)"
+                incomplete.update(r["incomplete_levels"])
             lines.append(f"  {info.path.name}  {info.num_samples:6d} samples  levels {levels:<6} "
                          f"sha256 {r['x_sha256'][:12]}  {status}")
+        if incomplete:
+            lines.append(f"pyramid   level(s) {', '.join(map(str, sorted(incomplete)))} "
+                         "incomplete in the shards marked above, so training cannot use them: "
+                         f"rebuild with `hpc-multires data pyramid {path} --levels "
+                         f"{max(incomplete)}`")
         lines.append(f"checksum  {combined.hexdigest()[:16]} (over all shards' x and y bytes)")
         lines.append("verified  all shards match their stored checksums" if all_ok else
                      "verified  FAILED: regenerate or re-copy the shards marked above")

@@ -403,7 +403,13 @@ class SampleStore:
 
 
 def checksum_shard(path: Path) -> dict[str, Any]:
-    """Recompute the SHA-256 of a shard's /x and /y bytes and compare with its attributes."""
+    """Recompute the SHA-256 of a shard's /x and /y bytes and compare with its attributes.
+
+    "levels": the pyramid levels training can read; "incomplete_levels": those whose group
+    exists but was never finished (an interrupted build), which training refuses.
+    """
+    from hpc_multires.data.pyramid import level_is_complete  # pyramid imports this module
+
     with _open(path) as f:
         x, y = f["x"], f["y"]
         hx, hy = hashlib.sha256(), hashlib.sha256()
@@ -417,7 +423,9 @@ def checksum_shard(path: Path) -> dict[str, Any]:
             nonfinite += int((~np.isfinite(yi)).sum())
         want_x = _attr(f, path, "x_sha256")
         want_y = _attr(f, path, "y_sha256")
+        levels = sorted(int(k) for k in f["levels"] if k.isdigit()) if "levels" in f else []
+        complete = [k for k in levels if level_is_complete(f, k)]
         return {"x_sha256": hx.hexdigest(), "y_sha256": hy.hexdigest(),
                 "ok": hx.hexdigest() == want_x and hy.hexdigest() == want_y,
-                "nonfinite": nonfinite,
-                "levels": sorted(int(k) for k in f["levels"]) if "levels" in f else []}
+                "nonfinite": nonfinite, "levels": complete,
+                "incomplete_levels": [k for k in levels if k not in complete]}

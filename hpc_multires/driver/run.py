@@ -26,7 +26,7 @@ from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError, DataError, UserError
-from hpc_multires.methods.fusion import fuse, shrink
+from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
 from hpc_multires.models import build_model
 from hpc_multires.plan.config import Config, DataConfig, config_to_dict, config_to_toml
 from hpc_multires.plan.stages import Stage, describe_plan, resolve
@@ -66,12 +66,21 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
 def open_levels(cfg: Config, data: DataConfig,
                 stages: list[Stage]) -> dict[int, tuple[Split, Split]]:
     """Every level the stages need, opened (and so checked) before anything runs, with a
-    model built for each so that one unfit for a level fails now. The highest level is
-    opened first: if the pyramid is missing, its fix then builds every level needed."""
+    model built for each so that one unfit for a level fails now, and so that a bottom-top
+    fusion asking for more layers than its models have fails before the stages it fuses
+    from have trained. The highest level is opened first: if the pyramid is missing, its
+    fix then builds every level needed."""
     splits = {level: open_splits(data, level)
               for level in sorted({s.level for s in stages}, reverse=True)}
-    for level, (train, _) in splits.items():
-        build_model(cfg.model, train.store.sample_shape, train.store.schema.num_labels, level)
+    models = {level: build_model(cfg.model, train.store.sample_shape,
+                                 train.store.schema.num_labels, level)
+              for level, (train, _) in splits.items()}
+    by_name = {s.name: s for s in stages}
+    for s in stages:
+        if s.config.init == "fuse" and s.config.fusion == "bottom-top":
+            bottom = by_name[s.config.fuse_from[0]]
+            check_bottom_layers(models[bottom.level].state_dict(), models[s.level].state_dict(),
+                                s.config.bottom_layers, stage=s.name)
     return splits
 
 
@@ -271,7 +280,9 @@ class PlanRunner:
         fused = fuse(stage.config.fusion, sources, fresh,
                      weights=stage.config.fusion_weights,
                      bottom_layers=stage.config.bottom_layers, dense_layers=dense,
-                     sampled=getattr(model, "level_factor", 1) > 1)
+                     sampled=getattr(model, "level_factor", 1) > 1,
+                     factor=2 ** (first.level - stage.level)
+                     if stage.config.fusion == "prolong" else None)
         return shrink(fused, fresh, stage.config.fusion_keep)
 
 

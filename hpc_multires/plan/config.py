@@ -273,6 +273,8 @@ def _check_train(t: TrainConfig, prefix: str) -> None:
 def _check_values(cfg: Config) -> None:
     need = _need
     d, m, c, g = cfg.data, cfg.model, cfg.comm, cfg.log
+    need(cfg.run.seed >= 0, "run.seed", cfg.run.seed,
+         "use 0 or a positive integer (numpy's seeds are non-negative)")
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
          "use a fraction in [0, 1)")
     need(d.level >= 0, "data.level", d.level, "use 0 (original) or a pyramid level k >= 1")
@@ -407,7 +409,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(table)
 
 
-def _set(table: dict[str, Any], item: str) -> None:
+def _set(table: dict[str, Any], item: str, resolved: bool = False) -> None:
+    """Apply one `--set KEY=VALUE` to a TOML table. KEY is section.key, stages.NAME.key or
+    stages.NAME.train.key. `resolved`: every stage's train table is complete (a table from
+    `config_to_dict`), so a stage inherits a run's train key when its value equals the
+    run's; otherwise a stage sets a key itself when its [stages.train] holds it."""
     key, eq, raw = item.partition("=")
     key = key.strip()
     if not eq or not key or "." not in key:
@@ -419,6 +425,11 @@ def _set(table: dict[str, Any], item: str) -> None:
         value = raw  # a bare string such as a path
     *parents, leaf = key.split(".")
     node = table
+    if parents[0] == "stages":
+        node, parents, leaf = _stage_table(table, item, key)
+    elif parents == ["train"] and isinstance(table.get("stages"), list) and table["stages"]:
+        _set_run_train(table, item, leaf, value, raw.strip(), resolved)
+        return
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -426,11 +437,70 @@ def _set(table: dict[str, Any], item: str) -> None:
     node[leaf] = value
 
 
+def _stage_table(table: dict[str, Any], item: str,
+                 key: str) -> tuple[dict[str, Any], list[str], str]:
+    """For KEY = stages.NAME.rest: the stage named NAME, and rest as (parents, leaf)."""
+    stages = [st for st in table.get("stages") or [] if isinstance(st, dict)]
+    names = [str(st.get("name", "")) for st in stages]
+    if not stages:
+        raise ConfigError(f"--set {item!r}: the config has no [[stages]]; set the run's own "
+                          "keys instead, e.g. --set train.epochs=8")
+    rest = key.removeprefix("stages.")
+    # The longest name that fits: a stage name may itself hold a dot.
+    fits = [i for i, name in enumerate(names) if rest.startswith(name + ".")]
+    if not fits and rest in names:
+        raise ConfigError(f"--set {item!r}: name a key of stage {rest!r}, e.g. --set "
+                          f"stages.{rest}.train.epochs=3 or --set stages.{rest}.level=1")
+    if not fits:
+        wanted = rest.split(".", 1)[0]
+        close = difflib.get_close_matches(wanted, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"--set {item!r}: no stage named {wanted!r} (stages: "
+                          f"{', '.join(names)}); {hint}address a stage by its name, e.g. "
+                          f"--set stages.{(close or names)[0]}.train.epochs=3")
+    i = max(fits, key=lambda j: len(names[j]))
+    *parents, leaf = rest[len(names[i]) + 1:].split(".")
+    return stages[i], parents, leaf
+
+
+def _set_run_train(table: dict[str, Any], item: str, leaf: str, value: Any, raw: str,
+                   resolved: bool) -> None:
+    """`--set train.KEY=VALUE` on a staged config: the run's [train], which each stage
+    inherits unless it sets KEY itself; an error when every stage does, since the
+    override would then change nothing."""
+    base = table.setdefault("train", {})
+    if not isinstance(base, dict):
+        raise ConfigError(f"--set {item!r}: 'train' is not a section")
+    stages = [st for st in table["stages"] if isinstance(st, dict)]
+    missing = object()
+    old = base.get(leaf, missing)
+
+    def sets_own(stage: dict[str, Any]) -> bool:
+        own = stage.get("train")
+        if not isinstance(own, dict) or leaf not in own:
+            return False
+        return not resolved or own[leaf] != old
+
+    shadowed = [sets_own(st) for st in stages]
+    if stages and all(shadowed):
+        names = [str(st.get("name", "")) for st in stages]
+        raise ConfigError(
+            f"--set {item!r} changes nothing: every stage sets its own train.{leaf} "
+            f"({', '.join(names)}); set it per stage, e.g. --set stages.{names[0]}.train."
+            f"{leaf}={raw}")
+    base[leaf] = value
+    if resolved:  # inheriting stages hold a copy of the old value: update it
+        for st, own in zip(stages, shadowed, strict=True):
+            if not own and isinstance(st.get("train"), dict) and leaf in st["train"]:
+                st["train"][leaf] = value
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A new config with `section.key=value` overrides applied and validated."""
+    """A new config with `section.key=value` overrides applied and validated. A stage whose
+    train value equals the run's counts as inheriting it (the resolved config cannot tell)."""
     table = config_to_dict(cfg)
     for item in overrides:
-        _set(table, item)
+        _set(table, item, resolved=True)
     return config_from_dict(table)
 
 

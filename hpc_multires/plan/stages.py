@@ -9,6 +9,7 @@ rank waits at the end of a wave until the wave is complete.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -44,17 +45,19 @@ def _bound(text: str, world: int, spec: str, name: str) -> int:
     text = text.strip()
     if text == "end":
         return world
+    fraction = "/" in text or "." in text
     try:
-        if "/" in text or "." in text:
-            value = Fraction(text)
-            if not 0 <= value <= 1:
-                raise ValueError
-            return int(value * world)  # floor: 1/2 of 5 ranks is 2
-        return int(text)
-    except ValueError:
+        value = Fraction(text) if fraction else Fraction(int(text))
+    except (ValueError, ZeroDivisionError):
+        value = None
+    if value is not None and value < 0:  # range() would take it; Python's -1 is not a rank
+        raise ConfigError(f"groups.{name} = {spec!r}: {text!r} is negative; ranks count from 0: "
+                          "write START:END such as \"0:2\" for ranks 0 and 1")
+    if value is None or (fraction and value > 1):
         raise ConfigError(
             f"groups.{name} = {spec!r}: {text!r} is neither a rank count (2), a fraction of "
-            "the world (1/2 or 0.5) nor 'end'; write START:END such as \"0:1/2\"") from None
+            "the world (1/2 or 0.5) nor 'end'; write START:END such as \"0:1/2\"")
+    return int(value * world) if fraction else int(value)  # floor: 1/2 of 5 ranks is 2
 
 
 def group_ranks(name: str, spec: str, world: int) -> tuple[int, ...]:
@@ -109,12 +112,23 @@ def check_plan(cfg: Config) -> None:
             if st.fusion in ("transfer", "prolong") and n != 1:
                 raise ConfigError(f"stage {st.name!r}: fusion {st.fusion!r} takes one stage in "
                                   f"fuse_from, got {n}")
+            source = next(o for o in cfg.stages if o.name == st.fuse_from[0])
+            if st.fusion == "prolong" and source.level < st.level:  # 2^(level gap) < 1
+                raise ConfigError(f"stage {st.name!r}: fusion 'prolong' moves a model to a finer "
+                                  f"level, but {source.name!r} is on level {source.level} and "
+                                  f"this stage on level {st.level}; use fusion = \"transfer\"")
             if st.fusion == "bottom-top" and (n != 2 or st.bottom_layers < 1):
                 raise ConfigError(f"stage {st.name!r}: fusion 'bottom-top' takes two stages "
                                   "(bottom, top) and bottom_layers >= 1")
             if st.fusion_weights and len(st.fusion_weights) != n:
                 raise ConfigError(f"stage {st.name!r}: {len(st.fusion_weights)} fusion_weights "
                                   f"for {n} stages in fuse_from")
+            weights = st.fusion_weights
+            if weights and not (all(math.isfinite(w) and w >= 0 for w in weights)
+                                and sum(weights) > 0):
+                raise ConfigError(f"stage {st.name!r}: fusion_weights = {list(weights)}; use "
+                                  "one finite weight >= 0 per stage in fuse_from, not all 0 "
+                                  "(e.g. [1, 1])")
         if not 0.0 <= st.fusion_keep <= 1.0:
             raise ConfigError(f"stage {st.name!r}: fusion_keep = {st.fusion_keep}; use a value "
                               "between 0 (a fresh start) and 1 (the fused model as it is)")

@@ -79,13 +79,35 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out)
+    except OSError as e:
+        raise UserError(f"--out {str(out)!r}: cannot write the plot ({e.strerror or e}); "
+                        "pass a path in a directory you can write to") from None
+    finally:
+        plt.close(fig)
+
+
+def plot_path(out: Path) -> Path:
+    """The file the plot goes to: `out` as given, with `.png` added when it has no suffix
+    (matplotlib would add it silently), so the path printed is the path written."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a directory; pass a file path such as "
+                        f"{str(out / 'report.png')!r}")
+    if not out.suffix:
+        return out.with_name(out.name + ".png")
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise UserError(f"--out {str(out)!r}: {out.suffix!r} is not an image format; end the "
+                        f"path with .png (or one of {', '.join('.' + f for f in sorted(formats))})")
+    return out
 
 
 def report(run_dirs: list[Path], out: Path | None) -> str:
+    png = plot_path(out) if out is not None else run_dirs[0] / "report.png"
     rows = [summarize(d) for d in run_dirs]
-    png = out if out is not None else run_dirs[0] / "report.png"
     plot(rows, png)
     return table(rows) + f"\nplot: {png}"

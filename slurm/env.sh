@@ -7,13 +7,17 @@
 # module load python/3.11 cuda/12.4 openmpi/4.1
 # module load apptainer
 
-# The Python that runs the ranks: the repository's .venv unless HPCMR_PYTHON is set
-# (e.g. a site venv, or "apptainer exec --nv image.sif python" via slurm/run-in-container.sh).
+# The Python that runs the ranks: the repository's .venv unless HPCMR_PYTHON is set. It is
+# one executable, run as "$HPCMR_PYTHON" (no arguments in it): a site venv's python, or
+# containers/run.sh for the Apptainer image (HPCMR_IMAGE=image.sif HPCMR_NV=1 for GPUs; see
+# docs/containers.md).
 : "${HPCMR_PYTHON:=${HPCMR_ROOT}/.venv/bin/python}"
 export HPCMR_PYTHON
 
 # One thread per rank unless the job gave each task more CPUs.
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
+# srun 22.05 to 23.05 ignores the job's SLURM_CPUS_PER_TASK (each task got one CPU).
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
 export MKL_NUM_THREADS="${OMP_NUM_THREADS}"
 # MPICH (the mpich wheel): do not busy-poll when ranks share cores.
 export MPIR_CVAR_CH4_PROGRESS_THROTTLE=1

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -27,12 +30,22 @@ def sections(path: Path) -> tuple[dict[str, str], dict[str, str]]:
         if m:
             current = m.group(1)
             body[current] = ""
+        elif current is None and line.startswith("#"):
+            continue  # Apptainer skips comment lines in the header
         elif current is None and ":" in line:
             k, v = line.split(":", 1)
             header[k.strip()] = v.strip()
         elif current is not None:
             body[current] += line + "\n"
     return header, body
+
+
+def files_entries(files: str) -> list[tuple[str, str]]:
+    """The (source, destination) pairs of a %files section, comment lines skipped."""
+    lines = [ln.split() for ln in files.splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    assert all(len(ln) == 2 for ln in lines), files
+    return [(src, dst) for src, dst in lines]
 
 
 def make_setup_line(post: str) -> list[str]:
@@ -58,7 +71,7 @@ def test_definitions(name: str, base: str, torch_installed: bool, tmp_path: Path
     header, body = sections(ROOT / "containers" / name)
     assert header["Bootstrap"] == "docker" and header["From"].startswith(base)
     assert {"help", "labels", "files", "post", "environment", "runscript", "test"} <= set(body)
-    assert body["files"].split() == [".", "/opt/hpc-multires"]
+    assert files_entries(body["files"]) == [(src, f"/opt/hpc-multires/{src}") for src in COPIED]
     assert "-m hpc_multires" in body["runscript"]
     args = make_setup_line(body["post"])
     assert "VENV=/opt/venv" in args
@@ -85,3 +98,65 @@ def test_run_wrapper_passes_arguments_through(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["exec", "--nv", "--bind", str(tmp_path), "img.sif",
                                      "/opt/venv/bin/python", "-m", "hpc_multires", "a b"]
+
+
+# What the images copy from the repository (%files): what `make setup` reads and what jobs
+# use from the image; never the working tree's .venv, runs/, demo-data/ or .git.
+COPIED = ["Makefile", "pyproject.toml", "README.md", "hpc_multires", "configs", "slurm"]
+
+
+def test_copied_files_are_enough_to_build_the_package(tmp_path: Path) -> None:
+    """A copy of just COPIED (as %files makes it, cp -L) builds the project's wheel, with
+    the README its metadata names, and the Makefile's set-up line is intact in it."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["readme"] in COPIED
+    copy = tmp_path / "opt-hpc-multires"
+    copy.mkdir()
+    for src in COPIED:
+        if (ROOT / src).is_dir():
+            shutil.copytree(ROOT / src, copy / src, symlinks=False,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / src, copy / src)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index",
+                            "--no-build-isolation", "-w", str(tmp_path / "wheel"), "."],
+                           cwd=copy, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    assert "cannot be found" not in built.stderr, built.stderr
+    wheels = [p.name for p in (tmp_path / "wheel").iterdir()]
+    assert wheels == ["hpc_multires-0.1.0-py3-none-any.whl"]
+    plan = subprocess.run(["make", "-n", "-B", "setup", f"VENV={tmp_path / 'venv'}"], cwd=copy,
+                          capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    assert "pip install --quiet -e '.[mpi,dev]'" in plan.stdout
+
+
+def ngc_pytorch_python(tag: str) -> tuple[int, int]:
+    """The Python of NVIDIA's PyTorch image YY.MM-py3 (its release notes): 3.10 on Ubuntu
+    22.04 in 24.xx, 3.12 on Ubuntu 24.04 from 25.01."""
+    m = re.fullmatch(r"(\d\d)\.(\d\d)-py3", tag)
+    assert m, tag
+    release = (int(m.group(1)), int(m.group(2)))
+    assert release >= (24, 1), f"{tag}: older than this table"
+    return (3, 12) if release >= (25, 1) else (3, 10)
+
+
+@pytest.mark.parametrize("name", ["cpu.def", "gpu.def"])
+def test_base_image_python_meets_requires_python(name: str) -> None:
+    """The image's Python must satisfy pyproject's requires-python (tomllib needs 3.11):
+    24.10 of NVIDIA's image shipped 3.10, and `make setup` failed inside it."""
+    spec = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    m = re.fullmatch(r">=(\d+)\.(\d+)", spec)
+    assert m, f"requires-python {spec!r}: this test reads only '>=X.Y'"
+    required = (int(m.group(1)), int(m.group(2)))
+    header, _ = sections(ROOT / "containers" / name)
+    image, _, tag = header["From"].partition(":")
+    if image == "python":
+        m = re.match(r"(\d+)\.(\d+)", tag)
+        assert m, tag
+        python = (int(m.group(1)), int(m.group(2)))
+    else:
+        assert image == "nvcr.io/nvidia/pytorch", image
+        python = ngc_pytorch_python(tag)
+    assert python >= required, f"{name}: {header['From']} has Python {python}, needs {spec}"
+    assert ngc_pytorch_python("24.10-py3") < required  # the check would have caught it

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from hpc_multires.cli.submit import JobSpec, render
+from hpc_multires.cli.submit import JobSpec, check, render
+from hpc_multires.errors import UserError
 
 GOLDEN = Path(__file__).parent / "golden"
 REPO = Path(__file__).resolve().parent.parent
@@ -115,3 +118,69 @@ def test_dry_run_cli_prints_the_script(cli, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "nope.toml' not found" in missing.stderr
     bad = cli(["submit", "configs/cosmoflow-demo.toml", "--time", "1h; rm", "--dry-run"])
     assert bad.returncode == 2 and "--time" in bad.stderr
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [
+    ("run_dir", Path("/tmp/r\nrm -rf ~"), "--run-dir"),
+    ("config", Path("/tmp/c\r.toml"), "config"),
+    ("overrides", ("train.epochs=1", "data.path=/d\n; id"), "--set"),
+    ("root", Path("/opt/repo\x1b[2J"), "the repository path"),
+])
+def test_control_characters_are_refused(field: str, value: object, flag: str) -> None:
+    """A newline would end the script's `# Submitted as:` comment line, and the rest of the
+    value would run as a command; quoting cannot help there, so such values are refused."""
+    job = dataclasses.replace(CASES["cpu-1node"], **{field: value})
+    with pytest.raises(UserError, match="contains the control character") as err:
+        check(job)
+    assert str(err.value).startswith(f"{flag} ") and "\n" not in str(err.value)
+
+
+def test_control_characters_through_the_cli(cli, tmp_path: Path) -> None:
+    r = cli(["submit", "configs/cosmoflow-demo.toml", "--run-dir", f"{tmp_path}/r\nid",
+             "--dry-run"])
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    [line] = r.stderr.splitlines()
+    assert line.startswith("hpc-multires: error: --run-dir ") and "\\n" in line
+
+
+# What slurm/gpu.sbatch computes from --cpus-per-task: all CPUs of the task but one, at least 1.
+GPU_READERS = {1: 1, 2: 1, 8: 7}
+
+
+@pytest.mark.parametrize("cpus", sorted(GPU_READERS))
+def test_submit_on_gpus_launches_what_gpu_sbatch_launches(tmp_path: Path, cpus: int) -> None:
+    """docs/slurm.md gives `sbatch slurm/gpu.sbatch` and `submit --gpus-per-node` as the same
+    job: both scripts run with srun stubbed start the same command line, with
+    data.num_workers from the task's CPUs (a user's --set after it wins), and srun is told
+    the task's CPUs (srun 22.05 to 23.05 does not read SLURM_CPUS_PER_TASK)."""
+    env = _stub_srun(tmp_path, 'echo "SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset}"\n'
+                               'for a in "$@"; do printf "%s\\n" "$a"; done\n')
+    env.update(SLURM_CPUS_PER_TASK=str(cpus), SLURM_JOB_ID="1")
+    run = tmp_path / "run"
+    job = JobSpec(config=Path("c.toml"), run_dir=run, root=REPO, ntasks_per_node=4,
+                  cpus_per_task=cpus, gpus_per_node=4, overrides=("train.epochs=1",))
+    (tmp_path / "job.sbatch").write_text(render(job))
+    launched = {}
+    for name, cmd in [("gpu.sbatch", [str(REPO / "slurm" / "gpu.sbatch"), "c.toml", str(run),
+                                      "--set", "train.epochs=1"]),
+                      ("submit", [str(tmp_path / "job.sbatch")])]:
+        out = subprocess.run(["bash", *cmd], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=30)
+        assert out.returncode == 0, out.stderr
+        launched[name] = out.stdout.splitlines()
+    assert launched["submit"] == launched["gpu.sbatch"]
+    assert launched["submit"][0] == f"SRUN_CPUS_PER_TASK={cpus}"
+    args = launched["submit"]
+    sets = [value for flag, value in itertools.pairwise(args) if flag == "--set"]
+    assert sets == [f"data.num_workers={GPU_READERS[cpus]}", "train.epochs=1"]
+
+
+def test_cpu_jobs_keep_the_configs_readers_and_srun_its_default(tmp_path: Path) -> None:
+    """On CPU nodes the config's data.num_workers stands; without --cpus-per-task (as in an
+    allocation that did not ask) srun's own default is left alone."""
+    assert "num_workers" not in render(CASES["cpu-2nodes"])
+    env = _stub_srun(tmp_path, 'echo "SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-unset}"\n')
+    out = subprocess.run(["bash", "-c", 'set -u; source "$HPCMR_ROOT/slurm/env.sh"; '
+                          "hpcmr_launch train c.toml"], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.stdout == "SRUN_CPUS_PER_TASK=unset\n", out.stderr

@@ -2,7 +2,9 @@
 
 The script is data: `render` is a pure function of its arguments, compared to golden
 files in the tests. Every value that comes from the user (paths, `--set` overrides,
-names) is shell-quoted, so spaces, quotes and `; rm -rf` in them stay literal.
+names) is shell-quoted, so spaces, quotes and `; rm -rf` in them stay literal; control
+characters are refused, since a newline would end the script's `# Submitted as:` comment
+and run the rest of the line as a command.
 
 The script asks Slurm for USR1 two minutes before the time limit and is requeueable;
 the trainer checkpoints on USR1/TERM and exits with 75, on which the script requeues
@@ -45,6 +47,12 @@ def _directive_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", text) or "hpc-multires"
 
 
+def reader_workers(cpus_per_task: int) -> int:
+    """Reader processes per rank on GPU nodes: the task's CPUs but the one that feeds the
+    GPU, and at least one (what slurm/gpu.sbatch passes as data.num_workers)."""
+    return max(cpus_per_task - 1, 1)
+
+
 def render(job: JobSpec) -> str:
     q = shlex.quote
     lines = ["#!/bin/bash",
@@ -63,7 +71,11 @@ def render(job: JobSpec) -> str:
         lines.append(f"#SBATCH --partition={job.partition}")
     if job.account:
         lines.append(f"#SBATCH --account={job.account}")
-    sets = "".join(f" \\\n    --set {q(s)}" for s in job.overrides)
+    overrides = job.overrides
+    if job.gpus_per_node:
+        # Before the user's --set, so that theirs wins (later overrides earlier).
+        overrides = (f"data.num_workers={reader_workers(job.cpus_per_task)}", *overrides)
+    sets = "".join(f" \\\n    --set {q(s)}" for s in overrides)
     lines += [
         "",
         "# Written by `hpc-multires submit`; the environment is in slurm/env.sh.",
@@ -94,7 +106,19 @@ def sbatch_args(job: JobSpec, script: Path) -> list[str]:
     return ["sbatch", "--parsable", f"--output={job.run_dir / 'slurm-%j.out'}", str(script)]
 
 
+def _check_no_control_characters(job: JobSpec) -> None:
+    values = [("config", str(job.config)), ("--run-dir", str(job.run_dir)),
+              ("the repository path", str(job.root)),
+              *(("--set", s) for s in job.overrides)]
+    for name, value in values:
+        found = re.search(r"[\x00-\x1f\x7f-\x9f]", value)
+        if found:
+            raise UserError(f"{name} {value!r} contains the control character "
+                            f"{found.group()!r}; remove it (newlines and tabs included)")
+
+
 def check(job: JobSpec) -> None:
+    _check_no_control_characters(job)
     if not job.config.is_file():
         raise UserError(f"config {str(job.config)!r} not found; pass the path of a TOML config")
     for name in ("nodes", "ntasks_per_node", "cpus_per_task"):

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="summary table and plot of runs")
     rep.add_argument("run_dirs", type=Path, nargs="+")
-    rep.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/report.png)")
+    rep.add_argument("--out", type=Path,
+                     help="plot file: .png, .pdf, .svg, ... (default RUN_DIR/report.png)")
     rep.set_defaults(func=cmd_report)
     return p
 

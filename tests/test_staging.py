@@ -50,3 +50,19 @@ def test_unset_variable_in_stage_to(cli, tiny_config) -> None:
     cfg.write_text(cfg.read_text().replace("[data]", '[data]\nstage_to = "$NO_SUCH_VAR/x"'))
     r = cli(["train", str(cfg)])
     assert r.returncode == 2 and "not set on this node" in r.stderr, r.stderr
+
+
+def test_a_stale_copy_of_an_earlier_attempt_is_replaced(tiny_cosmo: Path, tmp_path: Path) -> None:
+    """A requeued job on the same node finds its staging folder as a killed attempt left it:
+    half-copied and stale files go, and do not count against the free space."""
+    from hpc_multires.data.staging import copy_verified
+
+    dst = tmp_path / "stage" / "0-cosmo16"
+    dst.mkdir(parents=True)
+    shards = sorted(p.name for p in tiny_cosmo.glob("*.h5"))
+    (dst / (shards[0] + ".tmp")).write_bytes(b"half a copy")
+    (dst / shards[1]).write_bytes(b"a damaged earlier copy")
+    copy_verified(tiny_cosmo, dst)
+    assert sorted(p.name for p in dst.iterdir()) == shards
+    for name in shards:
+        assert (dst / name).read_bytes() == (tiny_cosmo / name).read_bytes()

@@ -44,10 +44,16 @@ def _node_barrier(comm: Comm) -> Any:
 
 
 def copy_verified(src: Path, dst: Path) -> None:
+    # The folder is this job's own: what is in it was left by an earlier attempt of the
+    # same job on this node (killed before its clean-up) and is copied again anyway, so it
+    # goes first rather than counting against the free space.
+    shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True, exist_ok=True)
     shards = sorted(p for p in src.iterdir() if SHARD_PATTERN.fullmatch(p.name))
     free = shutil.disk_usage(dst).free
     need = sum(p.stat().st_size for p in shards)
+    print(f"staging {len(shards)} shard(s), {need / 2**30:.2f} GiB, from {src} to {dst}",
+          file=sys.stderr, flush=True)
     if need > free:
         raise DataError(f"staging {src} needs {need / 2**30:.1f} GiB, {dst} has "
                         f"{free / 2**30:.1f} GiB free; point data.stage_to at a larger "

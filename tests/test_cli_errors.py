@@ -152,3 +152,10 @@ def test_bottom_layers_beyond_the_model_fail_before_anything_trains(cli, tiny_co
     line = one_error(cli(["train", str(cfg), "--run-dir", str(tmp_path / "run")]))
     assert "stage 'c': bottom_layers = 99" in line
     assert not (tmp_path / "run").exists()  # stages a and b never trained
+
+
+def test_plan_refuses_a_global_batch_larger_than_the_training_set(cli, tiny_config) -> None:
+    # 96 samples, a quarter held out: 72 to train on.
+    line = one_error(cli(["plan", str(tiny_config()), "--ranks", "1",
+                          "--set", "train.global_batch=80"]))
+    assert "the training set has 72 samples, fewer than its global batch 80" in line

@@ -106,6 +106,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from hpc_multires.cli.submit import JobSpec, submit
 
     root = Path(__file__).resolve().parents[2]
+    if not (root / "slurm" / "env.sh").is_file():
+        raise UserError(f"hpc-multires submit writes scripts that source slurm/env.sh of the "
+                        f"repository, and {root} is not one (the package is installed, not "
+                        "checked out); install from a clone with `make setup` or "
+                        "`pip install -e .`, or use slurm/*.sbatch from the repository")
     run_dir = (args.run_dir or Path("runs") / args.config.stem).absolute()
     job = JobSpec(config=args.config.absolute(), run_dir=run_dir, root=root, nodes=args.nodes,
                   ntasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task,

@@ -77,6 +77,11 @@ def open_levels(cfg: Config, data: DataConfig,
               for level, (train, _) in splits.items()}
     by_name = {s.name: s for s in stages}
     for s in stages:
+        n_train = len(splits[s.level][0].indices)
+        if n_train < s.train.global_batch:
+            raise ConfigError(
+                f"stage {s.name!r}: the training set has {n_train} samples, fewer than its "
+                f"global batch {s.train.global_batch}; lower the global batch or use more data")
         if s.config.init == "fuse" and s.config.fusion == "bottom-top":
             bottom = by_name[s.config.fuse_from[0]]
             check_bottom_layers(models[bottom.level].state_dict(), models[s.level].state_dict(),

@@ -174,3 +174,35 @@ def test_a_new_run_sets_an_earlier_attempts_log_aside(cli, tiny_config, tmp_path
     assert (run / "metrics.jsonl.prev").read_text() == old
     assert len(records(run, "start")) == 1
     assert [s["step"] for s in records(run, "step")] == list(range(1, 10))
+
+
+def test_metrics_appends_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> None:
+    """Concurrent stages' roots append to one log, possibly from other nodes: each append
+    takes the file's POSIX lock, so it waits while another process holds it."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from hpc_multires.train.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({str(path)!r}, 'a'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True); time.sleep(1.0)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        writer = threading.Thread(target=MetricsLog(path, enabled=True).write,
+                                  args=({"kind": "step", "step": 1},))
+        t0 = time.monotonic()
+        writer.start()
+        writer.join(timeout=0.4)
+        assert writer.is_alive() and path.read_text() == ""  # waiting for the lock
+        writer.join(timeout=10)
+        assert not writer.is_alive() and time.monotonic() - t0 >= 0.5
+    finally:
+        holder.kill()
+        holder.wait()
+    assert read_metrics(path) == [{"kind": "step", "step": 1}]

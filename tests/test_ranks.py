@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+from conftest import ROOT, mpiexec_path, run_cli, run_env
 
 from hpc_multires.comm.ranks import RankInfo, expand_nodelist, node_layout, rank_info_from_env
 
@@ -29,6 +35,32 @@ CASES: list[tuple[str, dict[str, str], RankInfo]] = [
      RankInfo(2, 3, 2, 3, 0, 1, "mpich")),
     ("pmi without local rank",
      {"PMI_RANK": "1", "PMI_SIZE": "2"}, RankInfo(1, 2, 1, 2, 0, 1, "mpich")),
+    ("srun --mpi=pmi2: slurm and PMI agree, slurm knows more",
+     {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+      "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_ID": "3",
+      "PMI_RANK": "1", "PMI_SIZE": "2", "PMIX_RANK": "1"},
+     RankInfo(1, 2, 0, 1, 1, 2, "slurm")),
+    # mpiexec inside an allocation starts one daemon per node with srun: the ranks inherit
+    # that step's SLURM_PROCID (the daemon's index) and SLURM_NTASKS (the daemon count).
+    ("mpich mpiexec inside a slurm allocation",
+     {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+      "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_ID": "0",
+      "PMI_RANK": "6", "PMI_SIZE": "8", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "4"},
+     RankInfo(6, 8, 2, 4, 0, 1, "mpich")),
+    ("open mpi mpirun inside a slurm allocation (same size, other rank)",
+     {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+      "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_ID": "0",
+      "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"},
+     RankInfo(5, 8, 1, 4, 0, 1, "openmpi")),
+    # srun --preserve-env keeps the allocation's SLURM_NTASKS/NNODES/TASKS_PER_NODE; the
+    # SLURM_STEP_* values are always the step's.
+    ("srun --preserve-env: 2 tasks in an allocation of 8",
+     {"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_NNODES": "4", "SLURM_LOCALID": "0",
+      "SLURM_NODEID": "1", "SLURM_TASKS_PER_NODE": "2(x4)", "SLURM_STEP_ID": "1",
+      "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NUM_NODES": "2",
+      "SLURM_STEP_TASKS_PER_NODE": "1(x2)"},
+     RankInfo(1, 2, 0, 1, 1, 2, "slurm")),
     ("torchrun inside a slurm allocation",
      {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4",
       "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
@@ -54,6 +86,9 @@ def test_bad_values_name_the_variable() -> None:
     ("n[1-3]", ["n1", "n2", "n3"]),
     ("gpu[01-02,07],login5", ["gpu01", "gpu02", "gpu07", "login5"]),
     ("a[8-10]b", ["a8b", "a9b", "a10b"]),
+    ("n[01-03,07],gpu[1-2]", ["n01", "n02", "n03", "n07", "gpu1", "gpu2"]),
+    ("rack[1-2]-n[01-02],login1",
+     ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02", "login1"]),
 ])
 def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
     assert expand_nodelist(nodelist) == hosts
@@ -63,3 +98,44 @@ def test_node_layout_from_hostnames() -> None:
     hosts = ["b", "b", "a", "a", "b"]  # cyclic placement: rank 4 is on the first node
     assert node_layout(hosts, 4) == (2, 3, 0, 2)
     assert node_layout(hosts, 3) == (1, 2, 1, 2)
+
+
+# A launcher that publishes only PMIx (PRRTE's prterun): none of the table's names are
+# set. Simulated under MPICH's mpiexec by hiding its PMI_* names after MPI is initialised.
+PMIX_ONLY = """
+import json, os
+from mpi4py import MPI
+for key in [k for k in os.environ if k.startswith(("PMI_", "MPI_LOCAL"))]:
+    del os.environ[key]
+os.environ["PMIX_RANK"] = str(MPI.COMM_WORLD.Get_rank())
+from hpc_multires.comm.ranks import discover
+from hpc_multires.data.parallel import data_world
+info, world = discover(), data_world()
+rows = MPI.COMM_WORLD.gather([info.rank, info.world_size, info.local_size, world.rank, world.size])
+if MPI.COMM_WORLD.Get_rank() == 0:
+    print(json.dumps(rows))
+"""
+
+
+@pytest.mark.mpi
+def test_pmix_only_launcher_takes_the_mpi_world() -> None:
+    """Every rank must not believe it is rank 0 of 1 (and each write every shard)."""
+    r = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", PMIX_ONLY],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=run_env())
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == [[0, 2, 2, 0, 2], [1, 2, 2, 1, 2]]
+
+
+def test_srun_without_mpi_is_refused_by_data_commands(tmp_path: Path) -> None:
+    """`srun -n 2` without --mpi: each task is an MPI world of one.
+
+    Taken at face value, every task would be rank 0 of 1 and write and delete every shard
+    at the same time as the others. Rank 0 of the two, started alone here, must refuse.
+    """
+    out = tmp_path / "d"
+    r = run_cli(["data", "synth", "cosmoflow", "--out", str(out), "--samples", "2",
+                 "--size", "8"], timeout=60, SLURM_PROCID="0", SLURM_NTASKS="2",
+                SLURM_STEP_ID="0", SLURM_NODEID="0", SLURM_NNODES="1", SLURM_LOCALID="0")
+    assert r.returncode == 2, r.stderr
+    assert "--mpi=pmi2" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() or not list(out.iterdir())

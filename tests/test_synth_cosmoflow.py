@@ -301,3 +301,38 @@ def test_higher_growth_channels_have_more_variance(batch: dict[str, np.ndarray])
     assert np.all(np.diff(var_chan.mean(axis=0)) > 0)
     # Observed: monotone for every sample.
     assert np.mean(np.all(np.diff(var_chan, axis=1) > 0, axis=1)) > 0.9
+
+
+# --- writing a dataset in parallel (data/writer.py) -----------------------------------------
+
+
+@pytest.mark.parametrize("per_shard", ["0", "-3"])
+def test_samples_per_shard_below_one_is_a_user_error(tmp_path, per_shard: str) -> None:
+    """0 divided by zero (a traceback); -3 gave "-1 shards", exit 0 and an empty directory."""
+    from conftest import run_cli
+
+    out = tmp_path / "d"
+    r = run_cli(["data", "synth", "cosmoflow", "--out", str(out), "--samples", "4", "--size",
+                 "8", "--samples-per-shard", per_shard], timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "--samples-per-shard" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.mpi
+def test_one_ranks_bad_sample_aborts_the_job_at_once(tmp_path) -> None:
+    """A bad sample only its writer sees must not wait the grace period meant for errors
+    every rank raises (rank 0 is waiting in a barrier and will never print it)."""
+    from conftest import run_cli
+
+    x = np.zeros((8, 1, 4), np.float32)
+    x[5, 0, 0] = np.nan  # shard 1 of 2: written by rank 1
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.zeros((8, 1), np.float32))
+    out = tmp_path / "d"
+    r = run_cli(["data", "convert", "--x", str(tmp_path / "x.npy"), "--y",
+                 str(tmp_path / "y.npy"), "--out", str(out), "--samples-per-shard", "4"],
+                ranks=2, timeout=40, HPC_MULTIRES_ABORT_GRACE_S="120")
+    assert r.returncode != 0
+    assert "[rank 1/2]" in r.stderr and "sample 5" in r.stderr
+    assert not (out / "shard-00001.h5").exists()

@@ -33,11 +33,16 @@ class RankInfo:
     node_count: int
     """Number of nodes in the job."""
     launcher: str
-    """Which row of `LAUNCHERS` matched ("slurm", "openmpi", "mpich", "torchrun", "single")."""
+    """Which row of `LAUNCHERS` matched ("slurm", "openmpi", "mpich", "torchrun"), "mpi"
+    (no row matched; MPI's world, see `discover`) or "single"."""
 
     @property
     def is_root(self) -> bool:
         return self.rank == 0
+
+
+Names = str | tuple[str, ...] | None
+"""One variable name, or several in order of preference (the first one set wins)."""
 
 
 @dataclass(frozen=True)
@@ -45,41 +50,62 @@ class Launcher:
     """Environment variable names one launcher sets. `None`: the launcher does not set it."""
 
     name: str
-    rank: str
-    world_size: str
-    local_rank: str | None
-    local_size: str | None
-    node_index: str | None
-    node_count: str | None
+    rank: Names
+    world_size: Names
+    local_rank: Names
+    local_size: Names
+    node_index: Names
+    node_count: Names
 
 
 # Order matters: under `srun --mpi=pmi2`, Slurm and PMI variables are both set and the
 # Slurm row knows more (node index and count); torchrun inside a Slurm allocation sets
 # RANK and also inherits SLURM_* of the batch step, so torchrun's own names come first.
+# srun always sets the SLURM_STEP_* sizes of its step; SLURM_NTASKS and SLURM_NNODES keep
+# the allocation's under `srun --preserve-env`, so they are only the fallback.
 LAUNCHERS: tuple[Launcher, ...] = (
     Launcher("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
              "GROUP_RANK", "GROUP_WORLD_SIZE"),
-    Launcher("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", None,
-             "SLURM_NODEID", "SLURM_NNODES"),
+    Launcher("slurm", "SLURM_PROCID", ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"),
+             "SLURM_LOCALID", None, "SLURM_NODEID", ("SLURM_STEP_NUM_NODES", "SLURM_NNODES")),
     Launcher("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
              "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", None, None),
     Launcher("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", None, None),
 )
 
+# Rows of MPI launchers. mpiexec/mpirun inside a Slurm allocation starts its daemons
+# with srun, one per node, and the ranks inherit that step's SLURM_PROCID/SLURM_NTASKS
+# (daemon index, daemon count): when such a row disagrees with Slurm's, it is the truth.
+_MPI_ROWS = ("openmpi", "mpich")
 
-def _int(env: Mapping[str, str], name: str | None) -> int | None:
-    if name is None or name not in env:
-        return None
-    value = env[name].strip()
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+def _int(env: Mapping[str, str], names: Names) -> int | None:
+    for name in (names,) if isinstance(names, str) else names or ():
+        if name not in env:
+            continue
+        value = env[name].strip()
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    return None
+
+
+def _started_by_mpi_launcher(env: Mapping[str, str], rank: int, size: int) -> bool:
+    """An MPI launcher's rank and size are set and differ from Slurm's `rank` and `size`."""
+    for row in LAUNCHERS:
+        if row.name in _MPI_ROWS:
+            mpi_rank, mpi_size = _int(env, row.rank), _int(env, row.world_size)
+            if mpi_rank is not None and mpi_size is not None and (mpi_rank, mpi_size) != (
+                    rank, size):
+                return True
+    return False
 
 
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
-    """Tasks on this node from SLURM_TASKS_PER_NODE ("2(x3),1") and SLURM_NODEID."""
-    spec, node = env.get("SLURM_TASKS_PER_NODE"), _int(env, "SLURM_NODEID")
+    """Tasks on this node from SLURM_STEP_TASKS_PER_NODE ("2(x3),1") and SLURM_NODEID."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE"))
+    node = _int(env, "SLURM_NODEID")
     if spec is None or node is None:
         return None
     counts: list[int] = []
@@ -104,6 +130,8 @@ def rank_info_from_env(env: Mapping[str, str] | None = None) -> RankInfo:
             continue
         if row.name == "slurm" and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:
             continue  # a batch script's shell, not a task started by srun
+        if row.name == "slurm" and _started_by_mpi_launcher(env, rank, size):
+            continue  # mpiexec inside an allocation: SLURM_* describe its daemons' step
         local_rank = _int(env, row.local_rank)
         local_size = _int(env, row.local_size)
         if row.name == "slurm":
@@ -147,12 +175,20 @@ def node_layout(hostnames: list[str], rank: int) -> tuple[int, int, int, int]:
 
 
 def discover(env: Mapping[str, str] | None = None) -> RankInfo:
-    """`rank_info_from_env`, with the node layout taken from MPI when mpi4py is loaded."""
+    """`rank_info_from_env`, with the node layout taken from MPI when mpi4py is loaded.
+
+    A launcher outside the table (one that publishes only PMIx, such as PRRTE's prterun)
+    leaves every process looking like rank 0 of 1; MPI's world is then the truth.
+    """
     info = rank_info_from_env(env)
     if info.launcher in ("slurm", "torchrun"):
         return info  # they publish the node layout; host names may not tell nodes apart
     mpi = mpi_world()
-    if mpi is None or info.world_size == 1:
+    if mpi is None:
+        return info
+    if info.launcher == "single" and mpi.Get_size() > 1:
+        info = RankInfo(mpi.Get_rank(), mpi.Get_size(), 0, 1, 0, 1, "mpi")
+    if info.world_size == 1:
         return info
     if mpi.Get_size() != info.world_size or mpi.Get_rank() != info.rank:
         return info  # MPI is a singleton here (e.g. torchrun); the environment is right
@@ -184,24 +220,43 @@ def mpi_world() -> Any:
     return MPI.COMM_WORLD
 
 
+def _split_top_level(text: str) -> list[str]:
+    """`text` cut at the commas outside brackets: "n[1,3],m" -> ["n[1,3]", "m"]."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_host(pattern: str) -> list[str]:
+    """One host pattern with any number of bracket groups: "r[1-2]-n[01-02]" -> 4 hosts."""
+    open_at = pattern.find("[")
+    if open_at < 0:
+        return [pattern]
+    close_at = pattern.find("]", open_at)
+    if close_at < 0:
+        raise ValueError(f"Slurm host list pattern {pattern!r} has an unclosed '['")
+    prefix, ranges, rest = pattern[:open_at], pattern[open_at + 1:close_at], pattern[close_at + 1:]
+    values: list[str] = []
+    for part in ranges.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not hi:
+            values.append(lo)
+            continue
+        width = len(lo)  # zero padding is kept: "01-02" -> "01", "02"
+        values += [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+    tails = _expand_host(rest)
+    return [f"{prefix}{value}{tail}" for value in values for tail in tails]
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand a Slurm hostlist: "n[1-3,7],gpu05" -> ["n1", "n2", "n3", "n7", "gpu05"].
 
-    Zero padding is kept ("n[01-02]" -> "n01", "n02").
+    Zero padding is kept ("n[01-02]" -> "n01", "n02"); a host may hold several bracket
+    groups ("rack[1-2]-n[01-02]" -> "rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02").
     """
-    hosts: list[str] = []
-    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]*)\])?([^,\[]*)", nodelist):
-        prefix, ranges, suffix = m.group(1), m.group(2), m.group(3)
-        if not prefix and not ranges:
-            continue
-        if ranges is None:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not hi:
-                hosts.append(f"{prefix}{lo}{suffix}")
-                continue
-            width = len(lo)
-            hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
-    return hosts
+    return [host for pattern in _split_top_level(nodelist) for host in _expand_host(pattern)]

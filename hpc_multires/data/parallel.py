@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpc_multires.comm.ranks import mpi_world, rank_info_from_env
+from hpc_multires.errors import UserError
 
 
 @dataclass
@@ -31,12 +32,26 @@ class DataWorld:
 
 
 def data_world() -> DataWorld:
+    """This process's rank and size among the ranks of the data command, from MPI.
+
+    The launcher's environment and MPI must agree: when `srun` starts tasks without
+    connecting their MPI (no `--mpi=pmi2`/`pmix`, and MpiDefault=none), every task
+    is an MPI world of its own, and taking that for the truth would have each of them
+    write (and delete) every shard at once.
+    """
     info = rank_info_from_env()
-    mpi = mpi_world() if info.world_size > 1 else None
-    if mpi is None:
-        if info.world_size > 1:
-            raise RuntimeError(
+    mpi = mpi_world()
+    mpi_size = 1 if mpi is None else int(mpi.Get_size())
+    if info.world_size > 1 and mpi_size != info.world_size:
+        if mpi is None:
+            raise UserError(
                 f"{info.world_size} ranks but mpi4py is not available to coordinate them; "
                 "install it (pip install mpi4py mpich) or run the data command on one rank")
+        raise UserError(
+            f"the {info.launcher} launcher started {info.world_size} ranks but MPI connects "
+            f"{mpi_size}; launch with `srun --mpi=pmi2` (or pmix) or with mpiexec, and run "
+            "`python -m mpi4py -m hpc_multires`")
+    if mpi is None or mpi_size == 1:
         return DataWorld(0, 1)
-    return DataWorld(mpi.Get_rank(), mpi.Get_size(), mpi)
+    # A launcher the environment table does not know (PMIx only) still gives MPI's world.
+    return DataWorld(int(mpi.Get_rank()), mpi_size, mpi)

@@ -36,6 +36,10 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
                   x_transform: str, prov: dict[str, object], overwrite: bool = False,
                   compression: str | None = None) -> int:
     """Write `num_samples` samples made by `sample_fn(i)`; returns the number of shards."""
+    if samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard {samples_per_shard}: need at least 1")
+    if num_samples < 1:
+        raise UserError(f"{num_samples} samples to write: a dataset needs at least 1")
     world = data_world()
     prepare_output(out, overwrite)
     world.barrier()  # everyone checked before rank 0 deletes anything
@@ -51,13 +55,20 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
     for done, shard in enumerate(mine, 1):
         first = shard * samples_per_shard
         count = min(samples_per_shard, num_samples - first)
-        with ShardWriter(out, shard, num_shards=num_shards, first_sample=first,
-                         total_samples=num_samples, num_samples=count,
-                         sample_shape=sample_shape, x_dtype=x_dtype, label_names=label_names,
-                         x_transform=x_transform, prov=prov, compression=compression) as w:
-            for i in range(first, first + count):
-                x, y = sample_fn(i)
-                w.write(x, y)
+        try:
+            with ShardWriter(out, shard, num_shards=num_shards, first_sample=first,
+                             total_samples=num_samples, num_samples=count,
+                             sample_shape=sample_shape, x_dtype=x_dtype,
+                             label_names=label_names, x_transform=x_transform, prov=prov,
+                             compression=compression) as w:
+                for i in range(first, first + count):
+                    x, y = sample_fn(i)
+                    w.write(x, y)
+        except UserError as e:
+            # Only this rank writes these samples, so only it sees what is wrong with them:
+            # it must report and abort at once, not wait for a rank 0 that never fails.
+            e.all_ranks = False
+            raise
         if world.rank == 0:
             rate = done * samples_per_shard * world.size / max(time.monotonic() - start, 1e-9)
             print(f"shard {done}/{len(mine)} on rank 0 of {world.size} "

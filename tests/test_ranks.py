@@ -139,3 +139,25 @@ def test_srun_without_mpi_is_refused_by_data_commands(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "--mpi=pmi2" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_slurm_rendezvous_is_on_the_steps_first_node(monkeypatch) -> None:
+    """Without MPI to ask, rank 0's host is the first node of the step (not of the job,
+    whose first node a step may not use), and two steps of a job get different ports."""
+    from hpc_multires.comm import dist as comm_dist
+    from hpc_multires.comm.ranks import RankInfo
+
+    monkeypatch.setattr(comm_dist, "mpi_world", lambda: None)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[01-04]")
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "n[03-04]")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    info = RankInfo(1, 2, 0, 1, 1, 2, "slurm")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    host, port0 = comm_dist.rendezvous_address(info)
+    assert host == "n03"
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    assert comm_dist.rendezvous_address(info)[1] != port0
+    monkeypatch.delenv("SLURM_STEP_NODELIST")
+    assert comm_dist.rendezvous_address(info)[0] == "n01"

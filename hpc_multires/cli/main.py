@@ -239,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rank_and_size() -> tuple[int, int]:
+    """This process's rank and the job's size: MPI's when it is running (the truth under
+    any launcher, one that publishes only PMIx included), else the launcher's variables."""
+    mpi_mod = sys.modules.get("mpi4py.MPI")
+    if mpi_mod is not None and mpi_mod.Is_initialized() and not mpi_mod.Is_finalized():
+        world = mpi_mod.COMM_WORLD
+        return int(world.Get_rank()), int(world.Get_size())
     try:
         from hpc_multires.comm.ranks import rank_info_from_env
 

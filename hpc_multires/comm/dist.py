@@ -32,8 +32,9 @@ def rendezvous_address(info: RankInfo) -> tuple[str, int]:
     """Where rank 0's TCP store listens.
 
     Order: the launcher's own MASTER_ADDR/MASTER_PORT (torchrun); an mpi4py broadcast of
-    rank 0's host name and a free port; the first host of SLURM_JOB_NODELIST with a port
-    derived from the job id (so every rank derives the same one without talking).
+    rank 0's host name and a free port; the first host of the Slurm step's node list (the
+    job's when the step's is not set) with a port derived from the job and step ids (so
+    every rank derives the same one without talking).
     """
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
@@ -42,10 +43,13 @@ def rendezvous_address(info: RankInfo) -> tuple[str, int]:
         address = (socket.gethostname(), _free_port()) if info.rank == 0 else None
         host, port = mpi.bcast(address, root=0)
         return str(host), int(port)
-    if "SLURM_JOB_NODELIST" in os.environ:
-        first = expand_nodelist(os.environ["SLURM_JOB_NODELIST"])[0]
-        job = os.environ.get("SLURM_JOB_ID", "0")
-        return first, 20000 + zlib.crc32(job.encode()) % 20000
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if nodes:
+        # Rank 0 runs on the step's first node, not always the job's; the port depends on
+        # the step too, so that two steps of one job at the same time do not collide.
+        first = expand_nodelist(nodes)[0]
+        step = f"{os.environ.get('SLURM_JOB_ID', '0')}.{os.environ.get('SLURM_STEP_ID', '0')}"
+        return first, 20000 + zlib.crc32(step.encode()) % 20000
     raise RuntimeError(
         f"{info.world_size} ranks but no way to find rank 0: install mpi4py "
         "(pip install mpi4py mpich) and launch with `python -m mpi4py -m hpc_multires`, "

@@ -42,9 +42,12 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def cli(args: list[str], ranks: int = 1, timeout: float = 1800) -> str:
+def cli(args: list[str], ranks: int = 1, timeout: float = 1800,
+        mpiexec: bool = False) -> str:
+    """`hpc-multires ARGS`: under mpiexec when ranks > 1 or `mpiexec` (so that timings at
+    every rank count, 1 included, pay the same launcher)."""
     cmd = [sys.executable, "-m", "hpc_multires", *args]
-    if ranks > 1:
+    if ranks > 1 or mpiexec:
         cmd = [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m",
                "hpc_multires", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

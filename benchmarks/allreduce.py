@@ -112,7 +112,7 @@ def main() -> None:
             sys.exit(out.stderr)
         results = json.loads(out.stdout.strip().splitlines()[-1])
         for name, row in results.items():
-            label = f"{name} {row['bytes'] / 2**20:.1f} MB"
+            label = f"{name} {row['bytes'] / 1e6:.1f} MB"  # MB = 1e6 bytes, as in MB/s
             for backend in ("mpi", "ddp", "horovod"):
                 if backend not in row:
                     continue

@@ -10,9 +10,10 @@ Inverter network at its defaults, in one run:
 2. a batch of 8 from the reader process: as shared-memory tensors, against pickled arrays
    through the reader's pipe; the training process's CPU time per batch;
 3. the optimizer step: AdamW's per-tensor loop against the fused kernel;
-4. under mpiexec with --ranks ranks: a DDP training step followed by a blocking
-   allreduce of the stop vote, against the vote started after the step and collected
-   after the next (`Comm.max_started`); and, for scale, the step with no vote at all.
+4. under mpiexec with --ranks ranks (the network at width 0.5, random batches of 8): a
+   DDP training step followed by a blocking allreduce of the stop vote, against the vote
+   started after the step and collected after the next (`Comm.max_started`); and, for
+   scale, the step with no vote at all.
 
 Each line prints both and their ratio. Lower is better everywhere.
 """
@@ -20,6 +21,7 @@ Each line prints both and their ratio. Lower is better everywhere.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BIN, ROOT, best_seconds, cli, env, machine
@@ -69,21 +72,41 @@ def reads(store: SampleStore, n: int) -> tuple[float, float]:
     return before * 1e6, after * 1e6
 
 
+def _set_pipe_bytes(pipe_bytes: int, _worker_id: int) -> None:
+    """The reader process's own `loader.PIPE_BYTES`: it starts from the forkserver, which
+    imported the loader module afresh, so a value set in this process does not reach it."""
+    loader.PIPE_BYTES = pipe_bytes
+
+
+def read_batches(store: SampleStore, idx: list[np.ndarray], pipe_bytes: int) -> bool:
+    """Every batch through one reader process, as `loader.iterate_batches` reads them, with
+    the reader's PIPE_BYTES set to `pipe_bytes`; True if the batches came as shared-memory
+    tensors."""
+    batches = DataLoader(loader.BatchReader(store), sampler=list(idx), batch_size=None,
+                         collate_fn=loader._as_is, num_workers=1, prefetch_factor=4,
+                         persistent_workers=False,
+                         multiprocessing_context=loader.worker_context(),
+                         worker_init_fn=functools.partial(_set_pipe_bytes, pipe_bytes))
+    shared = []
+    for x, y in batches:
+        shared.append(isinstance(x, torch.Tensor) and x.is_shared())
+        torch.as_tensor(x), torch.as_tensor(y)
+    return all(shared)
+
+
 def batches(store: SampleStore, count: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     idx = [rng.choice(len(store), 8, replace=False) for _ in range(count)]
     out = []
-    for pipe_bytes in (0, loader.PIPE_BYTES):  # 0: every batch as shared-memory tensors
-        saved, loader.PIPE_BYTES = loader.PIPE_BYTES, pipe_bytes
-        try:
-            for _ in loader.iterate_batches(store, idx[:8], 1, 4):  # worker start-up
-                pass
-            cpu = time.process_time()
-            for _ in loader.iterate_batches(store, idx, 1, 4):
-                pass
-            out.append((time.process_time() - cpu) / count * 1e3)
-        finally:
-            loader.PIPE_BYTES = saved
+    for pipe_bytes in (0, 2**62):  # 0: every batch as shared-memory tensors; then all piped
+        read_batches(store, idx[:8], pipe_bytes)  # forkserver start-up
+        cpu = time.process_time()
+        shared = read_batches(store, idx, pipe_bytes)
+        out.append((time.process_time() - cpu) / count * 1e3)
+        if shared != (pipe_bytes == 0):
+            sys.exit(f"the reader sent batches {'as' if shared else 'not as'} shared-memory "
+                     f"tensors with PIPE_BYTES = {pipe_bytes}: the comparison would not be "
+                     "shared memory against the pipe")
     return out[0], out[1]
 
 

@@ -60,6 +60,10 @@ def main() -> None:
         samples = sum((v[-1]["step"] - v[0]["step"]) * args.local_batch * n
                       for v in per_epoch.values())
         seconds = sum(v[-1]["wall_s"] - v[0]["wall_s"] for v in per_epoch.values())
+        if samples == 0 or seconds <= 0:
+            sys.exit(f"{n} rank(s): no two step records in an epoch after the first (epochs "
+                     f"{args.epochs}, {len(steps)} step records there); use --epochs 2 or "
+                     "more and enough --samples for two steps per epoch")
         sps = samples / seconds
         base = base or sps / n
         print(f"{n:5d} {args.local_batch * n:12d} {sps:10.1f} {sps / n:9.1f} "

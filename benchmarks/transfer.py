@@ -128,7 +128,15 @@ def main() -> None:
         shapes: dict[str, tuple[int, ...]] = coarse.dense_input_shapes()
         fine_shapes: dict[str, tuple[int, ...]] = fine.dense_input_shapes()
         dense = {n: (s, fine_shapes[n][1:]) for n, s in shapes.items() if n in fine_shapes}
-        fine.load_state_dict(prolong(saved["model"], fine.state_dict(), dense))
+        # As the driver's fused start does (Runner.fused_start): the level factor, and the
+        # sampled form for a level-consistent network.
+        try:
+            start = prolong(saved["model"], fine.state_dict(), dense,
+                            sampled=getattr(fine, "level_factor", 1) > 1, factor=factor)
+        except ValueError as e:
+            print(f"{label:58} n/a ({e})")
+            return
+        fine.load_state_dict(start)
         print(f"{label + ', level-0 inputs':58} {mae(fine, x0, y0):8.4f}")
         print(f"{label + f', level-{level} inputs repeated x{factor}':58} "
               f"{mae(fine, repeat_axes(xc, factor), yc):8.4f}")

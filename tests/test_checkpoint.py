@@ -52,3 +52,22 @@ def test_nothing_loads(tmp_path: Path) -> None:
     checkpoint_path(tmp_path, 1).write_bytes(b"junk")
     with pytest.raises(UserError, match="none of the 1 checkpoints"):
         load_latest(tmp_path)
+
+
+def test_write_that_dies_leaves_the_previous_file(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash in the middle of a write leaves the checkpoint that was there, whole."""
+    path = checkpoint_path(tmp_path, 3)
+    save_atomic(state(1), path)
+
+    def dies_half_way(obj: object, f) -> None:  # type: ignore[no-untyped-def]
+        f.write(b"PK\x03\x04 half of a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        save_atomic(state(2), path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-0003.pt"]  # no temporary left
+    loaded = torch.load(path, weights_only=False)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.full((4,), 1.0))

@@ -60,6 +60,8 @@ def test_synth_is_the_same_dataset_on_any_rank_count(cli, tmp_path: Path) -> Non
     one = cli([*args, "--out", str(tmp_path / "one")])
     three = cli([*args, "--out", str(tmp_path / "three")], ranks=3)
     assert one.returncode == 0 and three.returncode == 0, three.stderr
+    # The 3 ranks split the shards (rank 0 wrote 2 of the 5), rather than each running alone.
+    assert "shard 2/2 on rank 0 of 3" in three.stderr, three.stderr
     assert inspect_checksum(cli, tmp_path / "one") == inspect_checksum(cli, tmp_path / "three")
     other = cli([*args[:-1], "12", "--out", str(tmp_path / "other")])
     assert other.returncode == 0

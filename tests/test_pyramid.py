@@ -126,6 +126,8 @@ def test_parallel_build_matches_serial(cli, tmp_path: Path) -> None:
     r = cli(["data", "pyramid", str(tmp_path / "parallel"), "--levels", "2"], ranks=3)
     assert r.returncode == 0, r.stderr
     assert "6 shard(s) built" in r.stdout and time.monotonic() - t0 < 120
+    # Split over the 3 ranks: rank 0 built 2 of the 6 shards.
+    assert "shard 2/2 on rank 0 of 3" in r.stderr, r.stderr
     a, b = SampleStore(tmp_path / "serial", 2), SampleStore(tmp_path / "parallel", 2)
     for i in range(24):
         np.testing.assert_array_equal(a.read(i)[0], b.read(i)[0])

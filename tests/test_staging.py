@@ -40,6 +40,9 @@ def test_staged_copy_is_verified_used_and_removed(tiny_config, tiny_cosmo: Path,
             proc.kill()
     assert proc.returncode == 0, err
     assert "staged 1 dataset(s)" in err
+    # Training read the node's copy: the start-up line names it as the data.
+    data_line = next(line for line in err.splitlines() if line.strip().startswith("data "))
+    assert "/node-local/hpc-multires-" in data_line and "/0-cosmo16" in data_line, data_line
     assert not any(local.iterdir())  # cleaned up at the end
     saved = (tmp_path / "run" / "config.toml").read_text()
     assert str(tiny_cosmo) in saved  # the run records the shared path, not the copy

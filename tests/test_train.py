@@ -39,6 +39,7 @@ def test_train_writes_metrics_config_and_checkpoints(cli, tiny_config, tmp_path:
     rep = cli(["report", str(run)])
     assert rep.returncode == 0, rep.stderr
     assert "val_mae" in rep.stdout and (run / "report.png").stat().st_size > 1000
+    assert f"{epochs[-1]['val_mae']:.4f}" in rep.stdout  # the run's own final figure
 
 
 def test_same_run_dir_is_not_overwritten(cli, tiny_config, tmp_path: Path) -> None:

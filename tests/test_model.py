@@ -46,3 +46,31 @@ def test_depth_too_large_for_the_samples() -> None:
 def test_build_model_rejects_non_3d_samples() -> None:
     with pytest.raises(ConfigError, match="takes 3D samples"):
         build_model(ModelConfig(), (4, 64, 64), 2)
+
+
+@pytest.mark.parametrize(("spatial", "depth", "extra"), [
+    ((12, 12, 12), 3, {}),  # 12 -> 6 -> 3 -> 1: an odd map before the last pooling
+    ((10, 16, 16), 3, {}),  # one odd axis
+    ((20, 20, 20), 3, {"kernel_level": 1, "pool_type": "avg"}),  # level-consistent: 5 -> 2
+    ((40, 40, 40), 4, {"stem_level": 1}),  # mesh-free stem: 40 -> 20 -> 20 -> 10 -> 5 -> 2
+])
+def test_flatten_head_takes_sizes_with_odd_maps(spatial: tuple[int, ...], depth: int,
+                                                extra: dict) -> None:
+    """The flatten head's dense layer is sized for spatial // 2^depth per axis, which is
+    what `prolong` assumes too; the poolings must floor odd maps to match (ceil_mode, which
+    the gap head wants, left 12^3 at depth 3 with 2^3 features, not 1, and a torch error)."""
+    cfg = ModelConfig(name="cosmoflow", width=0.0625, depth=depth, head="flatten",
+                      fc_sizes=(4,), **extra)
+    m = build_model(cfg, (1, *spatial), 2)
+    x = torch.randn(2, 1, *spatial)
+    assert m(x).shape == (2, 2)
+    (shape,) = m.dense_input_shapes().values()
+    assert tuple(m.features(x).shape[1:]) == shape
+    assert shape[1:] == tuple(s // 2**depth for s in spatial)
+
+
+def test_gap_head_keeps_a_one_voxel_map() -> None:
+    # The gap head pools with ceil_mode: 12 -> 6 -> 3 -> 2 -> 1, every voxel counted.
+    m = CosmoFlow(in_channels=1, spatial=(12, 12, 12), num_outputs=1, width=0.0625, depth=4,
+                  head="gap")
+    assert m.features(torch.randn(1, 1, 12, 12, 12)).shape[2:] == (1, 1, 1)

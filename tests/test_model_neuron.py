@@ -55,3 +55,35 @@ def test_gap_head_works_for_other_lengths() -> None:
     flat = NeuronInverter(in_channels=4, length=400, num_outputs=6)
     with pytest.raises(RuntimeError):
         flat(torch.randn(2, 4, 1600))
+
+
+def test_too_short_names_the_poolings_it_has() -> None:
+    """The advice counts the blocks' real poolings: at level 2 with model.stem_level = 1
+    they pool by 2, 4, 4 (32 in all, not 4^3 = 64)."""
+    import dataclasses
+
+    from hpc_multires.models import build_model
+    from hpc_multires.plan.config import ModelConfig
+
+    cfg = dataclasses.replace(ModelConfig(name="neuron_inverter", fc_sizes=(4,)), stem_level=1)
+    with pytest.raises(ConfigError, match=r"by 32 in all.*at least 32 bins.*at most 2 conv"):
+        build_model(cfg, (4, 20), 2, level=2)
+
+
+def test_too_short_without_pooling_is_an_error_not_a_hang() -> None:
+    import threading
+
+    raised: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            NeuronInverter(in_channels=1, length=3, num_outputs=1, conv_channels=(4, 4), pool=1,
+                           pools=[1, 1], stem_stride=4)
+        except ConfigError as e:
+            raised.append(e)
+
+    worker = threading.Thread(target=build, daemon=True)  # a hang must not hold pytest
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "the length check loops forever for pool = 1"
+    assert raised and "at least 4 bins" in str(raised[0])

@@ -10,11 +10,22 @@ child waiting on it forever (seen here: a worker stuck in CPython's after-fork c
 rank stuck waiting for the worker, the other ranks in an allreduce, the job hung). The fork
 server is a single-threaded process started once per training process, with the reading
 modules already imported, so a worker still starts in milliseconds.
+
+A worker's parent is therefore the fork server, which torch's own check ("is my parent
+still there?") watches instead of the training process; and the fork server lives as long
+as any worker does. So each worker watches the training process itself and ends when it is
+gone (killed by the OOM killer or `kill -9`, which runs no clean-up): otherwise the workers
+and the fork server would run on forever, holding memory and open shards.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
+import select
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.context import BaseContext
 
@@ -23,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpc_multires.data.store import SampleStore
-from hpc_multires.errors import SampleError
+from hpc_multires.errors import DataError, SampleError
 
 
 class _Failure:
@@ -63,9 +74,14 @@ class BatchReader(Dataset):
             xs: list[np.ndarray] = [np.empty(0)] * len(batch)
             ys: list[np.ndarray] = [np.empty(0)] * len(batch)
             for i in order:
-                xs[i], ys[i] = self.store.read(int(batch[i]))
-        except SampleError as e:
+                index = int(batch[i])
+                xs[i], ys[i] = self.store.read(index)
+        except SampleError as e:  # its message names the sample and its shard
             return _Failure(str(e))
+        except DataError as e:
+            # A shard that cannot be opened (truncated or removed since the store was
+            # opened): the message names the file, this adds the sample.
+            return _Failure(f"cannot read sample {index}: {e}")
         x, y = np.stack(xs), np.stack(ys)  # (b, C, *spatial), (b, P)
         if x.nbytes <= PIPE_BYTES:
             return x, y
@@ -75,6 +91,33 @@ class BatchReader(Dataset):
 def _as_is(item: object) -> object:
     """The DataLoader's collate step, done nowhere: a reader item is already a batch."""
     return item
+
+
+def _end_with_trainer(trainer_pid: int, worker_id: int) -> None:
+    """Worker start-up (DataLoader's worker_init_fn): end this worker once the training
+    process `trainer_pid` has exited (see the module docstring)."""
+    try:
+        pidfd: int | None = os.pidfd_open(trainer_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or a kernel before 5.3)
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the process has exited
+        else:
+            while True:
+                try:
+                    os.kill(trainer_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="watch-trainer", daemon=True).start()
 
 
 _CONTEXT: BaseContext | None = None
@@ -104,10 +147,28 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_worke
         prefetch_factor=prefetch if num_workers > 0 else None,
         persistent_workers=False,
         multiprocessing_context=worker_context() if num_workers > 0 else None,
+        worker_init_fn=functools.partial(_end_with_trainer, os.getpid()) if num_workers > 0
+        else None,
     )
-    for item in loader:
+    items = iter(loader)
+    done = 0
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "exited unexpectedly" not in str(e):
+                raise
+            # A worker died without a word (killed, e.g. by the OOM killer, or crashed in
+            # the HDF5 library): torch says so as a bare RuntimeError.
+            raise SampleError(
+                f"a reader process of this rank ended unexpectedly ({e}) before batch "
+                f"{done + 1} of {len(batches)} arrived; if it ran out of memory, lower "
+                "data.prefetch or data.num_workers (data.num_workers = 0 reads in the "
+                "training process)") from None
         if isinstance(item, _Failure):
-            err = SampleError(item.message)
-            raise err
+            raise SampleError(item.message)
         x, y = item
+        done += 1
         yield torch.as_tensor(x), torch.as_tensor(y)

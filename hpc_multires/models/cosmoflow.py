@@ -75,9 +75,12 @@ class CosmoFlow(nn.Module):
                         if pad[0] == pad[1] else  # the even first kernel pads unevenly
                         PaddedConv3d(channels, out, taps, pad))
             blocks += [conv, nn.LeakyReLU(0.3),
-                       # ceil_mode: a 1-voxel map stays 1 voxel, so with the gap head the
-                       # same network runs on every pyramid level, however coarse.
-                       grid_pool(3, pool_type, pools[i], f, ceil_mode=True)]
+                       # gap head, ceil_mode: a 1-voxel map stays 1 voxel, so the same
+                       # network runs on every pyramid level, however coarse. The flatten
+                       # head floors, as its dense layer's size (spatial // shrink) and
+                       # `prolong` (fine // 2 = coarse positions) assume: with ceil_mode an
+                       # odd map (48^3 at depth 5: 48 .. 3 -> 2, not 1) broke the forward.
+                       grid_pool(3, pool_type, pools[i], f, ceil_mode=head == "gap")]
             if i == 0:
                 self.detail = (DetailBranch(
                     nn.Conv3d(channels, out, kernel_size, padding=kernel_size // 2),

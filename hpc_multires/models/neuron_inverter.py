@@ -61,17 +61,20 @@ class NeuronInverter(nn.Module):
             raise ConfigError(f"model.head = {head!r}: use 'flatten' or 'gap'")
         depth = len(conv_channels)
         pools = [pool] * depth if pools is None else list(pools)  # per block; 1 = no pooling
-        reduced = length // (math.prod(pools) * stem_stride)
+        shrink = math.prod(pools) * stem_stride  # what the blocks take out of the length
+        reduced = length // shrink
         if reduced < 1:
-            # The largest length-compatible depth tells the user which knob to turn.
+            # The largest length-compatible depth tells the user which knob to turn. Counted
+            # over the blocks' own poolings (fewer at a coarse level with coarse_pools =
+            # "drop" or stem_level), never past the depth: a loop on `pool` alone never
+            # ended for pool = 1.
             fits = 0
-            while length // pool ** (fits + 1) >= 1:
+            while fits < depth and length // (stem_stride * math.prod(pools[:fits + 1])) >= 1:
                 fits += 1
             raise ConfigError(
-                f"{depth} conv blocks each pool the trace by {pool}, i.e. by {pool**depth}, but "
-                f"the samples are only {length} bins long; use at least {pool**depth} bins "
-                f"(a milder time downsampling), a smaller model.pool, or at most {fits} conv "
-                "blocks")
+                f"{depth} conv blocks pool the trace by {shrink} in all, but the samples are "
+                f"only {length} bins long; use at least {shrink} bins (a milder time "
+                f"downsampling), a smaller model.pool, or at most {fits} conv blocks")
         blocks: list[nn.Module] = []
         channels = in_channels
         f, left = grid_factor, (kernel_size - 1) // 2

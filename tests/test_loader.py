@@ -1,0 +1,123 @@
+"""The background reader: its failures end the training with one line, never a hang or a
+leftover process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import ROOT, run_env, write_arrays_store
+
+from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.store import SampleStore
+from hpc_multires.errors import SampleError
+
+
+def _store(path: Path, n: int = 32) -> SampleStore:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 2, 8)).astype(np.float32)  # (N, C, T)
+    y = rng.uniform(-1, 1, size=(n, 2)).astype(np.float32)  # (N, P)
+    return SampleStore(write_arrays_store(path, x, y))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_shard_truncated_after_opening_names_the_sample_and_the_file(
+        tmp_path: Path, num_workers: int) -> None:
+    """Only the rank that reads it sees it: a one-line SampleError (not an all-ranks
+    DataError, nor torch's re-raised traceback text) naming the sample and the file."""
+    store = _store(tmp_path / "s")
+    shard = store.shards[2].path  # samples 16..23
+    shard.write_bytes(shard.read_bytes()[:1000])
+    batches = [np.array([i, i + 1]) for i in range(0, 32, 2)]
+    with pytest.raises(SampleError) as info:
+        for _ in iterate_batches(store, batches, num_workers, prefetch=1):
+            pass
+    message = str(info.value)
+    assert "\n" not in message and not info.value.all_ranks
+    assert "sample 16" in message and "shard-00002.h5" in message
+
+
+def test_a_killed_reader_process_ends_the_loop_with_one_line(tmp_path: Path) -> None:
+    store = _store(tmp_path / "s")
+    batches = [np.array([i % 32]) for i in range(500)]
+    me = psutil.Process()
+    before = set(me.children(recursive=True))  # the fork server, an earlier test's workers
+    start = time.monotonic()
+    with pytest.raises(SampleError, match=r"reader process .* ended unexpectedly .*data\."):
+        for k, _ in enumerate(iterate_batches(store, batches, num_workers=1, prefetch=1)):
+            if k == 0:
+                workers = [p for p in me.children(recursive=True)
+                           if p not in before and p.ppid() != me.pid]
+                assert len(workers) == 1, workers
+                workers[0].kill()  # with a batch or two in flight, 500 cannot all arrive
+    assert time.monotonic() - start < 60
+
+
+TRAINER = """
+import os, sys, time
+import numpy as np
+import psutil
+from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.store import SampleStore
+
+if __name__ == "__main__":
+    store = SampleStore(sys.argv[1])
+    batches = [np.array([i % len(store)]) for i in range(100000)]
+    for k, _ in enumerate(iterate_batches(store, batches, num_workers=2, prefetch=1)):
+        if k == 0:
+            pids = [p.pid for p in psutil.Process().children(recursive=True)]
+            print(" ".join(map(str, pids)), flush=True)
+        time.sleep(0.01)
+"""
+
+
+def test_reader_processes_end_when_the_training_process_is_killed(tmp_path: Path) -> None:
+    """kill -9 (or the OOM killer) runs no clean-up in the training process. The workers'
+    parent is the fork server, which stays up while they do: without a watch on the
+    training process itself, the fork server and the workers would run forever."""
+    _store(tmp_path / "s", n=8)
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(TRAINER))
+    trainer = subprocess.Popen([sys.executable, str(script), str(tmp_path / "s")], cwd=ROOT,
+                               env=run_env(), stdout=subprocess.PIPE, text=True)
+    children: list[int] = []
+    try:
+        assert trainer.stdout is not None
+        line = trainer.stdout.readline()  # blocks until the first batch, or EOF on a crash
+        children = [int(p) for p in line.split()]
+        assert len(children) >= 3, line  # the fork server, its 2 workers (and a tracker)
+        trainer.kill()
+        trainer.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in children if not _gone(p)]
+        assert not left, f"processes left running after the trainer was killed: {left}"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait(timeout=10)
+        # Should it have failed: end what this test started, but not the resource tracker,
+        # which unlinks the named semaphores of the loader's queues once the others are gone.
+        for pid in children:
+            try:
+                if not _gone(pid) and "resource_tracker" not in " ".join(
+                        psutil.Process(pid).cmdline()):
+                    os.kill(pid, signal.SIGKILL)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass

@@ -143,3 +143,10 @@ def test_set_of_a_run_train_key_reaches_the_stages_that_inherit_it(tmp_path: Pat
     cfg = load_config(path, ["train.epochs=6"])
     assert epochs(cfg) == {"a": 2, "b": 6}
     assert apply_overrides(load_config(path), ["train.epochs=6"]) == cfg
+
+
+def test_data_level_beside_stages_is_refused() -> None:
+    # Stages carry their own level: a data.level beside them would change nothing.
+    with pytest.raises(ConfigError, match="each stage's own level"):
+        config_from_dict({"data": {"level": 1}, "stages": [{"name": "a", "level": 0}]})
+    assert config_from_dict({"data": {"level": 1}}).plan()[0].level == 1

@@ -278,6 +278,9 @@ def _check_values(cfg: Config) -> None:
     need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
          "use a fraction in [0, 1)")
     need(d.level >= 0, "data.level", d.level, "use 0 (original) or a pyramid level k >= 1")
+    need(d.level == 0 or not cfg.stages, "data.level", d.level,
+         "a config with [[stages]] takes each stage's own level; set it there (level = k, "
+         "or --set stages.NAME.level=k) and leave data.level out")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "use 0 or more")
     need(d.prefetch >= 1, "data.prefetch", d.prefetch, "use 1 or more")
     need(m.width > 0, "model.width", m.width, "use a positive multiplier such as 0.25 or 1")

@@ -1,4 +1,5 @@
-"""`hpc-multires data|train|report`: the entry point reads like a table of contents."""
+"""`hpc-multires data|train|plan|submit|report`: the entry point reads like a table of
+contents."""
 
 from __future__ import annotations
 
@@ -187,9 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--run-dir", type=Path, help="where metrics, checkpoints and the resolved "
                     "config go (default runs/<run.name>)")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config value, e.g. --set data.path=DIR (repeatable)")
+                    help="override a config value, e.g. --set data.path=DIR, or one "
+                         "stage's: --set stages.NAME.train.epochs=3 (repeatable)")
     tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --run-dir from its latest checkpoint")
+                    help="continue the run in --run-dir from its latest checkpoint (an "
+                         "error if it has none)")
     tr.add_argument("--auto-resume", action="store_true",
                     help="resume if --run-dir holds checkpoints, else start (batch scripts)")
     tr.add_argument("--stop-after-epoch", type=int, metavar="N",
@@ -204,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("config", type=Path)
     pl.add_argument("--ranks", type=int, required=True, help="world size the job will have")
     pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config value (repeatable)")
+                    help="override a config value; stages.NAME.KEY for one stage "
+                         "(repeatable)")
     pl.add_argument("--level-cost", metavar="LEVEL=RATIO,...",
                     help="measured epoch time of a level over level 0's, replacing the ideal "
                          "2^-d per level (e.g. 1=0.73,2=0.6)")

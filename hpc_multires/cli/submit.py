@@ -7,8 +7,10 @@ characters are refused, since a newline would end the script's `# Submitted as:`
 and run the rest of the line as a command.
 
 The script asks Slurm for USR1 two minutes before the time limit and is requeueable;
-the trainer checkpoints on USR1/TERM and exits with 75, on which the script requeues
-itself; the requeued job continues with --auto-resume.
+the trainer checkpoints on USR1/TERM, writes RUN_DIR/PREEMPTED and exits with 75; the
+script requeues itself when it finds that file (srun's exit code cannot say it), and
+every start runs with --auto-resume, so the requeued job continues. The script sources
+the repository's slurm/env.sh: `submit` needs a checkout, not an installed package.
 """
 
 from __future__ import annotations

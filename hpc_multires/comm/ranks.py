@@ -2,9 +2,11 @@
 
 Every launcher tells its processes their place in the job through environment
 variables, each with its own names. `LAUNCHERS` is that table; `rank_info_from_env`
-turns the first matching row into one `RankInfo`. The node index is not published by
-every launcher (Open MPI and MPICH do not); `discover` fills it in from an mpi4py
-hostname exchange when mpi4py is loaded.
+turns the first matching row into one `RankInfo`, skipping the Slurm row in a batch
+script's shell (no step id) and under mpiexec inside an allocation (an MPI row disagrees
+with it). The node index is not published by every launcher (Open MPI and MPICH do not);
+`discover` fills it in from an mpi4py hostname exchange when mpi4py is loaded, and takes
+rank and size from MPI under a launcher that matches no row (PMIx only).
 """
 
 from __future__ import annotations

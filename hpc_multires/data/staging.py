@@ -2,9 +2,11 @@
 
 `[data] stage_to = "$TMPDIR"` (any path; environment variables are expanded on the node):
 on every node, local rank 0 copies the shards into
-`<stage_to>/hpc-multires-<job>-node<k>/<dataset name>/`, verifies each copy against the
-SHA-256 stored in the shard, and the node's other ranks wait on a node-local
-communicator. Training then reads the local copy; the directory is removed at the end.
+`<stage_to>/hpc-multires-<job>-node<k>/<i>-<dataset name>/` (i = 0 for data.path, 1 for
+data.val_path), verifies each copy against the SHA-256 stored in the shard, and the
+node's other ranks wait on a node-local communicator. What an earlier attempt of the same
+job left in that folder is removed before the free-space check. Training then reads the
+local copy; the directory is removed at the end (also on a preemption).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """`hpc-multires train`: run a stage plan from a validated config into a run directory.
 
 Every rank runs this. The checks that can fail on user input (config, plan, world size,
-datasets and their pyramid levels, run directory) come first and raise the same error
-on every rank, so a bad input ends the job at once with one message. Then the plan runs
-wave by wave: each rank trains the stage of the wave that includes it, on that stage's
-process group, and waits for the rest of the wave.
+datasets and their pyramid levels, run directory, --resume without a checkpoint) come
+first and raise the same error on every rank, so a bad input ends the job at once with
+one message. Then the plan runs wave by wave: each rank trains the stage of the wave that
+includes it, on that stage's process group, and waits for the rest of the wave.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def open_levels(cfg: Config, data: DataConfig,
     """Every level the stages need, opened (and so checked) before anything runs, with a
     model built for each so that one unfit for a level fails now, and so that a bottom-top
     fusion asking for more layers than its models have fails before the stages it fuses
-    from have trained. The highest level is opened first: if the pyramid is missing, its
-    fix then builds every level needed."""
+    from have trained; a stage whose global batch exceeds its training set fails here too.
+    `hpc-multires plan` runs the same checks. The highest level is opened first: if the
+    pyramid is missing, its fix then builds every level needed."""
     splits = {level: open_splits(data, level)
               for level in sorted({s.level for s in stages}, reverse=True)}
     models = {level: build_model(cfg.model, train.store.sample_shape,
@@ -295,6 +296,14 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
           stop: StopAt | None = None) -> dict[str, Any]:
     """Run the plan. `resume`: False, True (a checkpoint must exist) or "auto"."""
     run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
+    has_checkpoint = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
+    if resume == "auto":
+        # Continue if the run directory holds a checkpoint (a requeued job), else start.
+        resume = has_checkpoint
+    elif resume and not has_checkpoint:  # before staging copies anything
+        raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from; check "
+                        "--run-dir, or drop --resume to start the run (--auto-resume does "
+                        "either)")
     preempt.install()
     comm = comm_dist.init(cfg.comm.timeout_s)
     staged: Path | None = None
@@ -308,14 +317,6 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
                                              val_path=val_path if cfg.data.val_path else ""))
     else:
         read_cfg = cfg
-    has_checkpoint = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
-    if resume == "auto":
-        # Continue if the run directory holds a checkpoint (a requeued job), else start.
-        resume = has_checkpoint
-    elif resume and not has_checkpoint:
-        raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from; check "
-                        "--run-dir, or drop --resume to start the run (--auto-resume does "
-                        "either)")
     # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,
     # since a barrier could wait for a rank that is gone.
     runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)

@@ -1,8 +1,9 @@
 """The config tree: one frozen dataclass per component, each field documented.
 
 A TOML file maps onto `Config` section by section. Unknown keys, wrong types and bad
-values raise `ConfigError` naming the key and the fix; cross-field checks that need the
-world size or the dataset happen in `Config.check_world`.
+values raise `ConfigError` naming the key and the fix; checks that need the world size
+happen in `plan.stages.resolve`, those that need the dataset and the built models in
+`driver.run.open_levels` (both run by `hpc-multires plan` as by `train`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class RunConfig:
     name: str = "run"
     """Run name; the default run directory is runs/<name>."""
     seed: int = 0
-    """Seeds model initialisation and the per-epoch data order (same on every rank count)."""
+    """Seeds model initialisation and the per-epoch data order (same on every rank count);
+    0 or more."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +42,9 @@ class DataConfig:
     val_fraction: float = 0.2
     """Fraction of `path` (its last samples) used for validation when `val_path` is empty."""
     level: int = 0
-    """Pyramid level to train on: 0 = original, k = downsampled by 2^k per spatial axis."""
+    """Pyramid level to train on: 0 = original, k = downsampled by 2^k per spatial axis.
+    Only for a config without [[stages]]; beside them it is an error (each stage sets its
+    own `level`)."""
     num_workers: int = 1
     """Background reader processes per rank; 0 reads in the training process."""
     prefetch: int = 4
@@ -115,7 +119,8 @@ class TrainConfig:
     epochs: int = 4
     """Number of passes over the training set."""
     global_batch: int = 16
-    """Samples per optimizer step over all ranks; each rank reads global_batch / world_size."""
+    """Samples per optimizer step over the stage's ranks; each reads global_batch / ranks.
+    At most the training set's size (checked before training, and by `plan`)."""
     optimizer: Literal["sgd", "adam"] = "adam"
     """sgd (with momentum) or adam (AdamW)."""
     lr: float = 1e-3
@@ -144,7 +149,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
     time_budget_s: float = 0.0
-    """Stop the stage after this many seconds of training (0: run all epochs)."""
+    """Stop the stage after this many seconds of training (0: run all epochs). A stage that
+    reaches it is done: --resume skips it rather than training on."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,13 +199,17 @@ class StageConfig:
     """Earlier stages whose final models the fusion operator combines (first = primary)."""
     fusion: Literal["transfer", "prolong", "average", "bottom-top"] = "transfer"
     """transfer: copy layers whose name and shape match; prolong: transfer, and upsample the
-    dense layer after the flatten to this stage's resolution; average: weighted mean of
-    models of one architecture; bottom-top: first `bottom_layers` layers from the first
-    model, the rest from the second."""
+    dense layer after the flatten to this stage's resolution (from a stage on a coarser or
+    the same level; from a finer one it is an error); average: weighted mean of models of
+    one architecture; bottom-top: first `bottom_layers` layers from the first model, the
+    rest from the second."""
     fusion_weights: tuple[float, ...] = ()
-    """Weights for `average`, one per fuse_from stage (empty: equal)."""
+    """Weights for `average`, one per fuse_from stage (empty: equal): finite, >= 0, not all
+    0."""
     bottom_layers: int = 0
-    """For bottom-top: how many parameterised layers come from the first model."""
+    """For bottom-top: how many parameterised layers come from the first model, counted over
+    the layers it shares with this stage's model (the stem_detail branch left out); more
+    than it has is an error before any stage trains."""
     fusion_keep: float = 1.0
     """Shrink the fused weights towards a fresh initialisation: keep * fused + (1 - keep) *
     fresh for every float entry (1: the fused model as it is)."""
@@ -398,7 +408,8 @@ def config_from_dict(table: dict[str, Any]) -> Config:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a TOML config, apply `--set section.key=value` overrides, validate."""
+    """Read a TOML config, apply `--set` overrides (section.key=value, or for one stage
+    stages.NAME.key=value and stages.NAME.train.key=value), validate."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found; pass the path of a TOML config "

@@ -150,7 +150,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def fit(self, resume: bool = False, stop: StopAt | None = None) -> dict[str, Any]:
-        """Train the stage to its end (or its stop); returns the last metrics and `done`."""
+        """Train the stage to its end (or its stop); returns the last metrics, `done`, and
+        `budget_reached` when train.time_budget_s ended it (final.pt keeps it, so a resumed
+        run skips the stage). A signal to any rank of the job, in this stage or a concurrent
+        one (the job-wide flag), raises `Preempted` after a checkpoint at an agreed step."""
         cfg, tcfg, comm = self.cfg, self.tcfg, self.comm
         spe = self.sampler.steps_per_epoch
         total_steps = tcfg.epochs * spe

@@ -13,7 +13,9 @@ from typing import IO, Any, TextIO
 
 
 class MetricsLog:
-    """Appends records to metrics.jsonl on rank 0; does nothing on the other ranks."""
+    """Appends records to metrics.jsonl where enabled (each stage's first rank) and does
+    nothing elsewhere. Concurrent stages' first ranks append to the one file, each record
+    under the file's POSIX lock."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path

@@ -205,3 +205,9 @@ def test_level_cost_option_errors(text: str) -> None:
     with pytest.raises(ConfigError, match="LEVEL=COST pairs"):
         parse_level_costs(text)
     assert parse_level_costs("1=0.73, 2=0.6") == {1: 0.73, 2: 0.6}
+
+
+@pytest.mark.parametrize("text", ["1=inf", "1=1e400", "1=nan", "1=0.3,1=0.9"])
+def test_level_cost_refuses_infinite_and_repeated(text: str) -> None:
+    with pytest.raises(ConfigError, match="--level-cost"):
+        parse_level_costs(text)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import selectors
 import subprocess
 import sys
 import time
@@ -14,9 +17,34 @@ import pytest
 import torch
 from conftest import ROOT, run_env, write_arrays_store
 
+import hpc_multires.data.pyramid as pyramid
 from hpc_multires.data.pyramid import TMP_SUFFIX, average_pool, build_pyramid, build_shard
 from hpc_multires.data.store import SampleStore, checksum_shard
 from hpc_multires.errors import DataError
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The child's next stdout line, or "" if none comes within `timeout` (no hang)."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        return proc.stdout.readline() if sel.select(timeout) else ""
+
+
+# A build of one shard that stops after writing its first level until FILE exists.
+PAUSED_BUILD = """\
+import os, sys, time
+from pathlib import Path
+import hpc_multires.data.pyramid as p
+orig = p._add_level
+def paused(f, level, t):
+    orig(f, level, t)
+    print("written", flush=True)
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+p._add_level = paused
+p.build_shard(Path(sys.argv[1]), [1, 2], "log1p")
+"""
 
 
 @pytest.fixture
@@ -78,26 +106,82 @@ def test_incomplete_level_is_detected_and_rebuilt(store3d: Path) -> None:
 
 def test_killed_build_leaves_shards_intact_and_is_redone(store3d: Path, tmp_path: Path) -> None:
     # Kill a build while it writes its temporary copy; then build again.
-    script = (
-        "import sys, time, h5py\n"
-        "from pathlib import Path\n"
-        "import hpc_multires.data.pyramid as p\n"
-        "orig = p._add_level\n"
-        "def slow(f, level, t):\n"
-        "    orig(f, level, t); print('written', flush=True); time.sleep(60)\n"
-        "p._add_level = slow\n"
-        f"p.build_shard(Path({str(store3d / 'shard-00000.h5')!r}), [1], 'log1p')\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env=run_env(), cwd=ROOT)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "written"
-    proc.kill()
-    proc.wait(timeout=30)
-    assert (store3d / f"shard-00000.h5{TMP_SUFFIX}").exists()  # the half-made copy
-    with h5py.File(store3d / "shard-00000.h5", "r") as f:
+    shard = store3d / "shard-00000.h5"
+    never = tmp_path / "never"
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_BUILD, str(shard), str(never)],
+                            stdout=subprocess.PIPE, text=True, env=run_env(), cwd=ROOT)
+    try:
+        assert read_line(proc, timeout=60).strip() == "written"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert list(store3d.glob(f"shard-00000.h5*{TMP_SUFFIX}"))  # the half-made copy
+    with h5py.File(shard, "r") as f:
         assert "levels" not in f  # the original was never touched
     assert build_pyramid(store3d, 1)["built"] == 3
-    assert not list(store3d.glob(f"*{TMP_SUFFIX}"))
+    assert sorted(p.name for p in store3d.iterdir()) == [  # no copy, no lock file left
+        "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
     assert len(SampleStore(store3d, level=1)) == 12
+
+
+def test_two_builds_of_one_shard_at_once(store3d: Path, tmp_path: Path) -> None:
+    """Two jobs building the same directory (one with --levels 2, one with --levels 2 but
+    level 1 done): the second must not write into the first one's copy, which the first
+    then renames over the shard. Without a per-shard lock the shard ends with a level that
+    fails its checksum on read, and the first job crashes."""
+    shard = store3d / "shard-00000.h5"
+    go = tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_BUILD, str(shard), str(go)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=run_env(), cwd=ROOT)
+    second = None
+    try:
+        assert read_line(first, timeout=60).strip() == "written"
+        second = subprocess.Popen(
+            [sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
+             "import hpc_multires.data.pyramid as p\n"
+             "print(p.build_shard(Path(sys.argv[1]), [2], 'log1p'))", str(shard)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env(), cwd=ROOT)
+        time.sleep(3)  # the second starts and reaches the shard while the first holds it
+        go.touch()
+        _, err1 = first.communicate(timeout=60)
+        out2, err2 = second.communicate(timeout=60)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0 and out2.strip() == "[]", err2  # found level 2 built
+    with h5py.File(shard, "r") as f:
+        for level in (1, 2):
+            want = np.stack([average_pool(f["x"][i], 2**level) for i in range(len(f["x"]))])
+            np.testing.assert_allclose(f[f"levels/{level}/x"][...], want, rtol=1e-6)
+    assert sorted(p.name for p in store3d.iterdir()) == [
+        "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+
+
+def test_disk_full_mid_write_leaves_the_shard_and_says_so(
+        store3d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shard = store3d / "shard-00000.h5"  # the first one built
+    before = hashlib.sha256(shard.read_bytes()).hexdigest()
+    orig = pyramid._add_level
+
+    def fills_the_disk(f: h5py.File, level: int, x_transform: str) -> None:
+        orig(f, level, x_transform)  # level 1 written into the copy, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pyramid, "_add_level", fills_the_disk)
+    with pytest.raises(DataError, match="no space for the pyramid of shard-00000.h5") as e:
+        build_pyramid(store3d, 2)
+    assert "\n" not in str(e.value) and not e.value.all_ranks
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in store3d.iterdir()) == [
+        "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    with pytest.raises(DataError, match="no complete pyramid level 1"):
+        SampleStore(store3d, level=1)  # nothing half made is taken for a level
+    monkeypatch.undo()
+    assert build_pyramid(store3d, 2)["built"] == 3
 
 
 def test_memory_is_bounded_by_one_sample(tmp_path: Path) -> None:
@@ -110,9 +194,15 @@ def test_memory_is_bounded_by_one_sample(tmp_path: Path) -> None:
     assert peak < 2 * 2**20, f"peak {peak / 2**20:.1f} MiB"
 
 
-def test_levels_beyond_the_sample_size(store3d: Path) -> None:
+def test_levels_beyond_the_sample_size(store3d: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="--levels <= 3"):
         build_pyramid(store3d, 4)
+    odd = write_arrays_store(tmp_path / "odd", np.ones((2, 1, 6, 7), np.float32),
+                             np.zeros((2, 1), np.float32))
+    with pytest.raises(DataError, match=r"\(6, 7\) cannot be halved 1 times evenly; a pyramid "
+                                        "level halves every axis, so crop or pad"):
+        build_pyramid(odd, 1)
+    assert [p.name for p in odd.iterdir()] == ["shard-00000.h5"]  # nothing written
 
 
 @pytest.mark.mpi
@@ -131,3 +221,15 @@ def test_parallel_build_matches_serial(cli, tmp_path: Path) -> None:
     a, b = SampleStore(tmp_path / "serial", 2), SampleStore(tmp_path / "parallel", 2)
     for i in range(24):
         np.testing.assert_array_equal(a.read(i)[0], b.read(i)[0])
+
+
+def test_complete_store_needs_no_lock(store3d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store whose levels are all built is only read: `data pyramid` on it works in a
+    read-only directory (a shared data set), where no lock file can be created."""
+    build_pyramid(store3d, 1)
+
+    def read_only(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path) + pyramid.LOCK_SUFFIX)
+
+    monkeypatch.setattr(pyramid, "_shard_lock", read_only)
+    assert build_pyramid(store3d, 1) == {"built": 0, "skipped": 3, "shards": 3}

@@ -6,19 +6,28 @@ as `/levels/<k>/x` with its own normalisation sums. The read-time transform appl
 a level as to `/x`.
 
 Safety: a shard is never modified in place. Its missing levels are added to a copy
-(`shard-NNNNN.h5.pyramid-tmp`), which is flushed and renamed over the original, so an
-interrupted build leaves every shard either as it was or complete; leftovers of an
-interrupted build are removed by the next one. A level counts as present only when its
-group carries `complete = 1`, written last, so a level written by anything that died
-half way is rebuilt. Memory: one sample at a time.
+(`shard-NNNNN.h5.<pid>-<random>.pyramid-tmp`, a name no other writer uses), which is
+flushed and renamed over the original, so an interrupted build leaves every shard either
+as it was or complete. Two builds of the same directory at once (two jobs) take turns per
+shard: each holds an flock on `shard-NNNNN.h5.pyramid-lock` while it reads what the shard
+lacks, builds and renames, so the second finds the levels done instead of writing into a
+copy the first one renames. Leftovers of an interrupted build are removed by the next one
+that holds the shard's lock. A level counts as present only when its group carries
+`complete = 1`, written last, so a level written by anything that died half way is
+rebuilt. Memory: one sample at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+import secrets
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -29,6 +38,8 @@ from hpc_multires.data.store import SampleStore, transform
 from hpc_multires.errors import DataError
 
 TMP_SUFFIX = ".pyramid-tmp"
+LOCK_SUFFIX = ".pyramid-lock"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def average_pool(x: np.ndarray, factor: int) -> np.ndarray:
@@ -76,23 +87,82 @@ def _add_level(f: h5py.File, level: int, x_transform: str) -> None:
     g.attrs["complete"] = 1  # last: only now is the level usable
 
 
+@contextlib.contextmanager
+def _shard_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive flock for `path` (True), or yield False where the file system has
+    no flock (Lustre mounted `noflock`): the copies' own names still keep shards whole."""
+    lock = path.with_name(path.name + LOCK_SUFFIX)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                locked = current = False
+            else:
+                locked = True
+                try:  # the holder before us may have removed the file: then lock the new one
+                    current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    current = False
+            if not locked or current:
+                try:
+                    yield locked
+                finally:
+                    if locked:
+                        lock.unlink(missing_ok=True)  # while held, so no one is left out
+                return
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def build_shard(path: Path, levels: list[int], x_transform: str) -> list[int]:
     """Add the missing `levels` to one shard; returns those it built (empty: nothing to do)."""
+    # A complete shard is only read: no lock file, so a read-only data set is fine.
     with h5py.File(path, "r", locking=False) as f:
-        missing = [k for k in levels if not level_is_complete(f, k)]
-    if not missing:
-        return []
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    shutil.copyfile(path, tmp)
-    try:
-        with h5py.File(tmp, "r+", locking=False) as f:
-            for k in missing:
-                _add_level(f, k, x_transform)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        if all(level_is_complete(f, k) for k in levels):
+            return []
+    with _shard_lock(path) as locked:
+        if locked:  # nobody else is writing a copy of this shard: any copy is a leftover
+            for leftover in path.parent.glob(f"{path.name}*{TMP_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
+        with h5py.File(path, "r", locking=False) as f:
+            missing = [k for k in levels if not level_is_complete(f, k)]
+            n, c, *spatial = f["x"].shape
+        if not missing:
+            return []
+        need = path.stat().st_size + sum(4 * n * c * int(np.prod([s >> k for s in spatial]))
+                                         for k in missing)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "r+", locking=False) as f:
+                for k in missing:
+                    _add_level(f, k, x_transform)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            err = DataError(
+                f"no space for the pyramid of {path.name} in {path.parent}: the build writes "
+                f"a copy of the shard with its new levels ({need / 2**20:.1f} MiB, "
+                f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free); free space "
+                "there (or raise the quota) and run it again, the shards are unchanged")
+            err.all_ranks = False  # only the rank writing this shard sees it
+            raise err from e
+        finally:
+            tmp.unlink(missing_ok=True)
     return missing
 
 
@@ -103,13 +173,12 @@ def build_pyramid(path: Path, max_level: int) -> dict[str, int]:
     store = SampleStore(path)  # validates the store (same error on every rank)
     smallest = min(store.schema.spatial)
     if smallest >> max_level < 1 or any(s % 2**max_level for s in store.schema.spatial):
+        most = _max_levels(store.schema.spatial)
+        fix = (f"use --levels <= {most}" if most else "a pyramid level halves every axis, so "
+               "crop or pad the samples to even sizes (multiples of 2^K for K levels)")
         raise DataError(f"samples of {store.schema.spatial} cannot be halved {max_level} times "
-                        f"evenly; use --levels <= {_max_levels(store.schema.spatial)}")
+                        f"evenly; {fix}")
     world = data_world()
-    if world.rank == 0:
-        for leftover in path.glob(f"*{TMP_SUFFIX}"):
-            leftover.unlink()  # an earlier build that was killed
-    world.barrier()
     levels = list(range(1, max_level + 1))
     built = skipped = 0
     start = time.monotonic()

@@ -12,6 +12,7 @@ oversubscribed node) the cores do the work of every concurrent stage, which adds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,11 +51,14 @@ def parse_level_costs(text: str) -> dict[int, float]:
             lv, cost = int(level), float(value)
         except ValueError:
             lv, cost = -1, -1.0
-        if not sep or lv < 1 or not cost > 0:
+        if not sep or lv < 1 or not 0 < cost < math.inf:  # also refuses nan
             raise ConfigError(
                 f"--level-cost {text!r}: write LEVEL=COST pairs separated by commas, each level "
                 "an integer >= 1 and each cost a positive number, the time of one epoch at "
                 "that level over the time of one at level 0 (e.g. 1=0.73,2=0.6)")
+        if lv in out:
+            raise ConfigError(f"--level-cost {text!r} gives level {lv} twice; give each level "
+                              "one cost")
         out[lv] = cost
     return out
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -52,6 +55,36 @@ def run_cli(args: list[str], ranks: int = 1, timeout: float = 180,
                "-m", "hpc_multires", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           cwd=cwd or ROOT, env=run_env(**env))
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The child's next stdout line, or "" if none comes within `timeout` (no hang)."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        return proc.stdout.readline() if sel.select(timeout) else ""
+
+
+def stderr_of(proc: subprocess.Popen[str], timeout: float = 30) -> str:
+    """What an exited child wrote to stderr, for an assertion message. Bounded: a rank that
+    outlived its launcher could hold the pipe open."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return err or out or ""  # stdout when stderr was sent there
+    except subprocess.TimeoutExpired:
+        return "(its output pipes are still open after it exited)"
+
+
+def end_tree(proc: subprocess.Popen[str]) -> None:
+    """Kill a child started with start_new_session=True and everything in its session
+    (mpiexec's ranks too), and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def steps(run: Path) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, run_env, write_arrays_store
+from conftest import ROOT, read_line, run_env, write_arrays_store
 
 from hpc_multires.data.loader import iterate_batches
 from hpc_multires.data.store import SampleStore
@@ -98,7 +98,7 @@ def test_reader_processes_end_when_the_training_process_is_killed(tmp_path: Path
     children: list[int] = []
     try:
         assert trainer.stdout is not None
-        line = trainer.stdout.readline()  # blocks until the first batch, or EOF on a crash
+        line = read_line(trainer, 60)  # the first batch, or "" on a crash
         children = [int(p) for p in line.split()]
         assert len(children) >= 3, line  # the fork server, its 2 workers (and a tracker)
         trainer.kill()

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, mpiexec_path, run_env
+from conftest import ROOT, end_tree, mpiexec_path, run_env, stderr_of
 
 pytestmark = pytest.mark.mpi
 
@@ -118,12 +118,12 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
            "train", str(cfg_path), "--run-dir", str(run)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         ckpt = run / "stages" / "main" / "checkpoints" / "epoch-0001.pt"
         while not ckpt.exists():
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline, "training did not reach epoch 1"
             time.sleep(0.2)
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -136,8 +136,7 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
         proc.wait(timeout=60)
         elapsed = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_tree(proc)
     assert proc.returncode != 0
     assert elapsed < 60
     import torch

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, mpiexec_path, run_env, steps
+from conftest import ROOT, end_tree, mpiexec_path, run_env, stderr_of, steps
 
 from hpc_multires.train.preempt import PREEMPTED_EXIT
 
@@ -35,11 +35,11 @@ def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: P
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
            "train", cfg, "--run-dir", str(run), "--auto-resume"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not any(r["step"] >= 12 for r in steps(run)):  # inside epoch 2
-            assert proc.poll() is None, proc.communicate()[1]
+            assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline
             time.sleep(0.02)
         ranks = rank_processes(psutil.Process(proc.pid))
@@ -48,8 +48,7 @@ def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: P
             os.kill(p.pid, signal.SIGUSR1)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_tree(proc)
     assert proc.returncode == PREEMPTED_EXIT, err
     assert "stopped on SIGUSR1" in err
     ckpts = sorted(p.name for p in (run / "stages" / "main" / "checkpoints").iterdir())
@@ -122,12 +121,12 @@ def test_signal_to_one_group_stops_the_concurrent_one_with_a_checkpoint(
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
            "train", str(cfg), "--run-dir", str(run), "--auto-resume"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         # Both stages past their first epoch (so each has an epoch checkpoint to compare).
         while {r["stage"] for r in steps(run) if r["epoch"] >= 1} != {"slow", "fast"}:
-            assert proc.poll() is None, proc.communicate()[1]
+            assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline
             time.sleep(0.02)
         ranks = rank_processes(psutil.Process(proc.pid))
@@ -136,8 +135,7 @@ def test_signal_to_one_group_stops_the_concurrent_one_with_a_checkpoint(
         os.kill(by_rank[1].pid, signal.SIGUSR1)
         _, err = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_tree(proc)
     assert proc.returncode == PREEMPTED_EXIT, err
     assert (run / "PREEMPTED").is_file(), err
     for stage in ("slow", "fast"):

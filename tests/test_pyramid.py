@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import selectors
 import subprocess
 import sys
 import time
@@ -15,21 +14,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_env, write_arrays_store
+from conftest import ROOT, read_line, run_env, write_arrays_store
 
 import hpc_multires.data.pyramid as pyramid
 from hpc_multires.data.pyramid import TMP_SUFFIX, average_pool, build_pyramid, build_shard
 from hpc_multires.data.store import SampleStore, checksum_shard
 from hpc_multires.errors import DataError
-
-
-def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    """The child's next stdout line, or "" if none comes within `timeout` (no hang)."""
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        return proc.stdout.readline() if sel.select(timeout) else ""
-
 
 # A build of one shard that stops after writing its first level until FILE exists.
 PAUSED_BUILD = """\

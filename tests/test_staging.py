@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, mpiexec_path, run_env
+from conftest import ROOT, end_tree, mpiexec_path, run_env, stderr_of
 
 from hpc_multires.data.store import checksum_shard
 
@@ -23,12 +23,12 @@ def test_staged_copy_is_verified_used_and_removed(tiny_config, tiny_cosmo: Path,
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
            "train", str(cfg), "--run-dir", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     seen: list[Path] = []
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "metrics.jsonl").exists():  # training has started
-            assert proc.poll() is None, proc.communicate()[1]
+            assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline
             time.sleep(0.05)
         seen = sorted(local.glob("hpc-multires-*-node0/0-cosmo16/shard-*.h5"))
@@ -36,8 +36,7 @@ def test_staged_copy_is_verified_used_and_removed(tiny_config, tiny_cosmo: Path,
         assert all(checksum_shard(p)["ok"] for p in seen)  # verified copies, in use now
         _, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        end_tree(proc)
     assert proc.returncode == 0, err
     assert "staged 1 dataset(s)" in err
     # Training read the node's copy: the start-up line names it as the data.

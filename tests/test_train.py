@@ -185,6 +185,8 @@ def test_metrics_appends_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> N
     import threading
     import time
 
+    from conftest import read_line
+
     from hpc_multires.train.metrics import MetricsLog, read_metrics
 
     path = tmp_path / "metrics.jsonl"
@@ -194,7 +196,7 @@ def test_metrics_appends_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> N
          f"f = open({str(path)!r}, 'a'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
          "print('locked', flush=True); time.sleep(1.0)"], stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert read_line(holder, 30).strip() == "locked"
         writer = threading.Thread(target=MetricsLog(path, enabled=True).write,
                                   args=({"kind": "step", "step": 1},))
         t0 = time.monotonic()
@@ -205,5 +207,5 @@ def test_metrics_appends_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> N
         assert not writer.is_alive() and time.monotonic() - t0 >= 0.5
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=30)
     assert read_metrics(path) == [{"kind": "step", "step": 1}]

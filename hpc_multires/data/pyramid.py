@@ -34,7 +34,7 @@ import h5py
 import numpy as np
 
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import SampleStore, transform
+from hpc_multires.data.store import SampleStore, fsync_dir, transform
 from hpc_multires.errors import DataError
 
 TMP_SUFFIX = ".pyramid-tmp"
@@ -116,14 +116,6 @@ def _shard_lock(path: Path) -> Iterator[bool]:
             os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def build_shard(path: Path, levels: list[int], x_transform: str) -> list[int]:
     """Add the missing `levels` to one shard; returns those it built (empty: nothing to do)."""
     # A complete shard is only read: no lock file, so a read-only data set is fine.
@@ -150,7 +142,7 @@ def build_shard(path: Path, levels: list[int], x_transform: str) -> list[int]:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as e:
             if e.errno not in NO_SPACE:
                 raise

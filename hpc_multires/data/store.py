@@ -402,6 +402,15 @@ class SampleStore:
         return state
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make the renames in `directory` durable (a rename lives in the directory's entry)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def checksum_shard(path: Path) -> dict[str, Any]:
     """Recompute the SHA-256 of a shard's /x and /y bytes and compare with its attributes.
 

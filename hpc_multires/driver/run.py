@@ -90,11 +90,16 @@ def open_levels(cfg: Config, data: DataConfig,
     return splits
 
 
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """The epoch checkpoints of every stage of the run in `run_dir`."""
+    return sorted(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
+
+
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse to overwrite a run's checkpoints unless resuming it. Runs on every rank."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; choose a directory")
-    existing = sorted(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
+    existing = run_checkpoints(run_dir)
     if existing and not resume:
         raise UserError(
             f"{run_dir} already holds checkpoints ({existing[-1].relative_to(run_dir)}); pass "
@@ -296,7 +301,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
           stop: StopAt | None = None) -> dict[str, Any]:
     """Run the plan. `resume`: False, True (a checkpoint must exist) or "auto"."""
     run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
-    has_checkpoint = any(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
+    has_checkpoint = bool(run_checkpoints(run_dir))
     if resume == "auto":
         # Continue if the run directory holds a checkpoint (a requeued job), else start.
         resume = has_checkpoint

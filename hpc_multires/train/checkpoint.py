@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hpc_multires.data.store import fsync_dir
 from hpc_multires.errors import UserError
 
 # epoch-0003.pt: the end of epoch 3; epoch-0004-step-00000123.pt: inside epoch 4.
@@ -58,12 +59,7 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    # Make the rename itself durable.
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)  # the rename itself, durable
 
 
 def prune(directory: Path, keep: int) -> None:

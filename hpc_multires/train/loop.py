@@ -107,14 +107,11 @@ class Trainer:
         self.clock = clock
         self.horovod = horovod
         self.optimizer = build_optimizer(self.tcfg, list(self.model.parameters()))
+        # At least one step per epoch: driver.run.open_levels checked the training set
+        # against the global batch before any stage ran.
         self.sampler = GlobalBatchSampler(train.indices, self.tcfg.global_batch, comm.rank,
                                           comm.world_size, cfg.run.seed)
         self._flag_polled = -math.inf  # when the job-wide preemption flag was last read
-        if self.sampler.steps_per_epoch == 0:
-            raise UserError(
-                f"stage {stage.name!r}: the training set has {len(train.indices)} samples, "
-                f"fewer than its global batch {self.tcfg.global_batch}; lower the global "
-                "batch or use more data")
 
     def tag(self) -> dict[str, Any]:
         """What every metrics record of this stage carries."""

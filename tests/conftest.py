@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +170,44 @@ def tiny_config(tmp_path: Path, tiny_cosmo: Path) -> Callable[..., Path]:
         p.write_text(TINY_CONFIG.format(data=data or tiny_cosmo, epochs=epochs, workers=workers))
         return p
     return make
+
+
+SHM = Path("/dev/shm")
+SHM_LEFTOVERS = ("mpich_shm_", "sem.mp-")  # MPICH's node segments, multiprocessing's locks
+
+
+def _in_use_under_shm() -> set[str]:
+    """/dev/shm names some live process has mapped or open."""
+    names: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for line in (proc / "maps").read_text().splitlines():
+                if " /dev/shm/" in line:
+                    names.add(line.rsplit("/", 1)[-1].removesuffix(" (deleted)"))
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("/dev/shm/"):
+                        names.add(target.rsplit("/", 1)[-1])
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shm_left_by_aborted_jobs() -> Iterator[None]:
+    """Remove what the suite's aborted MPI jobs leave in /dev/shm. An MPI abort kills every
+    rank with SIGKILL, with no clean-up: MPICH's 2 MiB shared segment of the node and the
+    named semaphores of the killed ranks' reader queues stay behind. Many tests end a job
+    that way on purpose, and on a machine that runs the suite again and again these would
+    fill /dev/shm. Only names that appeared during this session and that no live process
+    still uses are removed."""
+    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+    yield
+    if not SHM.is_dir():
+        return
+    new = {n for n in os.listdir(SHM) if n.startswith(SHM_LEFTOVERS)} - before
+    for name in new - _in_use_under_shm():
+        with contextlib.suppress(OSError):
+            (SHM / name).unlink()

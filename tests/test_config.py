@@ -48,6 +48,8 @@ def test_overrides_parse_toml_values_and_bare_strings() -> None:
     # numpy refuses a negative seed, but only at the first epoch: refuse it at load.
     ({"run": {"seed": -1}}, "run.seed = -1: use 0 or a positive integer"),
     ({"run": {"seed": 1.5}}, "run.seed = 1.5: expected an integer"),
+    ({"data": {"read_timeout_s": -1.0}}, "data.read_timeout_s = -1.0: use 0 (wait forever)"),
+    ({"data": {"read_timeout_s": float("nan")}}, "data.read_timeout_s = nan"),
 ])
 def test_errors_name_key_and_fix(table: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,35 @@ def test_a_killed_reader_process_ends_the_loop_with_one_line(tmp_path: Path) -> 
                 assert len(workers) == 1, workers
                 workers[0].kill()  # with a batch or two in flight, 500 cannot all arrive
     assert time.monotonic() - start < 60
+
+
+def test_a_read_stuck_in_the_kernel_ends_the_loop_after_the_read_timeout(
+        tmp_path: Path) -> None:
+    """A shard that became a FIFO after the store was opened: the worker's open() of it
+    waits in the kernel for a writer, as a read waits on a file system that stopped
+    answering. The worker is alive, so nothing notices a death: without the timeout the
+    loop would wait for its batch forever."""
+    store = _store(tmp_path / "s")
+    shard = store.shards[2].path  # samples 16..23; workers open shards lazily
+    shard.unlink()
+    os.mkfifo(shard)
+    batches = [np.array([i, i + 1]) for i in range(0, 32, 2)]
+
+    def release() -> None:  # without the timeout: let the open return, so the loop ends
+        fd = os.open(shard, os.O_WRONLY | os.O_NONBLOCK)  # with another error, and the
+        os.close(fd)  # test fails instead of hanging
+
+    wake = threading.Timer(30.0, release)
+    wake.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(SampleError, match=r"no batch from this rank's reader processes in "
+                           r"2 s \(batch 9 of 16, dataset .*\).*data\.read_timeout_s"):
+            for _ in iterate_batches(store, batches, num_workers=1, prefetch=1, timeout_s=2.0):
+                pass
+        assert time.monotonic() - start < 30
+    finally:
+        wake.cancel()
 
 
 TRAINER = """

@@ -4,6 +4,7 @@ contents."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -296,20 +297,27 @@ def fail(message: str | None, code: int, all_ranks: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    failure: tuple[str | None, int, bool]
     try:
         return int(args.func(args))
     except UserError as e:
-        return fail(str(e), 2, e.all_ranks)
+        failure = (str(e), 2, e.all_ranks)
     except Preempted as e:
         # Every rank stops here together: a clean exit, no MPI abort.
         if _rank_and_size()[0] == 0:
             print(f"hpc-multires: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except KeyboardInterrupt:
-        return fail("interrupted", 130, all_ranks=False)
+        failure = ("interrupted", 130, False)
     except Exception:
         traceback.print_exc()
-        return fail(None, 1, all_ranks=False)
+        failure = (None, 1, False)
+    # Out of the except clause the traceback is gone, and with it the frames that held the
+    # failed epoch's reader: collected now, it ends its worker processes and unlinks the
+    # named semaphores of its queues, which an MPI abort (it kills this process and its
+    # helpers at once) would leave behind in /dev/shm.
+    gc.collect()
+    return fail(*failure)
 
 
 if __name__ == "__main__":

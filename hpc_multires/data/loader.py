@@ -135,8 +135,15 @@ def worker_context() -> BaseContext:
 
 
 def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_workers: int,
-                    prefetch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes."""
+                    prefetch: int, timeout_s: float = 0.0
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes.
+
+    With workers and `timeout_s` > 0, a wait of more than `timeout_s` for the next batch
+    raises SampleError: a worker stuck in a read (a file system that stopped answering
+    leaves it waiting in the kernel, alive and silent) would otherwise hold this rank, and
+    with it every rank, until the job's time limit.
+    """
     if not batches:
         return
     loader = DataLoader(
@@ -148,6 +155,7 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_worke
         prefetch_factor=prefetch if num_workers > 0 else None,
         persistent_workers=False,
         multiprocessing_context=worker_context() if num_workers > 0 else None,
+        timeout=timeout_s if num_workers > 0 else 0,
         worker_init_fn=functools.partial(_end_with_trainer, os.getpid()) if num_workers > 0
         else None,
     )
@@ -159,6 +167,14 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_worke
         except StopIteration:
             return
         except RuntimeError as e:
+            if "timed out after" in str(e):
+                raise SampleError(
+                    f"no batch from this rank's reader processes in {timeout_s:g} s (batch "
+                    f"{done + 1} of {len(batches)}, dataset {str(store.path)!r}): a read is "
+                    "stuck, most often on a file system that stopped answering; check that "
+                    "the dataset's file system responds, stage the data node-locally "
+                    "(data.stage_to), or raise data.read_timeout_s if reads are this slow"
+                    ) from None
             if "exited unexpectedly" not in str(e):
                 raise
             # A worker died without a word (killed, e.g. by the OOM killer, or crashed in

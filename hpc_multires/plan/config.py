@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import math
 import tomllib
 import types
 import typing
@@ -49,6 +50,10 @@ class DataConfig:
     """Background reader processes per rank; 0 reads in the training process."""
     prefetch: int = 4
     """Batches each reader process keeps ready ahead of the training step."""
+    read_timeout_s: float = 120.0
+    """With num_workers > 0: a rank waiting longer than this for its next batch (a read
+    stuck on a file system that stopped answering) ends the job with a message saying so,
+    instead of holding every rank until the job's time limit; 0 waits forever."""
     stage_to: str = ""
     """Node-local directory (e.g. "$TMPDIR") to copy the shards to before training, once
     per node, checksums verified, removed at the end; empty: read in place."""
@@ -293,6 +298,8 @@ def _check_values(cfg: Config) -> None:
          "or --set stages.NAME.level=k) and leave data.level out")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, "use 0 or more")
     need(d.prefetch >= 1, "data.prefetch", d.prefetch, "use 1 or more")
+    need(math.isfinite(d.read_timeout_s) and d.read_timeout_s >= 0, "data.read_timeout_s",
+         d.read_timeout_s, "use 0 (wait forever) or a positive number of seconds")
     need(m.width > 0, "model.width", m.width, "use a positive multiplier such as 0.25 or 1")
     need(m.depth >= 1, "model.depth", m.depth, "use 1 or more conv blocks")
     need(m.kernel_size >= 1, "model.kernel_size", m.kernel_size, "use a size such as 3")

@@ -38,7 +38,8 @@ from hpc_multires.train.optim import build_optimizer, learning_rate, set_learnin
 # what is computed (or, for epochs, only extend it).
 RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "data.path", "data.val_path",
                      "data.stage_to",
-                     "data.num_workers", "data.prefetch", "comm.timeout_s", "log.*")
+                     "data.num_workers", "data.prefetch", "data.read_timeout_s",
+                     "comm.timeout_s", "log.*")
 
 
 @dataclass
@@ -193,7 +194,8 @@ class Trainer:
             mark_t, mark_step = self.clock(), step
             pending: Callable[[], list[float]] | None = None  # the previous step's stop vote
             for x, y in iterate_batches(self.train.store, self.sampler.batches(epoch, epoch_step),
-                                        cfg.data.num_workers, cfg.data.prefetch):
+                                        cfg.data.num_workers, cfg.data.prefetch,
+                                        cfg.data.read_timeout_s):
                 x = x.to(comm.device, non_blocking=True)  # (b, C, *spatial)
                 y = y.to(comm.device, non_blocking=True)  # (b, P)
                 lr = learning_rate(tcfg, step, total_steps, spe)
@@ -324,7 +326,7 @@ class Trainer:
         abs_sum = np.zeros(len(names))  # (P,)
         sq_sum = rows = 0.0
         for x, y in iterate_batches(self.val.store, batches, self.cfg.data.num_workers,
-                                    self.cfg.data.prefetch):
+                                    self.cfg.data.prefetch, self.cfg.data.read_timeout_s):
             err = self.model(x.to(self.comm.device)) - y.to(self.comm.device)  # (b, P)
             abs_sum += err.abs().sum(dim=0).double().cpu().numpy()
             sq_sum += float(err.square().sum())

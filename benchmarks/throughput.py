@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,39 +36,44 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
 
     tmp = Path(tempfile.mkdtemp(prefix="hpcmr-bench-"))
-    data = args.data or tmp / "data"
-    if args.data is None:
-        cli(["data", "synth", "cosmoflow", "--out", str(data), "--samples", str(args.samples),
-             "--size", str(args.size)], ranks=2)
-    print(f"machine: {machine()}; {psutil.cpu_count(logical=False)} physical cores")
-    print(f"model: configs/cosmoflow-demo.toml, {args.size}^3 x 4, per-rank batch "
-          f"{args.local_batch}, {args.epochs} epochs, throughput excludes epoch 1")
-    print(f"{'ranks':>5} {'global batch':>12} {'samples/s':>10} {'per rank':>9} {'efficiency':>10}")
-    base = 0.0
-    for n in ranks:
-        run = tmp / f"run-{n}"
-        cli(["train", str(ROOT / "configs" / "cosmoflow-demo.toml"), "--run-dir", str(run),
-             "--set", f"data.path={data}", "--set", f"train.global_batch={args.local_batch * n}",
-             "--set", f"train.epochs={args.epochs}", "--set", "log.every_steps=1",
-             "--set", "train.warmup_epochs=0"], ranks=n)
-        recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in recs if r["kind"] == "step" and r["epoch"] >= 1]
-        # samples/s between the first and last step record of the later epochs
-        # (evaluation at the epoch boundary excluded).
-        per_epoch: dict[int, list[dict]] = {}
-        for r in steps:
-            per_epoch.setdefault(r["epoch"], []).append(r)
-        samples = sum((v[-1]["step"] - v[0]["step"]) * args.local_batch * n
-                      for v in per_epoch.values())
-        seconds = sum(v[-1]["wall_s"] - v[0]["wall_s"] for v in per_epoch.values())
-        if samples == 0 or seconds <= 0:
-            sys.exit(f"{n} rank(s): no two step records in an epoch after the first (epochs "
-                     f"{args.epochs}, {len(steps)} step records there); use --epochs 2 or "
-                     "more and enough --samples for two steps per epoch")
-        sps = samples / seconds
-        base = base or sps / n
-        print(f"{n:5d} {args.local_batch * n:12d} {sps:10.1f} {sps / n:9.1f} "
-              f"{sps / (n * base):10.2f}")
+    try:
+        data = args.data or tmp / "data"
+        if args.data is None:
+            cli(["data", "synth", "cosmoflow", "--out", str(data), "--samples", str(args.samples),
+                 "--size", str(args.size)], ranks=2)
+        print(f"machine: {machine()}; {psutil.cpu_count(logical=False)} physical cores")
+        print(f"model: configs/cosmoflow-demo.toml, {args.size}^3 x 4, per-rank batch "
+              f"{args.local_batch}, {args.epochs} epochs, throughput excludes epoch 1")
+        print(f"{'ranks':>5} {'global batch':>12} {'samples/s':>10} {'per rank':>9} "
+              f"{'efficiency':>10}")
+        base = 0.0
+        for n in ranks:
+            run = tmp / f"run-{n}"
+            cli(["train", str(ROOT / "configs" / "cosmoflow-demo.toml"), "--run-dir", str(run),
+                 "--set", f"data.path={data}",
+                 "--set", f"train.global_batch={args.local_batch * n}",
+                 "--set", f"train.epochs={args.epochs}", "--set", "log.every_steps=1",
+                 "--set", "train.warmup_epochs=0"], ranks=n)
+            recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in recs if r["kind"] == "step" and r["epoch"] >= 1]
+            # samples/s between the first and last step record of the later epochs
+            # (evaluation at the epoch boundary excluded).
+            per_epoch: dict[int, list[dict]] = {}
+            for r in steps:
+                per_epoch.setdefault(r["epoch"], []).append(r)
+            samples = sum((v[-1]["step"] - v[0]["step"]) * args.local_batch * n
+                          for v in per_epoch.values())
+            seconds = sum(v[-1]["wall_s"] - v[0]["wall_s"] for v in per_epoch.values())
+            if samples == 0 or seconds <= 0:
+                sys.exit(f"{n} rank(s): no two step records in an epoch after the first (epochs "
+                         f"{args.epochs}, {len(steps)} step records there); use --epochs 2 or "
+                         "more and enough --samples for two steps per epoch")
+            sps = samples / seconds
+            base = base or sps / n
+            print(f"{n:5d} {args.local_batch * n:12d} {sps:10.1f} {sps / n:9.1f} "
+                  f"{sps / (n * base):10.2f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the generated data and the runs
 
 
 if __name__ == "__main__":

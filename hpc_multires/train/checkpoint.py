@@ -79,9 +79,10 @@ def _set_aside(paths: list[Path]) -> None:
             os.replace(path, path.with_name(path.name + ".unreadable"))
 
 
-def load_latest(directory: Path) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint that loads, skipping (and reporting) unreadable ones, which
-    are set aside once an older one has loaded."""
+def load_latest(directory: Path, report: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint that loads, skipping unreadable ones (with a warning where
+    `report`: every rank of a stage loads, one of them says so), which are set aside once
+    an older one has loaded."""
     candidates = list_checkpoints(directory)
     if not candidates:
         raise UserError(f"no checkpoint in {directory}; run without --resume to start "
@@ -92,19 +93,22 @@ def load_latest(directory: Path) -> tuple[Path, dict[str, Any]]:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:  # a damaged file can fail in many ways inside the unpickler
             reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
-            print(f"hpc-multires: warning: checkpoint {path} does not load ({reason}); "
-                  "trying the previous one", file=sys.stderr)
+            if report:
+                print(f"hpc-multires: warning: checkpoint {path} does not load ({reason}); "
+                      "trying the previous one", file=sys.stderr)
             skipped.append(path)
             continue
         if isinstance(state, dict) and "model" in state and "epoch" in state:
             if skipped:
                 _set_aside(skipped)
+            if skipped and report:
                 print(f"hpc-multires: warning: resuming from {path.name}; set aside "
                       f"{', '.join(p.name for p in skipped)} as *.unreadable",
                       file=sys.stderr)
             return path, state
-        print(f"hpc-multires: warning: {path} is not a training checkpoint; skipped",
-              file=sys.stderr)
+        if report:
+            print(f"hpc-multires: warning: {path} is not a training checkpoint; skipped",
+                  file=sys.stderr)
         skipped.append(path)
     raise UserError(f"none of the {len(candidates)} checkpoints in {directory} loads; "
                     "start a new run (choose another --run-dir)")

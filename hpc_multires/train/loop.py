@@ -159,7 +159,7 @@ class Trainer:
         loss_carry, elapsed_before = 0.0, 0.0
         start: dict[str, Any] = {}  # the start record, for a stage that starts now
         if resume and checkpoint.list_checkpoints(self.ckpt_dir):
-            path, state = checkpoint.load_latest(self.ckpt_dir)
+            path, state = checkpoint.load_latest(self.ckpt_dir, report=self.comm.is_root)
             self.restore(state, path)
             epoch, step, epoch_step = state["epoch"], state["step"], state["epoch_step"]
             loss_carry, elapsed_before = state["loss_sum"], state["stage_elapsed_s"]

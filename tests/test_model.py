@@ -74,3 +74,38 @@ def test_gap_head_keeps_a_one_voxel_map() -> None:
     m = CosmoFlow(in_channels=1, spatial=(12, 12, 12), num_outputs=1, width=0.0625, depth=4,
                   head="gap")
     assert m.features(torch.randn(1, 1, 12, 12, 12)).shape[2:] == (1, 1, 1)
+
+
+def test_batch_norm_normalises_per_batch_and_moves_between_levels() -> None:
+    """model.norm = "batch": a BatchNorm after every convolution. It normalises over the
+    batch, not per sample, so two samples that differ only in amplitude still give two
+    outputs; and its statistics are buffers, which `transfer` and `average` carry to the
+    next level's model."""
+    from hpc_multires.methods.fusion import average, transfer
+
+    cfg = ModelConfig(name="cosmoflow", width=0.25, depth=3, head="gap", norm="batch")
+    fine = build_model(cfg, (4, 16, 16, 16), 4, level=0)
+    coarse = build_model(cfg, (4, 8, 8, 8), 4, level=1)
+    norms = [m for m in fine.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert len(norms) == 3
+    assert not any(isinstance(m, torch.nn.BatchNorm3d)
+                   for m in build_model(ModelConfig(name="cosmoflow", width=0.25, depth=3,
+                                                    head="gap"), (4, 16, 16, 16), 4).modules())
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, 16)
+    x[1] = 3.0 * x[0]  # the same field, three times the amplitude
+    fine.train()
+    out = fine(x)
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
+    coarse.train()
+    coarse(torch.randn(4, 4, 8, 8, 8) * 2.0 + 1.0)  # moves its running statistics
+    moved = transfer(coarse.state_dict(), fine.state_dict())
+    stats = [k for k in moved if k.endswith(("running_mean", "running_var"))]
+    assert len(stats) == 6
+    assert all(torch.equal(moved[k], coarse.state_dict()[k]) for k in stats)
+    mixed = average([coarse.state_dict(), fine.state_dict()], fine.state_dict(), [1, 1])
+    key = stats[0]
+    expected = (coarse.state_dict()[key] + fine.state_dict()[key]) / 2
+    assert torch.allclose(mixed[key], expected)
+    tracked = [k for k in mixed if k.endswith("num_batches_tracked")]
+    assert tracked and all(mixed[k].dtype == torch.long for k in tracked)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.models import build_model
 from hpc_multires.models.neuron_inverter import NeuronInverter
+from hpc_multires.plan.config import ModelConfig
 
 
 def test_reference_size_model() -> None:
@@ -87,3 +89,12 @@ def test_too_short_without_pooling_is_an_error_not_a_hang() -> None:
     worker.join(timeout=10)
     assert not worker.is_alive(), "the length check loops forever for pool = 1"
     assert raised and "at least 4 bins" in str(raised[0])
+
+
+def test_batch_norm_after_every_convolution() -> None:
+    cfg = ModelConfig(name="neuron_inverter", width=0.25, norm="batch")
+    model = build_model(cfg, (4, 1600), 6)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(norms) == len(cfg.conv_channels)
+    model.train()
+    assert model(torch.randn(3, 4, 1600)).shape == (3, 6)

@@ -30,7 +30,7 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
             fc_sizes=cfg.fc_sizes, dropout=cfg.dropout,
             pools=block_pools(2, cfg.depth, level, cfg.coarse_pools, cfg.stem_level),
             stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
-            grid_factor=factor)
+            grid_factor=factor, norm=cfg.norm)
     if cfg.name == "neuron_inverter":
         if len(sample_shape) != 2:
             raise ConfigError(
@@ -43,7 +43,7 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
             pools=block_pools(cfg.pool, len(cfg.conv_channels), level, cfg.coarse_pools,
                               cfg.stem_level),
             stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
-            grid_factor=factor)
+            grid_factor=factor, norm=cfg.norm)
     raise ConfigError(f"unknown model.name {cfg.name!r}")
 
 

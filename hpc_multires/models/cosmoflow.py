@@ -44,7 +44,7 @@ class CosmoFlow(nn.Module):
                  fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0,
                  pools: list[int] | None = None, stem_stride: int = 1,
                  stem_detail: bool = False, pool_type: Literal["max", "avg"] = "max",
-                 grid_factor: int = 1) -> None:
+                 grid_factor: int = 1, norm: Literal["none", "batch"] = "none") -> None:
         super().__init__()
         pools = [2] * depth if pools is None else list(pools)  # per block; 1 = no pooling
         shrink = math.prod(pools) * stem_stride
@@ -74,7 +74,8 @@ class CosmoFlow(nn.Module):
                 conv = (nn.Conv3d(channels, out, taps, dilation=dilation, padding=pad[0])
                         if pad[0] == pad[1] else  # the even first kernel pads unevenly
                         PaddedConv3d(channels, out, taps, pad))
-            blocks += [conv, nn.LeakyReLU(0.3),
+            blocks += [conv, *([nn.BatchNorm3d(out)] if norm == "batch" else []),
+                       nn.LeakyReLU(0.3),
                        # gap head, ceil_mode: a 1-voxel map stays 1 voxel, so the same
                        # network runs on every pyramid level, however coarse. The flatten
                        # head floors, as its dense layer's size (spatial // shrink) and

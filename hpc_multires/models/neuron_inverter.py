@@ -52,7 +52,7 @@ class NeuronInverter(nn.Module):
                  dropout: float = 0.0, head: Literal["flatten", "gap"] = "flatten",
                  pools: list[int] | None = None, stem_stride: int = 1,
                  stem_detail: bool = False, pool_type: Literal["max", "avg"] = "max",
-                 grid_factor: int = 1) -> None:
+                 grid_factor: int = 1, norm: Literal["none", "batch"] = "none") -> None:
         super().__init__()
         if pool < 1 or kernel_size < 1 or length < 1:
             raise ConfigError(f"model.pool = {pool}, model.kernel_size = {kernel_size} and the "
@@ -92,7 +92,8 @@ class NeuronInverter(nn.Module):
             if f > 1:  # level-consistent: see grid_conv
                 taps, dilation, pad = grid_conv(kernel_size, f, first=i == 0)
                 conv = nn.Conv1d(channels, out, taps, dilation=dilation)
-            blocks += [nn.ConstantPad1d(pad, 0.0), conv, nn.LeakyReLU(0.01),
+            blocks += [nn.ConstantPad1d(pad, 0.0), conv,
+                       *([nn.BatchNorm1d(out)] if norm == "batch" else []), nn.LeakyReLU(0.01),
                        grid_pool(1, pool_type, factor, f, ceil_mode=False)]
             if i == 0:
                 self.detail = (DetailBranch(

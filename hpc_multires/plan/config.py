@@ -79,6 +79,10 @@ class ModelConfig:
     """Pooling of the conv blocks: max (the reference networks) or avg. Average pooling
     is linear, so with kernel_level a model moved between levels keeps what it computed
     far more closely (docs/design.md, "Moving between levels")."""
+    norm: Literal["none", "batch"] = "none"
+    """Normalisation after each convolution: none (the reference networks) or batch
+    (BatchNorm: per batch and channel, so what sets one sample apart from the others, its
+    amplitude included, survives; a per-sample norm would erase it)."""
     head: Literal["flatten", "gap"] = "flatten"
     """flatten: dense layers on the flattened features (original); gap: global average pool."""
     fc_sizes: tuple[int, ...] = (128, 64)

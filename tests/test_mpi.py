@@ -143,3 +143,33 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
 
     state = torch.load(ckpt, weights_only=False)  # the last checkpoint still loads
     assert state["epoch"] >= 1
+
+
+def test_a_run_dir_one_rank_cannot_see_is_refused_before_training(tiny_config,
+                                                                   tmp_path: Path) -> None:
+    """A node-local --run-dir on a two-node job: rank 1 runs in its own mount namespace
+    with an empty tmpfs over the run directory's parent, as a second node sees its own
+    $TMPDIR. The job must stop before training, with one line that names the rank."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and util-linux unshare to give one rank its own mounts")
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --mount is not allowed here: {probe.stderr.strip()}")
+    local = tmp_path / "node-local"
+    local.mkdir()
+    run = local / "run"
+    args = ["-m", "mpi4py", "-m", "hpc_multires", "train", str(tiny_config()),
+            "--run-dir", str(run)]
+    own_mounts = ["unshare", "--mount", "sh", "-c",
+                  f'mount -t tmpfs tmpfs "{local}" && exec "$0" "$@"', sys.executable]
+    result = subprocess.run(
+        [mpiexec_path(), "-n", "1", sys.executable, *args, ":", "-n", "1", *own_mounts, *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=run_env())
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("hpc-multires: error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert "is not shared by all ranks: 1 of 2" in errors[0] and "rank 1 on" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (run / "stages").exists() and not (run / "metrics.jsonl").exists()
+    assert not list(run.glob(".shared-check-*"))

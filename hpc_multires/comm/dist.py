@@ -128,6 +128,14 @@ class Comm:
         dist.broadcast_object_list(box, src=self.global_ranks[src], group=self.group)
         return box[0]
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank of the set."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def subgroup(self, ranks: tuple[int, ...], group: dist.ProcessGroup | None) -> Comm:
         """The Comm of a subset of this job's ranks (this rank must be in it)."""
         info = replace(self.info, rank=ranks.index(self.info.rank), world_size=len(ranks))

@@ -10,6 +10,7 @@ includes it, on that stage's process group, and waits for the rest of the wave.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -147,9 +148,11 @@ class PlanRunner:
     def start(self) -> None:
         comm = self.comm
         comm.barrier()  # every rank passed the checks before rank 0 writes anything
-        offset = 0.0
         if comm.is_root:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_shared_run_dir()
+        offset = 0.0
+        if comm.is_root:
             (self.run_dir / preempt.MARKER).unlink(missing_ok=True)
             (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
             if self.resume:
@@ -166,6 +169,33 @@ class PlanRunner:
         self._offset = float(comm.broadcast_object(offset))
         comm.barrier()
         self._t0 = time.monotonic()
+
+    def _check_shared_run_dir(self) -> None:
+        """Every rank must see the run directory rank 0 writes: stage roots on other nodes
+        write checkpoints and metrics there, fusion reads other stages' models from it, and
+        every rank resumes from it. A node-local --run-dir ($TMPDIR) would train, then
+        fail at the first fusion or diverge on resume; refuse it before anything trains."""
+        comm = self.comm
+        if not comm.distributed:
+            return
+        token = None
+        if comm.is_root:
+            token = f".shared-check-{os.getpid()}-{time.time_ns()}"
+            (self.run_dir / token).touch()
+        token = comm.broadcast_object(token)
+        seen = (self.run_dir / token).exists()
+        blind = comm.gather_object(None if seen else
+                                   f"rank {comm.rank} on {socket.gethostname()}")
+        if comm.is_root:
+            (self.run_dir / token).unlink(missing_ok=True)
+        missing = [who for who in blind if who is not None]
+        if missing:
+            raise UserError(
+                f"--run-dir {self.run_dir} is not shared by all ranks: {len(missing)} of "
+                f"{comm.world_size} do not see the file rank 0 wrote there ("
+                f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); put the run "
+                "directory on a file system every node mounts (not node-local scratch such "
+                "as $TMPDIR; node-local copies of the data are what data.stage_to is for)")
 
     def _trim_metrics(self) -> float:
         """On resume: drop records written after each stage's checkpoint; the clock resumes

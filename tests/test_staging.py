@@ -68,3 +68,17 @@ def test_a_stale_copy_of_an_earlier_attempt_is_replaced(tiny_cosmo: Path, tmp_pa
     assert sorted(p.name for p in dst.iterdir()) == shards
     for name in shards:
         assert (dst / name).read_bytes() == (tiny_cosmo / name).read_bytes()
+
+
+def test_the_copy_is_removed_when_the_run_fails_after_staging(tiny_config, tmp_path: Path,
+                                                              cli) -> None:
+    """An error found after the copy (here: a pyramid level the data does not have) ends
+    the job with an MPI abort; the nodes' local disks must not keep the copy."""
+    local = tmp_path / "node-local"
+    cfg = tiny_config()
+    cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
+    r = cli(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", "data.level=3"],
+            ranks=2)
+    assert r.returncode == 2 and "no complete pyramid level 3" in r.stderr, r.stderr
+    assert "staged 1 dataset(s)" in r.stderr  # the copy was made, then the run failed
+    assert local.is_dir() and not any(local.iterdir()), list(local.rglob("*"))[:5]

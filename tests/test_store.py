@@ -198,3 +198,32 @@ def test_inspect_lists_only_complete_levels(tmp_path: Path, arrays) -> None:
     assert build_pyramid(path, 2)["built"] == 1
     assert "incomplete" not in inspect_store(path)[0]
     assert len(SampleStore(path, level=2)) == 20
+
+
+def test_inspect_checks_the_layout_the_format_asks_for(tmp_path: Path, arrays) -> None:
+    """A store written by other code: it reads, but inspect says where it departs from
+    docs/data-format.md; an x_dtype that is not /x's dtype is an error when opened."""
+    x, _ = arrays
+    y = np.linspace(-3, 3, 60, dtype=np.float32).reshape(20, 3)  # beyond the output's reach
+    path = write_arrays_store(tmp_path / "s", x, y)
+    text, ok = inspect_store(path)
+    assert ok and "layout    " not in text
+    assert "labels    " in text and "outside [-1, 1]" in text
+    shard = path / "shard-00000.h5"
+    with h5py.File(shard, "r+") as f:  # same bytes, contiguous, no checksum filter
+        data = f["x"][...]
+        del f["x"]
+        f.create_dataset("x", data=data)
+    text, ok = inspect_store(path)
+    assert ok  # the bytes still match their SHA-256
+    assert "layout    /x is stored contiguous, not one sample per chunk" in text
+    assert "layout    /x has no Fletcher-32 filter" in text
+    with h5py.File(shard, "r+") as f:
+        f.attrs["x_dtype"] = "float32"  # /x holds uint16
+    with pytest.raises(DataError, match=r"/x holds uint16, but the attribute x_dtype says "
+                                        r"'float32'"):
+        SampleStore(path)
+    with h5py.File(shard, "r+") as f:
+        f.attrs["x_dtype"] = "uint17"
+    with pytest.raises(DataError, match="'uint17' is not a numpy dtype name"):
+        SampleStore(path)

@@ -186,3 +186,19 @@ def test_cpu_jobs_keep_the_configs_readers_and_srun_its_default(tmp_path: Path) 
                           "hpcmr_launch train c.toml"], capture_output=True, text=True,
                          env=env, timeout=30)
     assert out.stdout == "SRUN_CPUS_PER_TASK=unset\n", out.stderr
+
+
+def test_a_plan_the_jobs_ranks_cannot_run_is_refused_before_the_queue(cli) -> None:
+    """The shipped MRMF plan's global batch of 16 does not split over 32 ranks: the job
+    would queue for hours and then fail at start. `submit` runs the plan's checks for the
+    job's rank count first."""
+    cfg = str(REPO / "configs" / "cosmoflow-mrmf.toml")
+    r = cli(["submit", cfg, "--nodes", "4", "--ntasks-per-node", "8", "--dry-run"])
+    assert r.returncode == 2, r.stderr
+    assert "not divisible by the 32 ranks" in r.stderr and "nothing submitted" in r.stderr
+    assert "#SBATCH" not in r.stdout
+    ok = cli(["submit", cfg, "--nodes", "2", "--ntasks-per-node", "8", "--dry-run"])
+    assert ok.returncode == 0 and "#SBATCH --nodes=2" in ok.stdout, ok.stderr
+    more = cli(["submit", cfg, "--nodes", "4", "--ntasks-per-node", "8", "--dry-run",
+                "--set", "train.global_batch=64"])
+    assert more.returncode == 0, more.stderr

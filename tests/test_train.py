@@ -150,6 +150,9 @@ def test_resume_needs_a_checkpoint_and_stop_stage_a_stage(cli, tiny_config,
     assert r.returncode == 2 and "'mian' is not a stage" in r.stderr, r.stderr
     r = cli(["train", cfg, "--run-dir", str(tmp_path / "b"), "--stop-stage", "main"])
     assert r.returncode == 2 and "--stop-after-epoch" in r.stderr, r.stderr
+    r = cli(["train", cfg, "--run-dir", str(tmp_path / "c"), "--stop-after-epoch", "0"])
+    assert r.returncode == 2 and "--stop-after-epoch 0: use 1 or more" in r.stderr, r.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_torn_metrics_line_does_not_block_resume(cli, tiny_config, tmp_path: Path) -> None:

@@ -67,6 +67,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hpc_multires.train.loop import StopAt
 
     cfg = load_config(args.config, args.set)
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise UserError(f"--stop-after-epoch {args.stop_after_epoch}: use 1 or more (the stop "
+                        "comes with the checkpoint written at the end of that epoch)")
     if args.stop_stage is not None and args.stop_after_epoch is None:
         raise UserError("--stop-stage says which stage --stop-after-epoch counts in; "
                         "pass --stop-after-epoch N as well")
@@ -120,6 +123,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   job_name=args.job_name or f"hpcmr-{args.config.stem}",
                   partition=args.partition or "", account=args.account or "",
                   overrides=tuple(args.set))
+    # The plan's checks for the job's rank count, before it waits in the queue: a global
+    # batch that the ranks do not divide, or a group larger than the job, would only fail
+    # once the job starts.
+    from hpc_multires.plan.config import load_config
+    from hpc_multires.plan.stages import resolve
+
+    ranks = args.nodes * args.ntasks_per_node
+    if args.config.is_file() and ranks >= 1:
+        try:
+            resolve(load_config(args.config, args.set), ranks)
+        except UserError as e:
+            raise UserError(f"{e} (the job runs {ranks} ranks: --nodes {args.nodes} x "
+                            f"--ntasks-per-node {args.ntasks_per_node}); nothing submitted"
+                            ) from None
     out = submit(job, args.dry_run)
     print(out if args.dry_run else f"submitted job {out}; output in {run_dir}/slurm-{out}.out")
     return 0

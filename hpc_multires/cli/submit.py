@@ -6,7 +6,8 @@ names) is shell-quoted, so spaces, quotes and `; rm -rf` in them stay literal; c
 characters are refused, since a newline would end the script's `# Submitted as:` comment
 and run the rest of the line as a command.
 
-The script asks Slurm for USR1 two minutes before the time limit and is requeueable;
+The script asks Slurm for USR1 two minutes before the time limit (five on GPU nodes, as
+slurm/gpu.sbatch does: larger models take longer to checkpoint) and is requeueable;
 the trainer checkpoints on USR1/TERM, writes RUN_DIR/PREEMPTED and exits with 75; the
 script requeues itself when it finds that file (srun's exit code cannot say it), and
 every start runs with --auto-resume, so the requeued job continues. The script sources
@@ -41,7 +42,8 @@ class JobSpec:
     partition: str = ""
     account: str = ""
     overrides: tuple[str, ...] = field(default=())
-    warning_s: int = 120
+    warning_s: int = 0
+    """Seconds of warning (USR1) before the time limit; 0: 120, or 300 with GPUs."""
 
 
 def _directive_safe(text: str) -> str:
@@ -66,7 +68,7 @@ def render(job: JobSpec) -> str:
         # One rank per GPU: each task sees the GPU its local rank picks.
         lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
     lines += [f"#SBATCH --time={job.time}",
-              f"#SBATCH --signal=USR1@{job.warning_s}",
+              f"#SBATCH --signal=USR1@{job.warning_s or (300 if job.gpus_per_node else 120)}",
               "#SBATCH --requeue",
               "#SBATCH --open-mode=append"]
     if job.partition:

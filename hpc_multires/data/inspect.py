@@ -31,10 +31,17 @@ def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
             f"{n} [{col.min():.3f}, {col.max():.3f}] mean {col.mean():.3f}"
             for n, col in zip(s.label_names, labels.T, strict=True)),
     ]
+    outside = [n for n, col in zip(s.label_names, labels.T, strict=True)
+               if col.size and (col.min() < -1.0 or col.max() > 1.0)]
+    if outside:  # trains, but the output layer reaches only (-1.2, 1.2)
+        lines.append(f"labels    {', '.join(outside)} outside [-1, 1]: the models end in "
+                     "1.2 * tanh and cannot fit values beyond 1.2; map each label into "
+                     "[-1, 1] (`data convert` does)")
     all_ok = True
     if verify:
         combined = hashlib.sha256()
         incomplete: set[int] = set()
+        layout: set[str] = set()
         for info in store.shards:
             try:
                 r = checksum_shard(info.path)
@@ -53,6 +60,9 @@ def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
                 incomplete.update(r["incomplete_levels"])
             lines.append(f"  {info.path.name}  {info.num_samples:6d} samples  levels {levels:<6} "
                          f"sha256 {r['x_sha256'][:12]}  {status}")
+            layout.update(r["notes"])
+        for note in sorted(layout):  # it reads, but not as docs/data-format.md asks
+            lines.append(f"layout    {note} (in one or more shards; docs/data-format.md)")
         if incomplete:
             lines.append(f"pyramid   level(s) {', '.join(map(str, sorted(incomplete)))} "
                          "incomplete in the shards marked above, so training cannot use them: "

@@ -281,9 +281,15 @@ class SampleStore:
         if x_transform not in TRANSFORMS:
             raise DataError(f"{p}: unknown x_transform {x_transform!r}; expected one of "
                             f"{TRANSFORMS}")
+        x_dtype = str(_attr(f, p, "x_dtype"))
+        try:
+            np.dtype(x_dtype)
+        except TypeError:
+            raise DataError(f"{p}: x_dtype {x_dtype!r} is not a numpy dtype name; set it to "
+                            "/x's dtype, e.g. 'float32' or 'uint16'") from None
         return Schema(
             sample_shape=tuple(int(v) for v in _attr(f, p, "sample_shape")),
-            x_dtype=str(_attr(f, p, "x_dtype")),
+            x_dtype=x_dtype,
             label_names=tuple(json.loads(_attr(f, p, "label_names"))),
             x_transform=x_transform,
             num_samples=int(_attr(f, p, "total_samples")),
@@ -299,6 +305,10 @@ class SampleStore:
                             f"`hpc-multires data pyramid {self.path} --levels {self.level}`")
         if key not in f:
             raise DataError(f"{p}: dataset /x missing; the shard is incomplete: regenerate it")
+        if self.level == 0 and f["x"].dtype != np.dtype(s.x_dtype):
+            raise DataError(f"{p}: /x holds {f['x'].dtype}, but the attribute x_dtype says "
+                            f"{s.x_dtype!r}; set x_dtype to the dataset's dtype (see "
+                            "docs/data-format.md)")
         want_x = (n, s.channels, *s.spatial_at(self.level))
         for name, want in ((key, want_x), ("y", (n, s.num_labels))):
             if name not in f:
@@ -434,7 +444,15 @@ def checksum_shard(path: Path) -> dict[str, Any]:
         want_y = _attr(f, path, "y_sha256")
         levels = sorted(int(k) for k in f["levels"] if k.isdigit()) if "levels" in f else []
         complete = [k for k in levels if level_is_complete(f, k)]
-        return {"x_sha256": hx.hexdigest(), "y_sha256": hy.hexdigest(),
+        notes = []
+        if x.chunks != (1, *x.shape[1:]):
+            stored = f"in chunks of {x.chunks}" if x.chunks else "contiguous"
+            notes.append(f"/x is stored {stored}, not one sample per chunk "
+                         f"{(1, *x.shape[1:])}: reads fetch more than the sample they need")
+        if not x.fletcher32:
+            notes.append("/x has no Fletcher-32 filter: a damaged chunk reads as garbage "
+                         "instead of an error")
+        return {"x_sha256": hx.hexdigest(), "y_sha256": hy.hexdigest(), "notes": notes,
                 "ok": hx.hexdigest() == want_x and hy.hexdigest() == want_y,
                 "nonfinite": nonfinite, "levels": complete,
                 "incomplete_levels": [k for k in levels if k not in complete]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -354,8 +355,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         read_cfg = cfg
     # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,
     # since a barrier could wait for a rank that is gone.
-    runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
     try:
+        runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
         result = runner.run()
     except preempt.Preempted as e:
         if comm.is_root:
@@ -368,6 +369,13 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         comm.wait_all("preempted-exit")
         if staged is not None:  # every rank is leaving: the node's copy goes too
             staging.cleanup(staged, comm)
+        raise
+    except BaseException:
+        # The job is about to be aborted: each node's first rank removes the node's copy
+        # now, without waiting for the others (the abort would kill a waiting rank first).
+        # Errors that every rank meets (a missing level, a bad --run-dir) reach every node.
+        if staged is not None and comm.info.local_rank == 0:
+            shutil.rmtree(staged, ignore_errors=True)
         raise
     if runner.horovod is not None:
         runner.horovod.shutdown()

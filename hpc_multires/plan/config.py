@@ -44,8 +44,8 @@ class DataConfig:
     """Fraction of `path` (its last samples) used for validation when `val_path` is empty."""
     level: int = 0
     """Pyramid level to train on: 0 = original, k = downsampled by 2^k per spatial axis.
-    Only for a config without [[stages]]; beside them it is an error (each stage sets its
-    own `level`)."""
+    Only for a config without [[stages]]; a non-zero value beside them is an error (each
+    stage sets its own `level`)."""
     num_workers: int = 1
     """Background reader processes per rank; 0 reads in the training process."""
     prefetch: int = 4
@@ -68,9 +68,11 @@ class ModelConfig:
     width: float = 1.0
     """Width multiplier: the first conv block has round(32 * width) filters, doubling per block."""
     depth: int = 5
-    """cosmoflow: conv blocks, each halving every axis (input side must be >= 2^depth)."""
+    """cosmoflow: conv blocks, each halving every axis (with the flatten head the input side
+    must be >= 2^depth; the gap head takes any size)."""
     kernel_size: int = 3
-    """Convolution kernel size (odd for cosmoflow; the Neuron Inverter uses 4)."""
+    """Convolution kernel size (odd for cosmoflow; the shipped Neuron configs use 4, the
+    reference network's)."""
     conv_channels: tuple[int, ...] = (30, 90, 180)
     """neuron_inverter: filters of its conv blocks (scaled by width)."""
     pool: int = 4
@@ -154,7 +156,8 @@ class TrainConfig:
     schedule_offset: float = 0.0
     """Epochs of the schedule already run by earlier stages (with schedule_epochs)."""
     checkpoint_keep: int = 3
-    """Epoch checkpoints kept per stage (older ones are deleted)."""
+    """Checkpoints kept per stage, the newest, counting epoch-end and mid-epoch ones alike
+    (older ones are deleted)."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
     time_budget_s: float = 0.0
@@ -580,7 +583,8 @@ def config_to_toml(cfg: Config) -> str:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its docstring (the string literal under the field), for `--help-config`."""
+    """Field name -> its docstring (the string literal under the field); the tests check
+    that every key has one."""
     import ast
     import inspect
 

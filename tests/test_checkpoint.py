@@ -95,20 +95,6 @@ def test_resume_past_a_damaged_newest_keeps_what_it_writes(
     assert (tmp_path / "epoch-0005.pt.unreadable").exists()  # kept for a look, not loaded
 
 
-def test_only_the_reporting_rank_warns_but_every_rank_skips_the_damaged_file(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Every rank of a stage loads the checkpoint; a thousand ranks must not print the same
-    warning a thousand times, and a rank that does not report still skips the damage."""
-    for epoch in (4, 5):
-        save_atomic(state(epoch), checkpoint_path(tmp_path, epoch))
-    damaged = checkpoint_path(tmp_path, 5)
-    damaged.write_bytes(damaged.read_bytes()[:100])
-    path, loaded = load_latest(tmp_path, report=False)
-    assert path.name == "epoch-0004.pt" and loaded["epoch"] == 4
-    assert capsys.readouterr().err == ""
-    assert (tmp_path / "epoch-0005.pt.unreadable").exists()
-
-
 def test_nothing_is_set_aside_when_nothing_loads(tmp_path: Path) -> None:
     for epoch in (1, 2):
         checkpoint_path(tmp_path, epoch).write_bytes(b"junk")

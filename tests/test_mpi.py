@@ -145,11 +145,10 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
     assert state["epoch"] >= 1
 
 
-def test_a_run_dir_one_rank_cannot_see_is_refused_before_training(tiny_config,
-                                                                   tmp_path: Path) -> None:
-    """A node-local --run-dir on a two-node job: rank 1 runs in its own mount namespace
-    with an empty tmpfs over the run directory's parent, as a second node sees its own
-    $TMPDIR. The job must stop before training, with one line that names the rank."""
+def _rank_1_with_its_own_mount(mount: str, args: list[str], timeout: float = 120
+                               ) -> subprocess.CompletedProcess[str]:
+    """`hpc-multires ARGS` on 2 ranks, rank 1 in its own mount namespace where the shell
+    command `mount` has run first: rank 1 sees the file system as another node would."""
     import shutil
 
     if os.geteuid() != 0 or shutil.which("unshare") is None:
@@ -157,19 +156,59 @@ def test_a_run_dir_one_rank_cannot_see_is_refused_before_training(tiny_config,
     probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"unshare --mount is not allowed here: {probe.stderr.strip()}")
+    cmd = [sys.executable, "-m", "mpi4py", "-m", "hpc_multires", *args]
+    own = ["unshare", "--mount", "sh", "-c", f'{mount} && exec "$0" "$@"', *cmd]
+    return subprocess.run([mpiexec_path(), "-n", "1", *cmd, ":", "-n", "1", *own],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=run_env())
+
+
+def test_a_run_dir_one_rank_cannot_see_is_refused_before_training(tiny_config,
+                                                                   tmp_path: Path) -> None:
+    """A node-local --run-dir on a two-node job: rank 1 runs in its own mount namespace
+    with an empty tmpfs over the run directory's parent, as a second node sees its own
+    $TMPDIR. The job must stop before training, with one line that names the rank."""
     local = tmp_path / "node-local"
     local.mkdir()
     run = local / "run"
-    args = ["-m", "mpi4py", "-m", "hpc_multires", "train", str(tiny_config()),
-            "--run-dir", str(run)]
-    own_mounts = ["unshare", "--mount", "sh", "-c",
-                  f'mount -t tmpfs tmpfs "{local}" && exec "$0" "$@"', sys.executable]
-    result = subprocess.run(
-        [mpiexec_path(), "-n", "1", sys.executable, *args, ":", "-n", "1", *own_mounts, *args],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env=run_env())
+    result = _rank_1_with_its_own_mount(f'mount -t tmpfs tmpfs "{local}"',
+                                        ["train", str(tiny_config()), "--run-dir", str(run)])
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("hpc-multires: error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "is not shared by all ranks: 1 of 2" in errors[0] and "rank 1 on" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (run / "stages").exists() and not (run / "metrics.jsonl").exists()
     assert not list(run.glob(".shared-check-*"))
+
+
+def test_every_rank_resumes_from_the_checkpoint_the_stages_first_rank_chose(
+        tiny_config, tmp_path: Path, cli) -> None:
+    """Rank 1 lists the checkpoints as a node with a stale view of the directory would:
+    with an epoch-3 file that rank 0 does not see. Had each rank picked its own newest
+    file, rank 1 would skip an epoch and the ranks' collectives would no longer pair up;
+    every rank must continue from the file rank 0 chose, and end as an uninterrupted run."""
+    import torch
+
+    cfg = str(tiny_config(epochs=4))
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    assert cli(["train", cfg, "--run-dir", str(whole)], ranks=2).returncode == 0
+    r = cli(["train", cfg, "--run-dir", str(run), "--stop-after-epoch", "2"], ranks=2)
+    assert r.returncode == 0, r.stderr
+    ckpts = run / "stages" / "main" / "checkpoints"
+    view = tmp_path / "stale-view"
+    view.mkdir()
+    for f in ckpts.glob("epoch-*.pt"):
+        (view / f.name).write_bytes(f.read_bytes())
+    stale = torch.load(ckpts / "epoch-0002.pt", weights_only=False)
+    stale["epoch"] = 3  # a file rank 1's node still lists
+    torch.save(stale, view / "epoch-0003.pt")
+    result = _rank_1_with_its_own_mount(
+        f'mount --bind "{view}" "{ckpts}"',
+        ["train", cfg, "--run-dir", str(run), "--resume", "--set", "comm.timeout_s=30"])
+    assert result.returncode == 0, result.stderr
+    assert "resumed from epoch-0002.pt" in result.stderr
+
+    def val(path: Path) -> list[float]:
+        lines = (path / "metrics.jsonl").read_text().splitlines()
+        return [r["val_mae"] for r in map(json.loads, lines) if r["kind"] == "epoch"]
+    assert val(run) == pytest.approx(val(whole), abs=1e-6) and len(val(run)) == 4

@@ -266,24 +266,16 @@ class PlanRunner:
     def run_stage(self, stage: Stage) -> dict[str, Any]:
         cfg, sdir = self.cfg, self.stage_dir(stage)
         comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks])
-        if self.resume and (sdir / FINAL).exists():
-            done = torch.load(sdir / FINAL, map_location="cpu", weights_only=False)
-            changed = config_changes(done["config"], config_to_dict(cfg))
-            if changed:
-                raise UserError(
-                    f"the config differs from the one stage {stage.name!r} was trained with, "
-                    f"in {changed}; resume with the run's own config (RUN_DIR/config.toml) "
-                    "or start a new --run-dir")
-            result = done["result"]
-            if result["epoch"] >= stage.train.epochs or result.get("budget_reached"):
-                if comm.is_root:
-                    print(f"stage {stage.name}: already complete; skipped", file=sys.stderr)
-                return {**result, "done": True}
-            # More epochs asked for than were run: continue from its last checkpoint.
+        kind, value, loaded = self._resume_point(stage, comm)
+        if kind == "final":
+            if comm.is_root:
+                print(f"stage {stage.name}: already complete; skipped", file=sys.stderr)
+            return {**value, "done": True}
+        resume_from = sdir / "checkpoints" / value if kind == "checkpoint" else None
+        resuming = resume_from is not None
         train, val = self.splits[stage.level]
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
         model = build_model(cfg.model, train.store.sample_shape, self.num_outputs, stage.level)
-        resuming = self.resume and bool(checkpoint.list_checkpoints(sdir / "checkpoints"))
         if stage.config.init == "fuse" and not resuming and comm.is_root:
             # Fusion runs on the consuming stage's root; DDP's construction then
             # broadcasts the fused weights to the rest of the stage's ranks.
@@ -297,13 +289,54 @@ class PlanRunner:
         trainer = Trainer(cfg, stage, comm, model, train, val, sdir, log, progress, self.clock,
                           self.horovod)
         progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
-        result = trainer.fit(resume=resuming, stop=self.stop)
+        result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
         if result["done"] and comm.is_root:
             checkpoint.save_atomic({"model": model.state_dict(), "stage": stage.name,
                                     "level": stage.level, "result": result,
                                     "config": config_to_dict(cfg)}, sdir / FINAL)
         comm.barrier()
         return result
+
+    def _resume_point(self, stage: Stage, comm: Comm
+                      ) -> tuple[str, Any, dict[str, Any] | None]:
+        """Where `stage` starts: ("fresh", None), ("checkpoint", file name) or ("final",
+        its result) for a stage a resumed run skips. The stage's first rank looks and
+        tells the others, so that every rank of the stage continues from the same file
+        (ranks that each listed the directory could see different files: a node's stale
+        cache of it). The third item: the checkpoint the first rank has loaded, or None."""
+        if not self.resume:
+            return "fresh", None, None
+        answer: tuple[str, Any] = ("fresh", None)
+        loaded: dict[str, Any] | None = None
+        if comm.is_root:
+            try:
+                answer, loaded = self._find_resume_point(stage)
+            except UserError as e:  # every rank of the stage raises it, not this one alone
+                answer = ("error", str(e))
+        kind, value = comm.broadcast_object(answer)
+        if kind == "error":
+            raise UserError(value)
+        return kind, value, loaded
+
+    def _find_resume_point(self, stage: Stage
+                           ) -> tuple[tuple[str, Any], dict[str, Any] | None]:
+        sdir = self.stage_dir(stage)
+        if (sdir / FINAL).exists():
+            done = torch.load(sdir / FINAL, map_location="cpu", weights_only=False)
+            changed = config_changes(done["config"], config_to_dict(self.cfg))
+            if changed:
+                raise UserError(
+                    f"the config differs from the one stage {stage.name!r} was trained with, "
+                    f"in {changed}; resume with the run's own config (RUN_DIR/config.toml) "
+                    "or start a new --run-dir")
+            result = done["result"]
+            if result["epoch"] >= stage.train.epochs or result.get("budget_reached"):
+                return ("final", result), None
+            # More epochs asked for than were run: continue from its last checkpoint.
+        if checkpoint.list_checkpoints(sdir / "checkpoints"):
+            path, state = checkpoint.load_latest(sdir / "checkpoints")
+            return ("checkpoint", path.name), state
+        return ("fresh", None), None
 
     def fused_start(self, stage: Stage, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         by_name = {s.name: s for s in self.stages}

@@ -79,10 +79,30 @@ def _set_aside(paths: list[Path]) -> None:
             os.replace(path, path.with_name(path.name + ".unreadable"))
 
 
-def load_latest(directory: Path, report: bool = True) -> tuple[Path, dict[str, Any]]:
-    """The newest checkpoint that loads, skipping unreadable ones (with a warning where
-    `report`: every rank of a stage loads, one of them says so), which are set aside once
-    an older one has loaded."""
+def _reason(e: Exception) -> str:
+    """The first sentence of a load error: a damaged file can fail in many ways inside
+    the unpickler, with long messages."""
+    return (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
+
+
+def load_chosen(path: Path) -> dict[str, Any]:
+    """The checkpoint that the stage's first rank chose with `load_latest`, loaded on
+    another rank of the stage."""
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        error = UserError(f"cannot load {path}, the checkpoint the stage resumes from, on "
+                          f"this node ({_reason(e)}); every rank must read the run "
+                          "directory: check that its file system is mounted and answering")
+        error.all_ranks = False  # the stage's first rank loaded it
+        raise error from None
+    return state
+
+
+def load_latest(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint that loads, skipping (and reporting) unreadable ones, which
+    are set aside once an older one has loaded. One rank of a stage chooses this way; the
+    others load what it chose (`load_chosen`)."""
     candidates = list_checkpoints(directory)
     if not candidates:
         raise UserError(f"no checkpoint in {directory}; run without --resume to start "
@@ -91,24 +111,20 @@ def load_latest(directory: Path, report: bool = True) -> tuple[Path, dict[str, A
     for path in reversed(candidates):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # a damaged file can fail in many ways inside the unpickler
-            reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
-            if report:
-                print(f"hpc-multires: warning: checkpoint {path} does not load ({reason}); "
-                      "trying the previous one", file=sys.stderr)
+        except Exception as e:
+            print(f"hpc-multires: warning: checkpoint {path} does not load ({_reason(e)}); "
+                  "trying the previous one", file=sys.stderr)
             skipped.append(path)
             continue
         if isinstance(state, dict) and "model" in state and "epoch" in state:
             if skipped:
                 _set_aside(skipped)
-            if skipped and report:
                 print(f"hpc-multires: warning: resuming from {path.name}; set aside "
                       f"{', '.join(p.name for p in skipped)} as *.unreadable",
                       file=sys.stderr)
             return path, state
-        if report:
-            print(f"hpc-multires: warning: {path} is not a training checkpoint; skipped",
-                  file=sys.stderr)
+        print(f"hpc-multires: warning: {path} is not a training checkpoint; skipped",
+              file=sys.stderr)
         skipped.append(path)
     raise UserError(f"none of the {len(candidates)} checkpoints in {directory} loads; "
                     "start a new run (choose another --run-dir)")

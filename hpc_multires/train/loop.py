@@ -147,19 +147,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def fit(self, resume: bool = False, stop: StopAt | None = None) -> dict[str, Any]:
+    def fit(self, resume_from: Path | None = None, stop: StopAt | None = None,
+            loaded: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train the stage to its end (or its stop); returns the last metrics, `done`, and
         `budget_reached` when train.time_budget_s ended it (final.pt keeps it, so a resumed
         run skips the stage). A signal to any rank of the job, in this stage or a concurrent
-        one (the job-wide flag), raises `Preempted` after a checkpoint at an agreed step."""
+        one (the job-wide flag), raises `Preempted` after a checkpoint at an agreed step.
+
+        `resume_from`: the checkpoint to continue from, the same file on every rank of the
+        stage (chosen by its first rank); `loaded`: its contents, where already loaded."""
         cfg, tcfg, comm = self.cfg, self.tcfg, self.comm
         spe = self.sampler.steps_per_epoch
         total_steps = tcfg.epochs * spe
         epoch = step = epoch_step = 0  # epochs completed, optimizer steps, steps into epoch
         loss_carry, elapsed_before = 0.0, 0.0
         start: dict[str, Any] = {}  # the start record, for a stage that starts now
-        if resume and checkpoint.list_checkpoints(self.ckpt_dir):
-            path, state = checkpoint.load_latest(self.ckpt_dir, report=self.comm.is_root)
+        if resume_from is not None:
+            path = resume_from
+            state = loaded if loaded is not None else checkpoint.load_chosen(path)
             self.restore(state, path)
             epoch, step, epoch_step = state["epoch"], state["step"], state["epoch_step"]
             loss_carry, elapsed_before = state["loss_sum"], state["stage_elapsed_s"]
@@ -168,7 +173,7 @@ class Trainer:
         else:
             start = {"kind": "start", **self.tag(), "step": 0, "wall_s": self.clock(),
                      **self._start_record()}
-        ddp = self.distribute(broadcast=not (resume and step > 0))
+        ddp = self.distribute(broadcast=not (resume_from is not None and step > 0))
         if start and self.stage.config.init == "fuse":
             # What the fusion kept: the fused model's validation metrics before any training
             # at this stage's level. After distribute, so every rank holds the fused weights.

@@ -69,6 +69,44 @@ def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: P
         torch.testing.assert_close(fb[k], fa[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_to_every_process_of_the_step_still_checkpoints(
+        tiny_config, tmp_path: Path, sig: signal.Signals) -> None:
+    """Slurm signals every process of a job step, not only the ranks: scancel and a
+    preemption send SIGTERM, --signal=USR1@T sends USR1, to the reader processes, their
+    fork server and Python's resource tracker too. Those must not die of it: a reader
+    killed mid-batch left its rank waiting forever for the rest of the batch, and a dead
+    fork server crashed the next epoch's start, both without a checkpoint."""
+    run = tmp_path / "run"
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
+           "train", str(tiny_config(epochs=40, workers=1)), "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r["step"] >= 12 for r in steps(run)):  # inside epoch 2: readers up
+            assert proc.poll() is None, stderr_of(proc)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        ranks = rank_processes(psutil.Process(proc.pid))
+        assert len(ranks) == 2
+        helpers = [c for p in ranks for c in p.children(recursive=True)]
+        assert len(helpers) >= 4, helpers  # per rank: fork server, reader(s), tracker
+        for p in ranks:  # each rank leads its own process group, with its helpers in it
+            assert os.getpgid(p.pid) == p.pid
+            os.killpg(p.pid, sig)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the job still runs 60 s after {sig.name} to every process")
+    finally:
+        end_tree(proc)
+    assert proc.returncode == PREEMPTED_EXIT, err
+    assert f"stopped on {sig.name}" in err and "Traceback" not in err
+    assert (run / "PREEMPTED").exists()
+    assert any("-step-" in c.name for c in (run / "stages" / "main" / "checkpoints").iterdir())
+
+
 CONCURRENT = """
 [run]
 seed = 1

@@ -24,6 +24,7 @@ import functools
 import multiprocessing
 import os
 import select
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -123,6 +124,32 @@ def _end_with_trainer(trainer_pid: int, worker_id: int) -> None:
 
 _CONTEXT: BaseContext | None = None
 
+# What Slurm sends every process of a job step (scancel, preemption, --signal=USR1@T),
+# and a terminal's ^C sends the whole process group.
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def _start_helpers_deaf_to_job_signals() -> None:
+    """Start the fork server and Python's resource tracker with JOB_SIGNALS blocked.
+
+    Those signals are for the training process, which checkpoints on them and ends its
+    readers itself. Delivered to its helpers too, as Slurm and a terminal do, they would
+    kill a reader in the middle of a batch (the training process then waits forever for the
+    rest of a message: its own end of the queue keeps the pipe open) or the fork server
+    just before the next epoch's readers start. A blocked signal stays blocked across the
+    helpers' fork and exec, in every reader too; SIGKILL still ends them. The training
+    process blocks the signals only while it starts the helpers, so none is lost: one
+    that arrives meanwhile is delivered when they are unblocked."""
+    from multiprocessing import forkserver, resource_tracker
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        resource_tracker.ensure_running()  # unblocks SIGINT and SIGTERM here when it starts
+        signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
 
 def worker_context() -> BaseContext:
     """The multiprocessing context reader workers start from (see the module docstring)."""
@@ -130,6 +157,7 @@ def worker_context() -> BaseContext:
     if _CONTEXT is None:
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "h5py", "hpc_multires.data.loader"])
+        _start_helpers_deaf_to_job_signals()
         _CONTEXT = ctx
     return _CONTEXT
 

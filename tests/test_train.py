@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import write_arrays_store
 
 from hpc_multires.plan.config import config_to_dict, load_config
 from hpc_multires.train.loop import config_changes
@@ -53,6 +55,48 @@ def test_same_run_dir_is_not_overwritten(cli, tiny_config, tmp_path: Path) -> No
     changed = cli(["train", str(cfg_path), "--run-dir", str(run), "--resume",
                    "--set", "train.lr=0.1", "--set", "train.epochs=2"])
     assert changed.returncode == 2 and "['train.lr']" in changed.stderr, changed.stderr
+
+
+def test_a_refused_resume_changes_nothing_and_its_advice_works(cli, tiny_config,
+                                                              tmp_path: Path) -> None:
+    """A resume refused for a changed config must leave config.toml as the run wrote it
+    (the message tells the user to resume with that file); a resume with another plan is
+    refused too, instead of starting its stages beside the old ones."""
+    cfg = str(tiny_config(epochs=2))
+    run = tmp_path / "run"
+    assert cli(["train", cfg, "--run-dir", str(run), "--stop-after-epoch", "1"]).returncode == 0
+    saved = (run / "config.toml").read_text()
+    log = (run / "metrics.jsonl").read_text()
+    bad = cli(["train", cfg, "--run-dir", str(run), "--resume", "--set", "train.lr=0.5"])
+    assert bad.returncode == 2 and "in ['train.lr']" in bad.stderr, bad.stderr
+    assert f"train {run / 'config.toml'} --resume" in bad.stderr
+    assert (run / "config.toml").read_text() == saved
+    plan = tmp_path / "plan.toml"
+    plan.write_text(Path(cfg).read_text() + '''
+[[stages]]
+name = "other"
+level = 0
+''')
+    other = cli(["train", str(plan), "--run-dir", str(run), "--resume"])
+    assert other.returncode == 2 and "stages" in other.stderr, other.stderr
+    assert (run / "metrics.jsonl").read_text() == log and not (run / "stages" / "other").exists()
+    ok = cli(["train", str(run / "config.toml"), "--run-dir", str(run), "--resume"])
+    assert ok.returncode == 0 and "resumed from epoch-0001.pt" in ok.stderr, ok.stderr
+
+
+def test_resume_on_data_of_another_shape_is_one_line(cli, tiny_config, tmp_path: Path) -> None:
+    """data.path may change on resume (the data moved), but not to samples of another
+    shape: the checkpoint's weights do not fit the model built for them."""
+    cfg = str(tiny_config(epochs=2))
+    run = tmp_path / "run"
+    assert cli(["train", cfg, "--run-dir", str(run), "--stop-after-epoch", "1"]).returncode == 0
+    rng = np.random.default_rng(0)
+    other = write_arrays_store(tmp_path / "two-channels",
+                               rng.normal(size=(32, 2, 16, 16, 16)).astype(np.float32),
+                               rng.uniform(-1, 1, size=(32, 3)).astype(np.float32))
+    r = cli(["train", cfg, "--run-dir", str(run), "--resume", "--set", f"data.path={other}"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "does not fit the one built for the data at data.path" in r.stderr
 
 
 @pytest.mark.mpi

@@ -15,6 +15,7 @@ import shutil
 import socket
 import sys
 import time
+import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,10 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run's checkpoints unless resuming it. Runs on every rank."""
+def prepare_run_dir(run_dir: Path, resume: bool, cfg: Config) -> None:
+    """Refuse to overwrite a run's checkpoints unless resuming it, and to resume it with a
+    config that computes something else. Runs on every rank, before anything is written:
+    a refused resume must leave the run's config.toml as it was."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file; choose a directory")
     existing = run_checkpoints(run_dir)
@@ -106,6 +109,22 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise UserError(
             f"{run_dir} already holds checkpoints ({existing[-1].relative_to(run_dir)}); pass "
             "--resume to continue that run, or choose another --run-dir")
+    saved = run_dir / "config.toml"
+    if resume and saved.is_file():
+        # The whole config, plan included: a resume with another plan would otherwise
+        # start its stages fresh beside the old ones and trim the old ones' metrics away.
+        try:
+            table = tomllib.loads(saved.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise UserError(f"{saved} does not read ({e}); it records the config the run was "
+                            "trained with: restore it, or start a new --run-dir") from None
+        changed = config_changes(table, config_to_dict(cfg))
+        if changed:
+            raise UserError(
+                f"--resume: the config differs from the one {run_dir} was trained with "
+                f"(its config.toml) in {changed}; resume with `train {saved} --resume` "
+                "(a resume may change epochs, data paths, readers, timeouts and logging), "
+                "or start a new --run-dir")
 
 
 class PlanRunner:
@@ -125,7 +144,7 @@ class PlanRunner:
                             f"use one of {', '.join(names)}")
         # data: where to read (a node-local copy when staged)
         self.splits = open_levels(cfg, data or cfg.data, self.stages)
-        prepare_run_dir(run_dir, resume)
+        prepare_run_dir(run_dir, resume, cfg)
         self.num_outputs = self.splits[self.stages[0].level][0].store.schema.num_labels
         # Process groups: every rank creates every group, in plan order (torch requires it).
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}

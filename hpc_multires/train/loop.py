@@ -135,7 +135,15 @@ class Trainer:
                 f"the config differs from the one {path} was trained with, in {changed}; "
                 "resume with the run's own config (RUN_DIR/config.toml) or start a new "
                 "--run-dir")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:  # same config, other data: another sample shape or labels
+            first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise UserError(
+                f"the model in {path} does not fit the one built for the data at data.path "
+                f"({first}); data.path holds samples of another shape or another number of "
+                "labels than the run was trained on: resume with the run's own data, or "
+                "start a new --run-dir") from None
         self.optimizer.load_state_dict(state["optimizer"])
 
     def save(self, state: dict[str, Any], epoch: int, mid_epoch_step: int | None) -> None:

@@ -159,3 +159,47 @@ def test_plan_refuses_a_global_batch_larger_than_the_training_set(cli, tiny_conf
     line = one_error(cli(["plan", str(tiny_config()), "--ranks", "1",
                           "--set", "train.global_batch=80"]))
     assert "the training set has 72 samples, fewer than its global batch 80" in line
+
+
+def test_an_output_directory_that_cannot_be_made_is_one_line(cli, tiny_config,
+                                                             tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    line = one_error(cli(["data", "synth", "cosmoflow", "--out", str(blocker / "data"),
+                          "--samples", "8", "--size", "16"]))
+    assert "cannot create --out" in line and "choose a directory you can write" in line
+    line = one_error(cli(["train", str(tiny_config()), "--run-dir", str(blocker / "run")]))
+    assert "cannot create --run-dir" in line
+
+
+def test_an_interrupted_dataset_write_is_named_as_such(cli, tmp_path: Path) -> None:
+    """A `data synth` killed part way leaves shards; the directory says it is incomplete,
+    so the next command does not take it for a finished dataset."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, run_env
+
+    out = tmp_path / "d"
+    writer = subprocess.Popen([sys.executable, "-m", "hpc_multires", "data", "synth",
+                               "cosmoflow", "--out", str(out), "--samples", "2000", "--size",
+                               "32", "--samples-per-shard", "4"], cwd=ROOT, env=run_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "shard-00001.h5").exists():
+            assert writer.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert 2 <= len(list(out.glob("shard-*.h5"))) < 500  # part of the dataset
+    line = one_error(cli(["data", "inspect", str(out)]))
+    assert "is incomplete" in line and "--overwrite" in line
+    line = one_error(cli(["data", "synth", "cosmoflow", "--out", str(out), "--samples", "16",
+                          "--size", "16"]))
+    assert "holds an incomplete dataset" in line
+    assert cli(["data", "synth", "cosmoflow", "--out", str(out), "--samples", "16", "--size",
+                "16", "--overwrite"]).returncode == 0
+    assert cli(["data", "inspect", str(out)]).returncode == 0

@@ -13,7 +13,7 @@ import pytest
 
 from hpc_multires.data.convert import ArraySource, convert
 from hpc_multires.data.store import SampleStore
-from hpc_multires.errors import DataError
+from hpc_multires.errors import DataError, UserError
 
 
 def make(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +81,17 @@ def test_nan_in_inputs_is_refused_and_nothing_half_written(tmp_path: Path) -> No
     with pytest.raises(DataError, match="sample 13 holds NaN"):
         convert(tmp_path / "d.npz", None, tmp_path / "out", samples_per_shard=8)
     assert not list((tmp_path / "out").glob("shard-00001.h5*"))  # the bad shard is not left
+    # Shard 0 was written before the bad sample: the directory says it is incomplete.
+    with pytest.raises(DataError, match="is incomplete: the command that wrote it failed"):
+        SampleStore(tmp_path / "out")
+    x[13, 1, 2, 3, 4] = 0.0
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(UserError, match="holds an incomplete dataset .* pass --overwrite"):
+        convert(tmp_path / "d.npz", None, tmp_path / "out", samples_per_shard=8)
+    convert(tmp_path / "d.npz", None, tmp_path / "out", samples_per_shard=8, overwrite=True)
+    assert len(SampleStore(tmp_path / "out")) == 20
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
     y[4, 0] = np.inf
     np.savez(tmp_path / "e.npz", x=x, y=y)
     with pytest.raises(DataError, match=r"labels of samples \[4\]"):

@@ -256,3 +256,40 @@ def test_metrics_appends_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> N
         holder.kill()
         holder.wait(timeout=30)
     assert read_metrics(path) == [{"kind": "step", "step": 1}]
+
+
+def test_a_second_training_into_a_busy_run_dir_is_refused(tiny_config, tmp_path: Path,
+                                                          cli) -> None:
+    """A requeued job and a manual resubmission, or a double submission: the second must
+    not interleave its metrics with the first's or overwrite its checkpoints."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, end_tree, run_env, stderr_of, steps
+
+    run = tmp_path / "run"
+    cfg = str(tiny_config(epochs=200))
+    first = subprocess.Popen([sys.executable, "-m", "hpc_multires", "train", cfg, "--run-dir",
+                              str(run)], cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not steps(run):
+            assert first.poll() is None, stderr_of(first)
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = cli(["train", cfg, "--run-dir", str(run), "--auto-resume"])  # as sbatch
+        assert second.returncode == 2, second.stderr
+        assert "another training is writing to" in second.stderr
+        assert f"pid {first.pid} on" in second.stderr
+        assert not (run / "metrics.jsonl.prev").exists()  # the first's log left alone
+        assert first.poll() is None  # and the first goes on
+        n = len(steps(run))
+        time.sleep(1.0)
+        assert len(steps(run)) > n
+    finally:
+        end_tree(first)
+    # Once the first has ended, however it ended, the directory is free again.
+    again = cli(["train", cfg, "--run-dir", str(run), "--resume", "--set", "train.epochs=1"])
+    assert "another training" not in again.stderr, again.stderr

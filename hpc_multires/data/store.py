@@ -29,6 +29,9 @@ from hpc_multires.errors import DataError, SampleError
 FORMAT = "hpc-multires-store"
 SCHEMA_VERSION = 1
 SHARD_PATTERN = re.compile(r"shard-(\d{5})\.h5")
+# In a dataset directory while hpc-multires writes it; removed once every shard is written.
+# A write that failed or was interrupted leaves it, and readers then refuse the directory.
+INCOMPLETE = ".incomplete"
 TRANSFORMS = ("none", "log1p")
 
 
@@ -227,6 +230,9 @@ class SampleStore:
         if not self.path.is_dir():
             raise DataError(f"dataset {str(self.path)!r} is a file; data.path must be the "
                             "directory holding shard-*.h5 files")
+        if (self.path / INCOMPLETE).exists():
+            raise DataError(f"dataset {str(self.path)!r} is incomplete: the command that wrote "
+                            "it failed or was interrupted; run it again with --overwrite")
         names = sorted(p.name for p in self.path.iterdir() if SHARD_PATTERN.fullmatch(p.name))
         if not names:
             raise DataError(f"no shard-*.h5 files in {str(self.path)!r}; is this the dataset "

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import SHARD_PATTERN, ShardWriter
+from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, ShardWriter, fsync_dir
 from hpc_multires.errors import UserError
 
 SampleFn = Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -25,6 +25,9 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     """Refuse to mix a new dataset with an old one (checked identically on every rank)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a directory")
+    if (out / INCOMPLETE).exists() and not overwrite:
+        raise UserError(f"{out} holds an incomplete dataset (an earlier write failed or was "
+                        "interrupted); pass --overwrite to write it again")
     has_shards = out.is_dir() and any(SHARD_PATTERN.fullmatch(p.name) for p in out.iterdir())
     if has_shards and not overwrite:
         raise UserError(f"{out} already holds a dataset; choose another --out or pass "
@@ -45,7 +48,12 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
     world.barrier()  # everyone checked before rank 0 deletes anything
     num_shards = -(-num_samples // samples_per_shard)
     if world.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out {out} ({e.strerror}); choose a directory "
+                            "you can write to") from None
+        (out / INCOMPLETE).write_text("hpc-multires is writing this dataset\n")
         for old in out.iterdir():
             if SHARD_PATTERN.fullmatch(old.name) or old.name.endswith(".h5.tmp"):
                 old.unlink()
@@ -67,11 +75,17 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
         except UserError as e:
             # Only this rank writes these samples, so only it sees what is wrong with them:
             # it must report and abort at once, not wait for a rank 0 that never fails.
-            e.all_ranks = False
-            raise
+            error = type(e)(f"{e}; nothing in {out} is usable: it stays marked incomplete, "
+                              "so fix the input and run again with --overwrite")
+            error.all_ranks = False
+            raise error from None
         if world.rank == 0:
             rate = done * samples_per_shard * world.size / max(time.monotonic() - start, 1e-9)
             print(f"shard {done}/{len(mine)} on rank 0 of {world.size} "
                   f"(~{rate:.1f} samples/s over all ranks)", file=sys.stderr, flush=True)
-    world.barrier()
+    world.barrier()  # every shard is in place
+    if world.rank == 0:
+        (out / INCOMPLETE).unlink()
+        fsync_dir(out)
+    world.barrier()  # nobody opens the dataset while it is still marked incomplete
     return num_shards

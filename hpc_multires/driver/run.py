@@ -9,6 +9,7 @@ includes it, on that stage's process group, and waits for the rest of the wave.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -127,6 +128,32 @@ def prepare_run_dir(run_dir: Path, resume: bool, cfg: Config) -> None:
                 "or start a new --run-dir")
 
 
+def lock_run_dir(run_dir: Path) -> int | None:
+    """Hold RUN_DIR/.lock for as long as this process runs (the lock goes with it, however
+    it ends): a second training into the same directory, say a requeued job and a manual
+    resubmission, would otherwise interleave the metrics and overwrite the checkpoints of
+    the first. Returns the descriptor that holds it; None where the file system has no
+    locks (then a warning, and the run goes ahead unguarded)."""
+    path = run_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"another training is writing to {run_dir} now ({holder}); wait for "
+                        "it to end or stop it, or choose another --run-dir") from None
+    except OSError as e:
+        os.close(fd)
+        print(f"hpc-multires: warning: cannot lock {path} ({e.strerror}); nothing stops a "
+              "second training into this directory", file=sys.stderr)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    return fd
+
+
 class PlanRunner:
     """Holds what the stages of one run share: config, job, data, groups, clock, log."""
 
@@ -157,6 +184,13 @@ class PlanRunner:
             if cfg.comm.backend == "horovod" else None
         self._t0 = time.monotonic()
         self._offset = 0.0
+        self._lock: int | None = None  # rank 0: the descriptor holding RUN_DIR/.lock
+
+    def unlock(self) -> None:
+        """Let go of RUN_DIR/.lock (the end of the process would too)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def clock(self) -> float:
         """Seconds since the run started, continued across resumptions (`wall_s`)."""
@@ -169,7 +203,12 @@ class PlanRunner:
         comm = self.comm
         comm.barrier()  # every rank passed the checks before rank 0 writes anything
         if comm.is_root:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create --run-dir {self.run_dir} ({e.strerror}); "
+                                "choose a directory you can write to") from None
+            self._lock = lock_run_dir(self.run_dir)
         self._check_shared_run_dir()
         offset = 0.0
         if comm.is_root:
@@ -407,6 +446,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         read_cfg = cfg
     # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,
     # since a barrier could wait for a rank that is gone.
+    runner: PlanRunner | None = None
     try:
         runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
         result = runner.run()
@@ -429,6 +469,9 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         if staged is not None and comm.info.local_rank == 0:
             shutil.rmtree(staged, ignore_errors=True)
         raise
+    finally:
+        if runner is not None:
+            runner.unlock()
     if runner.horovod is not None:
         runner.horovod.shutdown()
     if staged is not None:

@@ -145,6 +145,37 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
     assert state["epoch"] >= 1
 
 
+def test_a_stalled_rank_ends_the_job_after_the_timeout_with_one_line(tiny_config,
+                                                                     tmp_path: Path) -> None:
+    """A rank that stops answering (stopped here; on a cluster, a node that hangs) makes
+    the other's next collective time out after comm.timeout_s: one line that says what
+    happened and what to change, not the communication library's C++ traceback."""
+    run = tmp_path / "run"
+    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
+           "train", str(tiny_config(epochs=50)), "--run-dir", str(run),
+           "--set", "comm.timeout_s=5"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "stages" / "main" / "checkpoints" / "epoch-0001.pt").exists():
+            assert proc.poll() is None, stderr_of(proc)
+            assert time.monotonic() < deadline, "training did not reach epoch 1"
+            time.sleep(0.1)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "hpc_multires" in " ".join(p.cmdline()) and p.name().startswith("python")
+                 and p.parent() is not None and not p.parent().name().startswith("python")]
+        assert len(ranks) == 2
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        end_tree(proc)
+    assert proc.returncode not in (0, None), err
+    lines = [ln for ln in err.splitlines() if ln.startswith("hpc-multires: error:")]
+    assert len(lines) == 1 and "a collective across ranks failed" in lines[0], err
+    assert "comm.timeout_s" in lines[0] and "Traceback" not in err
+
+
 def _rank_1_with_its_own_mount(mount: str, args: list[str], timeout: float = 120
                                ) -> subprocess.CompletedProcess[str]:
     """`hpc-multires ARGS` on 2 ranks, rank 1 in its own mount namespace where the shell

@@ -312,6 +312,24 @@ def fail(message: str | None, code: int, all_ranks: bool) -> int:
     return code
 
 
+# How gloo and NCCL say that a collective's partner never answered or went away.
+PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+             "collective operation timeout", "communicator was aborted")
+
+
+def _lost_peer(e: BaseException) -> str | None:
+    """One line for a collective that failed because another rank stalled or died (the
+    communication library's own text is a C++ traceback); None for anything else."""
+    text = str(e)
+    if not isinstance(e, RuntimeError) or not any(p in text for p in PEER_LOST):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    first = first.split("] ", 1)[-1]  # drop the library's source position
+    return (f"a collective across ranks failed ({first}): another rank stopped answering or "
+            "died, and its own output above says why; if one step, evaluation or checkpoint "
+            "legitimately takes longer than comm.timeout_s, raise it")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     failure: tuple[str | None, int, bool]
@@ -326,9 +344,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return PREEMPTED_EXIT
     except KeyboardInterrupt:
         failure = ("interrupted", 130, False)
-    except Exception:
-        traceback.print_exc()
-        failure = (None, 1, False)
+    except Exception as e:
+        lost = _lost_peer(e)
+        if lost is None:
+            traceback.print_exc()
+        failure = (lost, 1, False)
     # Out of the except clause the traceback is gone, and with it the frames that held the
     # failed epoch's reader: collected now, it ends its worker processes and unlinks the
     # named semaphores of its queues, which an MPI abort (it kills this process and its

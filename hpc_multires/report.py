@@ -6,6 +6,7 @@ the run's wall-clock axis (coarse levels dashed), so methods compare at a glance
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,24 @@ from hpc_multires.errors import UserError
 from hpc_multires.train.metrics import read_metrics
 
 
+def status(run_dir: Path) -> str:
+    """done, stopped (as asked, with a checkpoint), preempted (requeue it), or unfinished:
+    still running, or ended by an error or a kill (its last checkpoint resumes it)."""
+    summary = run_dir / "summary.json"
+    if (run_dir / "PREEMPTED").exists():
+        return "preempted"
+    if summary.exists():
+        try:
+            return "stopped" if json.loads(summary.read_text()).get("stopped") else "done"
+        except (OSError, ValueError):
+            return "unfinished"
+    return "unfinished"
+
+
 def summarize(run_dir: Path) -> dict[str, Any]:
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} not found; pass the --run-dir of a "
+                        "`hpc-multires train` run")
     records = read_metrics(run_dir / "metrics.jsonl")
     if not records:
         raise UserError(f"{run_dir} has no metrics.jsonl records; is it a run directory of "
@@ -31,7 +49,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             continue
         c = curves.setdefault(r.get("stage", "main"), {"level": r.get("level", 0), "points": []})
         c["points"].append((r["wall_s"], r["val_mae"]))
-    return {"run": run_dir.name, "stages": len(order), "ranks": first.get("world_size"),
+    return {"run": run_dir.name, "status": status(run_dir), "stages": len(order),
+            "ranks": first.get("world_size"),
             "epochs": last.get("epoch", 0), "wall_s": max(r.get("wall_s") or 0 for r in records),
             "samples_per_s": last.get("samples_per_s"), "val_mae": last.get("val_mae"),
             "best_val_mae": min((r["val_mae"] for r in last_epochs
@@ -46,7 +65,7 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["run", "stages", "ranks", "epochs", "wall_s", "samples_per_s", "val_mae",
+    cols = ["run", "status", "stages", "ranks", "epochs", "wall_s", "samples_per_s", "val_mae",
             "best_val_mae", "mean_predictor_mae"]
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]

@@ -82,6 +82,15 @@ def test_config_error_on_all_ranks_gives_one_message(cli, tiny_config) -> None:
     assert time.monotonic() - t0 < 60
 
 
+def test_an_error_before_the_ranks_have_talked_gives_one_message(cli, tiny_config) -> None:
+    """A config typo is found before MPI has started (nothing has been communicated yet):
+    rank 0 must still end the job with one message, not every rank with its own."""
+    r = cli(["train", str(tiny_config()), "--set", "train.epochz=1"], ranks=2)
+    assert r.returncode == 2
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and "did you mean 'train.epochs'" in lines[0], r.stderr
+
+
 def test_missing_data_under_mpiexec_gives_one_message(cli, tiny_config, tmp_path: Path) -> None:
     r = cli(["train", str(tiny_config()), "--set", f"data.path={tmp_path}/none"], ranks=2)
     assert r.returncode != 0

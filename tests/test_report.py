@@ -63,3 +63,21 @@ def test_bad_out_through_the_cli_is_one_line(cli, run: Path, tmp_path: Path) -> 
     assert line.startswith(f"hpc-multires: error: --out '{tmp_path / 'x.pnx'}': '.pnx' is not")
     assert "end the path with .png" in line
     assert not (tmp_path / "x.pnx").exists()
+
+
+def test_the_table_says_which_runs_are_finished(cli, tiny_config, run: Path,
+                                                tmp_path: Path) -> None:
+    """A run stopped part way, or one that died, must not read like a finished one."""
+    cfg = str(tiny_config(epochs=2))
+    done, stopped = tmp_path / "done", tmp_path / "stopped"
+    assert cli(["train", cfg, "--run-dir", str(done)]).returncode == 0
+    assert cli(["train", cfg, "--run-dir", str(stopped), "--stop-after-epoch", "1"]
+               ).returncode == 0
+    text = report([done, stopped, run], tmp_path / "r.png")
+    status = {ln.split()[0]: ln.split()[1] for ln in text.splitlines()[1:-1]}
+    assert status == {"done": "done", "stopped": "stopped", "run": "unfinished"}, text
+    again = cli(["train", cfg, "--run-dir", str(stopped), "--resume"])
+    assert again.returncode == 0
+    assert "stopped  done" in report([stopped], tmp_path / "s.png")
+    with pytest.raises(UserError, match="run directory .*nowhere not found"):
+        report([tmp_path / "nowhere"], None)

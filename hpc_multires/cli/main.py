@@ -4,6 +4,7 @@ contents."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -11,22 +12,31 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hpc_multires import __version__
 from hpc_multires.errors import UserError
 from hpc_multires.train.preempt import PREEMPTED_EXIT, Preempted
 
+OPTIONS = {"cosmoflow": ("size", "channels"), "neuron": ("bins", "probes")}
+
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from hpc_multires.data.synth.writer import synth_cosmoflow, synth_neuron
 
+    other = OPTIONS["neuron" if args.app == "cosmoflow" else "cosmoflow"]
+    given = [f"--{name}" for name in other if getattr(args, name) is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise UserError(f"{' and '.join(given)} {verb} not apply to `data synth {args.app}`; "
+                        f"its options are {', '.join('--' + n for n in OPTIONS[args.app])}")
     if args.app == "neuron":
-        n = synth_neuron(args.out, num_samples=args.samples, num_bins=args.bins,
-                         probes=args.probes, seed=args.seed,
+        n = synth_neuron(args.out, num_samples=args.samples, num_bins=args.bins or 1600,
+                         probes=args.probes or 4, seed=args.seed,
                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     else:
-        n = synth_cosmoflow(args.out, num_samples=args.samples, size=args.size,
-                            channels=args.channels, seed=args.seed,
+        n = synth_cosmoflow(args.out, num_samples=args.samples, size=args.size or 32,
+                            channels=args.channels or 4, seed=args.seed,
                             samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     _say(f"wrote {args.samples} samples in {n} shard(s) to {args.out}")
     return 0
@@ -48,7 +58,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from hpc_multires.data.inspect import inspect_store
 
     text, ok = inspect_store(args.dir, verify=not args.no_verify)
-    print(text)
+    _say(text)
     return 0 if ok else 1
 
 
@@ -100,10 +110,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
               for level, (train, _) in open_levels(cfg, cfg.data, stages).items()}
     dims = len(shapes[min(shapes)]) - 1
     costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores)
-    print(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
-          + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
-    print(describe_plan(stages))
-    print(describe_cost(costs, waves, args.ranks, dims, measured, args.shared_cores))
+    _say(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
+         + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
+    _say(describe_plan(stages))
+    _say(describe_cost(costs, waves, args.ranks, dims, measured, args.shared_cores))
     return 0
 
 
@@ -145,33 +155,53 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from hpc_multires.report import report
 
-    print(report(args.run_dirs, args.out))
+    _say(report(args.run_dirs, args.out))
     return 0
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that shows an option's default where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default is not None and action.default is not False \
+            and action.default != [] and action.default is not argparse.SUPPRESS
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hpc-multires",
+        prog="hpc-multires", formatter_class=_Help,
         description="Multi-resolution CNN training on large scientific arrays. Under MPI, "
                     "launch as `mpiexec -n N python -m mpi4py -m hpc_multires ...`.")
     p.add_argument("--version", action="version", version=f"hpc-multires {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
 
     data = sub.add_parser("data", help="create, convert and inspect datasets")
-    dsub = data.add_subparsers(dest="data_command", required=True)
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND",
+                               parser_class=_Parser)
     synth = dsub.add_parser("synth", help="generate a synthetic dataset (parallel under mpiexec)")
     synth.add_argument("app", choices=["cosmoflow", "neuron"],
                        help="cosmoflow: 3D fields (N, 4, S, S, S); neuron: voltage traces "
                             "(N, 4, 1600) of simulated neurons")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     synth.add_argument("--samples", type=int, default=256, help="number of samples")
-    synth.add_argument("--size", type=int, default=32, help="cosmoflow: side of the volume")
-    synth.add_argument("--channels", type=int, default=4,
-                       help="cosmoflow: growth stages per sample")
-    synth.add_argument("--bins", type=int, default=1600, help="neuron: time bins at 8 kHz")
-    synth.add_argument("--probes", type=int, default=4, help="neuron: recorded compartments")
+    synth.add_argument("--size", type=int, help="cosmoflow: side of the volume (default 32)")
+    synth.add_argument("--channels", type=int,
+                       help="cosmoflow: growth stages per sample (default 4)")
+    synth.add_argument("--bins", type=int, help="neuron: time bins at 8 kHz (default 1600)")
+    synth.add_argument("--probes", type=int, help="neuron: recorded compartments (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
-    synth.add_argument("--samples-per-shard", type=int, default=64)
+    synth.add_argument("--samples-per-shard", type=int, default=64, help="samples per file")
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     synth.set_defaults(func=cmd_synth)
 
@@ -180,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y")
     conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
     conv.add_argument("--out", type=Path, required=True, help="output directory")
-    conv.add_argument("--samples-per-shard", type=int, default=64)
+    conv.add_argument("--samples-per-shard", type=int, default=64, help="samples per file")
     conv.add_argument("--transform", choices=["none", "log1p"], default="none",
                       help="applied at read time (log1p for counts)")
     conv.add_argument("--label-names", help="comma-separated names of the P labels")
@@ -191,12 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     insp = dsub.add_parser("inspect", help="print schema, counts and verify checksums")
-    insp.add_argument("dir", type=Path)
+    insp.add_argument("dir", type=Path, help="dataset directory (shard-*.h5)")
     insp.add_argument("--no-verify", action="store_true", help="skip reading every byte")
     insp.set_defaults(func=cmd_inspect)
 
     pyr = dsub.add_parser("pyramid", help="add coarse levels 1..K to every shard (parallel)")
-    pyr.add_argument("dir", type=Path)
+    pyr.add_argument("dir", type=Path, help="dataset directory (shard-*.h5)")
     pyr.add_argument("--levels", type=int, required=True, metavar="K",
                      help="coarsest level: each axis downsampled by 2^K")
     pyr.set_defaults(func=cmd_pyramid)
@@ -208,10 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value, e.g. --set data.path=DIR, or one "
                          "stage's: --set stages.NAME.train.epochs=3 (repeatable)")
-    tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --run-dir from its latest checkpoint (an "
-                         "error if it has none)")
-    tr.add_argument("--auto-resume", action="store_true",
+    once = tr.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true",
+                      help="continue the run in --run-dir from its latest checkpoint (an "
+                           "error if it has none)")
+    once.add_argument("--auto-resume", action="store_true",
                     help="resume if --run-dir holds checkpoints, else start (batch scripts)")
     tr.add_argument("--stop-after-epoch", type=int, metavar="N",
                     help="stop (with a checkpoint) once a stage has done N epochs; --resume "
@@ -222,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="check a config's stage plan against its data for N "
                                      "ranks and estimate its cost; runs nothing")
-    pl.add_argument("config", type=Path)
+    pl.add_argument("config", type=Path, help="TOML config")
     pl.add_argument("--ranks", type=int, required=True, help="world size the job will have")
     pl.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value; stages.NAME.KEY for one stage "
@@ -236,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     sb = sub.add_parser("submit", help="write a Slurm batch script for a config and sbatch it")
-    sb.add_argument("config", type=Path)
+    sb.add_argument("config", type=Path, help="TOML config")
     sb.add_argument("--nodes", type=int, default=1)
     sb.add_argument("--ntasks-per-node", type=int, default=1, help="ranks per node")
     sb.add_argument("--cpus-per-task", type=int, default=1)
@@ -253,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     rep = sub.add_parser("report", help="summary table and plot of runs")
-    rep.add_argument("run_dirs", type=Path, nargs="+")
+    rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
+                     help="run directories (each holds metrics.jsonl)")
     rep.add_argument("--out", type=Path,
                      help="plot file: .png, .pdf, .svg, ... (default RUN_DIR/report.png)")
     rep.set_defaults(func=cmd_report)
@@ -299,6 +331,14 @@ def _abort_job(code: int) -> None:
 
 
 def fail(message: str | None, code: int, all_ranks: bool) -> int:
+    if "mpi4py.MPI" not in sys.modules and _rank_and_size()[1] > 1:
+        # The error came before the ranks had talked (a config or command-line mistake,
+        # which every rank makes): start MPI now, so that rank 0 can end the job with one
+        # message and one abort instead of every rank printing after its grace period.
+        from hpc_multires.comm.ranks import mpi_world
+
+        with contextlib.suppress(Exception):
+            mpi_world()
     rank, size = _rank_and_size()
     if size > 1 and all_ranks and rank != 0:
         # Rank 0 hit the same error and is aborting the job; give it the time to print
@@ -342,6 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _rank_and_size()[0] == 0:
             print(f"hpc-multires: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`): end quietly, as Unix tools
+        # do, and keep Python from failing again when it flushes stdout at exit.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         failure = ("interrupted", 130, False)
     except Exception as e:

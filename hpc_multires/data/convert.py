@@ -120,7 +120,10 @@ def convert(x_path: Path, y_path: Path | None, out: Path, *, samples_per_shard: 
     if len(ys.shape) == 1:
         raise DataError(f"{ys.name} has shape {ys.shape}; labels must be (N, P): use "
                         "y[:, None] for one label per sample")
-    if len(ys.shape) != 2 or ys.shape[0] != xs.shape[0]:
+    if len(ys.shape) != 2:
+        raise DataError(f"{ys.name} has shape {ys.shape}: labels must be 2D, (N, P) = "
+                        f"({xs.shape[0]}, P); reshape them, e.g. y.reshape(len(y), -1)")
+    if ys.shape[0] != xs.shape[0]:
         raise DataError(f"{ys.name} has shape {ys.shape}, but {xs.name} holds {xs.shape[0]} "
                         f"samples; labels must be ({xs.shape[0]}, P)")
     if xs.dtype.kind not in "uif" or ys.dtype.kind not in "uif":

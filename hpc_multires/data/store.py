@@ -225,8 +225,9 @@ class SampleStore:
         self.level = level
         if not self.path.exists():
             raise DataError(f"dataset {str(self.path)!r} not found; create one with "
-                            "`hpc-multires data synth cosmoflow --out DIR` or `hpc-multires "
-                            "data convert`, or point data.path at it (--set data.path=DIR)")
+                            "`hpc-multires data synth cosmoflow|neuron --out DIR` or "
+                            "`hpc-multires data convert`, or point data.path at it (--set "
+                            "data.path=DIR)")
         if not self.path.is_dir():
             raise DataError(f"dataset {str(self.path)!r} is a file; data.path must be the "
                             "directory holding shard-*.h5 files")

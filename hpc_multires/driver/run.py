@@ -213,6 +213,7 @@ class PlanRunner:
         offset = 0.0
         if comm.is_root:
             (self.run_dir / preempt.MARKER).unlink(missing_ok=True)
+            (self.run_dir / "summary.json").unlink(missing_ok=True)  # until this run ends
             (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
             if self.resume:
                 offset = self._trim_metrics()

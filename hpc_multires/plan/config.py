@@ -330,8 +330,8 @@ def _check_values(cfg: Config) -> None:
          "use model.kernel_level alone: model.stem_level and model.coarse_pools = 'drop' "
          "change the same layers in another way")
     _check_train(cfg.train, "train")
-    for i, stage in enumerate(cfg.stages):
-        _check_train(stage.train, f"stages[{i}].train")
+    for stage in cfg.stages:
+        _check_train(stage.train, f"stages.{stage.name}.train")
     need(c.timeout_s > 0, "comm.timeout_s", c.timeout_s, "use a positive number of seconds")
     need(g.every_steps >= 1, "log.every_steps", g.every_steps, "use 1 or more")
     need(g.progress_s > 0, "log.progress_s", g.progress_s, "use a positive number of seconds")
@@ -357,7 +357,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. [128, 64]")
+            example = '["coarse1", "coarse2"]' if key.endswith("fuse_from") else "[128, 64]"
+            raise ConfigError(f"{key} = {value!r}: expected a list, e.g. {example}")
         (inner, *_) = typing.get_args(tp)
         if is_dataclass(inner):
             return tuple(_build(inner, v, f"{key}[{i}]")  # type: ignore[arg-type]

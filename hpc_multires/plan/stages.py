@@ -149,10 +149,11 @@ def resolve(cfg: Config, world: int) -> list[Stage]:
         if st.train.global_batch % len(ranks):
             n, b = len(ranks), st.train.global_batch
             key = f"stage {st.name!r}: train.global_batch" if cfg.stages else "train.global_batch"
+            fits = sorted({max(b // n * n, n), b // n * n + n})
             raise ConfigError(
                 f"{key} = {b} is not divisible by the {n} ranks that run it; set it to a "
-                f"multiple of {n} (e.g. --set train.global_batch={max(b // n * n, n)} or "
-                f"{b // n * n + n}) or change the number of ranks")
+                f"multiple of {n} (e.g. --set train.global_batch="
+                f"{' or '.join(map(str, fits))}) or change the number of ranks")
         stages.append(stage)
         by_name[st.name] = stage
     _check_overlaps(stages, by_name)

@@ -139,3 +139,15 @@ def test_truncated_npz_member_is_an_error_not_a_hang(tmp_path: Path, compress: i
     (err,) = outcome
     assert isinstance(err, DataError)
     assert f"d.npz:x ends at row {row} of 40; the file is truncated" in str(err)
+
+
+def test_a_constant_label_and_channelless_volumes_are_pointed_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.normal(size=(12, 16, 16, 16)).astype(np.float32))
+    y = np.stack([rng.uniform(size=12), np.full(12, 3.0)], axis=1)
+    np.save(tmp_path / "y.npy", y)
+    convert(tmp_path / "x.npy", tmp_path / "y.npy", tmp_path / "out", label_names=["a", "b"])
+    err = capsys.readouterr().err
+    assert "label(s) b hold one value in every sample" in err
+    assert "read as 16 channels of 16x16 images" in err and "x[:, None]" in err

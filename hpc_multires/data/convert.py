@@ -7,6 +7,7 @@ bounded by one sample whatever the size of the input.
 
 from __future__ import annotations
 
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from hpc_multires.data.parallel import data_world
 from hpc_multires.data.store import provenance
 from hpc_multires.data.writer import write_dataset
 from hpc_multires.errors import DataError
@@ -139,6 +141,18 @@ def convert(x_path: Path, y_path: Path | None, out: Path, *, samples_per_shard: 
         raise DataError(f"{ys.name}: labels of samples {bad[:5].tolist()} are NaN or infinite; "
                         "drop or fix those samples")
     lo, hi = y_all.min(axis=0), y_all.max(axis=0)
+    notes = []
+    flat = [n for n, a, b in zip(names, lo, hi, strict=True) if a == b]
+    if flat and scale_labels:
+        notes.append(f"label(s) {', '.join(flat)} hold one value in every sample, stored as -1: "
+                     "nothing to learn from them")
+    if len(xs.shape) == 4 and xs.shape[1] == xs.shape[2] == xs.shape[3] and xs.shape[1] > 8:
+        notes.append(f"{xs.name} {xs.shape} is read as {xs.shape[1]} channels of "
+                     f"{xs.shape[2]}x{xs.shape[3]} images; if it holds single-channel "
+                     "volumes, save x[:, None] instead")
+    if notes and data_world().rank == 0:
+        for note in notes:
+            print(f"hpc-multires: warning: {note}", file=sys.stderr, flush=True)
     if scale_labels:
         span = np.where(hi > lo, hi - lo, 1.0)
         y_all = 2 * (y_all - lo) / span - 1

@@ -301,7 +301,14 @@ class PlanRunner:
             for stage in self.stages:
                 if stage.wave == wave and self.comm.rank in stage.ranks:
                     self.rank_log("start", stage)
-                    results[stage.name] = r = self.run_stage(stage)
+                    try:
+                        results[stage.name] = r = self.run_stage(stage)
+                    except preempt.Preempted:
+                        self.rank_log("preempted", stage)
+                        raise
+                    except BaseException:  # the error itself goes to stderr, on one line
+                        self.rank_log("failed", stage)
+                        raise
                     self.rank_log("end" if r["done"] else "stopped", stage)
                     if not r["done"]:
                         stopped = True

@@ -22,7 +22,8 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
     if cfg.name == "cosmoflow":
         if len(sample_shape) != 4:
             raise ConfigError(
-                f"model.name = 'cosmoflow' takes 3D samples (C, D, H, W); the dataset's samples "
+                f"model.name = 'cosmoflow' takes 3D samples (C, D, H, W) (single-channel volumes "
+                f"need their channel axis: convert x[:, None]); the dataset's samples "
                 f"have shape {sample_shape}")
         return CosmoFlow(
             in_channels=sample_shape[0], spatial=sample_shape[1:], num_outputs=num_outputs,

@@ -112,7 +112,7 @@ def test_every_accepted_group_lies_inside_the_world() -> None:
                           "fusion": "bottom-top"}), "takes two stages"),
     (plan({"name": "a"}, groups={"g": "half"}), "write START:END"),
     (plan({"name": "a"}, groups={"g": "x:2"}), "'x' is neither a rank count"),
-    (plan({"name": "a", "train": {"epochs": 0}}), r"stages\[0\]\.train\.epochs = 0"),
+    (plan({"name": "a", "train": {"epochs": 0}}), r"stages\.a\.train\.epochs = 0"),
     (plan({"name": "a"}, {"name": "b", "init": "fuse", "fuse_from": ["a"],
                           "fusion_keep": 1.5}), "fusion_keep = 1.5; use a value between 0"),
     (plan({"name": "a"}, groups={"g": "-1:2"}), "'-1' is negative; ranks count from 0"),

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.context import BaseContext
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,6 +189,24 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_worke
         else None,
     )
     items = iter(loader)
+    try:
+        yield from _batches(items, store, batches, timeout_s)
+    finally:
+        # torch ends its readers with SIGTERM when they do not stop in time, but they
+        # block it (see _start_helpers_deaf_to_job_signals): one stuck in a read would
+        # outlive this loader until the training process ends. SIGKILL what is left.
+        shutdown = getattr(items, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        for worker in getattr(items, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+
+
+def _batches(items: Iterator[Any], store: SampleStore, batches: Sequence[np.ndarray],
+             timeout_s: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The loader's items as tensors, its failures as one-line SampleErrors."""
     done = 0
     while True:
         try:

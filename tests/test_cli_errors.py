@@ -169,7 +169,7 @@ def test_an_output_directory_that_cannot_be_made_is_one_line(cli, tiny_config,
                           "--samples", "8", "--size", "16"]))
     assert "cannot create --out" in line and "choose a directory you can write" in line
     line = one_error(cli(["train", str(tiny_config()), "--run-dir", str(blocker / "run")]))
-    assert "cannot create --run-dir" in line
+    assert "cannot write to --run-dir" in line
 
 
 def test_an_interrupted_dataset_write_is_named_as_such(cli, tmp_path: Path) -> None:

@@ -98,6 +98,48 @@ def test_a_read_stuck_in_the_kernel_ends_the_loop_after_the_read_timeout(
         wake.cancel()
 
 
+KILLED_MID_BATCH = """
+import os, signal, sys, time
+import numpy as np
+import psutil
+from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.store import SampleStore
+from hpc_multires.errors import SampleError
+
+if __name__ == "__main__":
+    store = SampleStore(sys.argv[1])
+    batches = [np.arange(8) + 8 * (k % 4) for k in range(200)]  # 8 x 32 KiB: past the pipe
+    me = psutil.Process()
+    before = set(me.children(recursive=True))
+    try:
+        for k, _ in enumerate(iterate_batches(store, batches, num_workers=1, prefetch=2)):
+            if k == 0:
+                time.sleep(1.0)  # the reader has filled the pipe and waits inside a batch
+                worker = [p for p in me.children(recursive=True)
+                          if p not in before and p.ppid() != me.pid][0]
+                os.kill(worker.pid, signal.SIGKILL)
+    except SampleError as e:
+        print("ERROR", e, flush=True)
+"""
+
+
+def test_a_reader_killed_in_the_middle_of_a_batch_ends_the_loop(tmp_path: Path) -> None:
+    """The OOM killer's SIGKILL while a reader is sending a batch larger than the pipe
+    holds: the training process has half a batch and its own end of the pipe open, so
+    without a watch on the readers it would wait for the rest forever."""
+    rng = np.random.default_rng(0)
+    write_arrays_store(tmp_path / "s", rng.normal(size=(32, 2, 16, 16, 16)).astype(np.float32),
+                       rng.uniform(-1, 1, size=(32, 2)).astype(np.float32))
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(KILLED_MID_BATCH))
+    try:
+        out = subprocess.run([sys.executable, str(script), str(tmp_path / "s")], cwd=ROOT,
+                             env=run_env(), capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the loop still waits 60 s after its reader was killed inside a batch")
+    assert "ERROR a reader process of this rank" in out.stdout, out.stdout + out.stderr
+
+
 TRAINER = """
 import os, sys, time
 import numpy as np

@@ -31,12 +31,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise UserError(f"{' and '.join(given)} {verb} not apply to `data synth {args.app}`; "
                         f"its options are {', '.join('--' + n for n in OPTIONS[args.app])}")
     if args.app == "neuron":
-        n = synth_neuron(args.out, num_samples=args.samples, num_bins=args.bins or 1600,
-                         probes=args.probes or 4, seed=args.seed,
+        n = synth_neuron(args.out, num_samples=args.samples,
+                         num_bins=1600 if args.bins is None else args.bins,
+                         probes=4 if args.probes is None else args.probes, seed=args.seed,
                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     else:
-        n = synth_cosmoflow(args.out, num_samples=args.samples, size=args.size or 32,
-                            channels=args.channels or 4, seed=args.seed,
+        n = synth_cosmoflow(args.out, num_samples=args.samples,
+                            size=32 if args.size is None else args.size,
+                            channels=4 if args.channels is None else args.channels,
+                            seed=args.seed,
                             samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     _say(f"wrote {args.samples} samples in {n} shard(s) to {args.out}")
     return 0
@@ -298,7 +301,8 @@ def _rank_and_size() -> tuple[int, int]:
     mpi_mod = sys.modules.get("mpi4py.MPI")
     if mpi_mod is not None and mpi_mod.Is_initialized() and not mpi_mod.Is_finalized():
         world = mpi_mod.COMM_WORLD
-        return int(world.Get_rank()), int(world.Get_size())
+        if int(world.Get_size()) > 1:  # a world of 1 under srun --mpi=none: ask the launcher
+            return int(world.Get_rank()), int(world.Get_size())
     try:
         from hpc_multires.comm.ranks import rank_info_from_env
 
@@ -331,7 +335,8 @@ def _abort_job(code: int) -> None:
 
 
 def fail(message: str | None, code: int, all_ranks: bool) -> int:
-    if "mpi4py.MPI" not in sys.modules and _rank_and_size()[1] > 1:
+    if ("mpi4py.MPI" not in sys.modules and _rank_and_size()[1] > 1
+            and "MASTER_ADDR" not in os.environ):  # torchrun-style: the others may not start MPI
         # The error came before the ranks had talked (a config or command-line mistake,
         # which every rank makes): start MPI now, so that rank 0 can end the job with one
         # message and one abort instead of every rank printing after its grace period.
@@ -387,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # do, and keep Python from failing again when it flushes stdout at exit.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return fail(None, 141, all_ranks=False) if _rank_and_size()[1] > 1 else 141
     except KeyboardInterrupt:
         failure = ("interrupted", 130, False)
     except Exception as e:

@@ -184,36 +184,104 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_worke
         prefetch_factor=prefetch if num_workers > 0 else None,
         persistent_workers=False,
         multiprocessing_context=worker_context() if num_workers > 0 else None,
-        timeout=timeout_s if num_workers > 0 else 0,
+        # Waits in slices: after each, torch checks that the readers are alive (a dead one
+        # is named within seconds, not after the whole timeout); _batches adds them up.
+        timeout=min(timeout_s, POLL_S) if num_workers > 0 and timeout_s > 0 else 0,
         worker_init_fn=functools.partial(_end_with_trainer, os.getpid()) if num_workers > 0
         else None,
     )
     items = iter(loader)
+    watch = _ReaderWatch(items)
     try:
         yield from _batches(items, store, batches, timeout_s)
     finally:
+        watch.stop()  # before the readers are ended on purpose
         # torch ends its readers with SIGTERM when they do not stop in time, but they
         # block it (see _start_helpers_deaf_to_job_signals): one stuck in a read would
         # outlive this loader until the training process ends. SIGKILL what is left.
         shutdown = getattr(items, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        for worker in getattr(items, "_workers", []):
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=5)
+        left = [w for w in getattr(items, "_workers", []) if w.is_alive()]
+        for worker in left:
+            worker.kill()
+        deadline = time.monotonic() + 5  # one wait for all (a read stuck in the kernel
+        for worker in left:  # delays even SIGKILL until it returns)
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+POLL_S = 5.0  # how often a wait for a batch checks that the readers are alive
+
+
+class _ReaderWatch:
+    """Ends this rank's wait for a batch when one of its readers is killed.
+
+    torch notices a dead reader only between batches. One killed while it sends a batch
+    larger than the pipe holds (the OOM killer picks the process with the most memory)
+    leaves the training process reading the rest of that batch forever: its own end of
+    the queue keeps the pipe open, so no end-of-file comes. A thread waits on the readers'
+    exit and, for one that ends while the loader still expects batches from it, interrupts
+    the main thread with SIGUSR2, whose handler raises the SampleError that names it. (It
+    does not read the exit status: a process started by the fork server has its status
+    read once, from its sentinel, and torch reads it.)
+    """
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+        self.workers = list(getattr(items, "_workers", []))
+        self.message = ""
+        self._stop_r, self._stop_w = os.pipe()
+        self._old: Any = None
+        self._thread: threading.Thread | None = None
+        self._main = threading.main_thread().ident or 0
+        if not self.workers or threading.current_thread() is not threading.main_thread():
+            return
+        self._old = signal.signal(signal.SIGUSR2, self._interrupted)
+        self._thread = threading.Thread(target=self._watch, name="watch-readers", daemon=True)
+        self._thread.start()
+
+    def _interrupted(self, signum: int, frame: Any) -> None:
+        raise SampleError(self.message)
+
+    def _watch(self) -> None:
+        from multiprocessing.connection import wait
+
+        live = {w.sentinel: w for w in self.workers}
+        ready = wait([*live, self._stop_r])
+        if self._stop_r not in ready:
+            if getattr(self.items, "_shutdown", False):
+                return  # the loader is ending its readers: they leave as told
+            worker = live[ready[0]]
+            self.message = (
+                f"a reader process of this rank (pid {worker.pid}) ended while batches were "
+                "still due (killed, e.g. by the OOM killer); if it ran out of memory, lower "
+                "data.prefetch or data.num_workers (data.num_workers = 0 reads in the "
+                "training process)")
+            signal.pthread_kill(self._main, signal.SIGUSR2)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            os.write(self._stop_w, b"x")
+            self._thread.join()
+            signal.signal(signal.SIGUSR2, signal.SIG_DFL if self._old is None else self._old)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
 
 
 def _batches(items: Iterator[Any], store: SampleStore, batches: Sequence[np.ndarray],
              timeout_s: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's items as tensors, its failures as one-line SampleErrors."""
     done = 0
+    waited = 0.0
     while True:
         try:
             item = next(items)
         except StopIteration:
             return
         except RuntimeError as e:
+            if "timed out after" in str(e) and waited + POLL_S < timeout_s:
+                waited += min(timeout_s, POLL_S)  # every reader alive: wait another slice
+                continue
             if "timed out after" in str(e):
                 raise SampleError(
                     f"no batch from this rank's reader processes in {timeout_s:g} s (batch "
@@ -235,4 +303,5 @@ def _batches(items: Iterator[Any], store: SampleStore, batches: Sequence[np.ndar
             raise SampleError(item.message)
         x, y = item
         done += 1
+        waited = 0.0
         yield torch.as_tensor(x), torch.as_tensor(y)

@@ -19,7 +19,7 @@ from typing import Any
 
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.ranks import mpi_world
-from hpc_multires.data.store import SHARD_PATTERN, checksum_shard
+from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, checksum_shard
 from hpc_multires.errors import DataError
 
 
@@ -49,6 +49,9 @@ def copy_verified(src: Path, dst: Path) -> None:
     # The folder is this job's own: what is in it was left by an earlier attempt of the
     # same job on this node (killed before its clean-up) and is copied again anyway, so it
     # goes first rather than counting against the free space.
+    if (src / INCOMPLETE).exists():
+        raise DataError(f"dataset {str(src)!r} is incomplete: the command that wrote it "
+                        "failed or was interrupted; run it again with --overwrite")
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True, exist_ok=True)
     shards = sorted(p for p in src.iterdir() if SHARD_PATTERN.fullmatch(p.name))

@@ -9,6 +9,7 @@ includes it, on that stage's process group, and waits for the rest of the wave.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -115,11 +116,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, cfg: Config) -> None:
         # The whole config, plan included: a resume with another plan would otherwise
         # start its stages fresh beside the old ones and trim the old ones' metrics away.
         try:
-            table = tomllib.loads(saved.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UserError(f"{saved} does not read ({e}); it records the config the run was "
-                            "trained with: restore it, or start a new --run-dir") from None
-        changed = config_changes(table, config_to_dict(cfg))
+            table: dict[str, Any] | None = tomllib.loads(saved.read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            # Each stage's checkpoints hold the config too, and are compared on resume.
+            print(f"hpc-multires: warning: {saved} does not read ({e}); comparing the config "
+                  "with the stages' checkpoints only", file=sys.stderr)
+            table = None
+        changed = config_changes(table, config_to_dict(cfg)) if table else []
         if changed:
             raise UserError(
                 f"--resume: the config differs from the one {run_dir} was trained with "
@@ -135,23 +138,44 @@ def lock_run_dir(run_dir: Path) -> int | None:
     the first. Returns the descriptor that holds it; None where the file system has no
     locks (then a warning, and the run goes ahead unguarded)."""
     path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file; choose a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write to --run-dir {run_dir} ({e.strerror}); choose a "
+                        "directory you can write to") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise UserError(f"another training is writing to {run_dir} now ({holder}); wait for "
-                        "it to end or stop it, or choose another --run-dir") from None
+                        "it to end or stop it, or choose another --run-dir (a lock held "
+                        "over NFS by a node that failed is freed once the server notices, "
+                        "within a few minutes)") from None
     except OSError as e:
         os.close(fd)
         print(f"hpc-multires: warning: cannot lock {path} ({e.strerror}); nothing stops a "
               "second training into this directory", file=sys.stderr)
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # who holds it, for the message above; optional
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     return fd
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, never a part: a temporary file, then
+    a rename (config.toml is read back on resume)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class PlanRunner:
@@ -184,13 +208,6 @@ class PlanRunner:
             if cfg.comm.backend == "horovod" else None
         self._t0 = time.monotonic()
         self._offset = 0.0
-        self._lock: int | None = None  # rank 0: the descriptor holding RUN_DIR/.lock
-
-    def unlock(self) -> None:
-        """Let go of RUN_DIR/.lock (the end of the process would too)."""
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
 
     def clock(self) -> float:
         """Seconds since the run started, continued across resumptions (`wall_s`)."""
@@ -202,19 +219,12 @@ class PlanRunner:
     def start(self) -> None:
         comm = self.comm
         comm.barrier()  # every rank passed the checks before rank 0 writes anything
-        if comm.is_root:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"cannot create --run-dir {self.run_dir} ({e.strerror}); "
-                                "choose a directory you can write to") from None
-            self._lock = lock_run_dir(self.run_dir)
         self._check_shared_run_dir()
         offset = 0.0
         if comm.is_root:
             (self.run_dir / preempt.MARKER).unlink(missing_ok=True)
             (self.run_dir / "summary.json").unlink(missing_ok=True)  # until this run ends
-            (self.run_dir / "config.toml").write_text(config_to_toml(self.cfg))
+            write_atomic(self.run_dir / "config.toml", config_to_toml(self.cfg))
             if self.resume:
                 offset = self._trim_metrics()
             else:
@@ -241,9 +251,21 @@ class PlanRunner:
         token = None
         if comm.is_root:
             token = f".shared-check-{os.getpid()}-{time.time_ns()}"
-            (self.run_dir / token).touch()
+            try:
+                (self.run_dir / token).touch()
+            except OSError as e:
+                raise UserError(f"cannot write to --run-dir {self.run_dir} ({e.strerror}); "
+                                "free space or choose another directory") from None
         token = comm.broadcast_object(token)
         seen = (self.run_dir / token).exists()
+        deadline = time.monotonic() + 15
+        while not seen and time.monotonic() < deadline:
+            # An NFS client may have cached "no such file" from an earlier look: listing
+            # the directory makes it ask the server again.
+            with contextlib.suppress(OSError):
+                os.listdir(self.run_dir)
+            time.sleep(0.5)
+            seen = (self.run_dir / token).exists()
         blind = comm.gather_object(None if seen else
                                    f"rank {comm.rank} on {socket.gethostname()}")
         if comm.is_root:
@@ -303,11 +325,10 @@ class PlanRunner:
                     self.rank_log("start", stage)
                     try:
                         results[stage.name] = r = self.run_stage(stage)
-                    except preempt.Preempted:
-                        self.rank_log("preempted", stage)
-                        raise
-                    except BaseException:  # the error itself goes to stderr, on one line
-                        self.rank_log("failed", stage)
+                    except BaseException as e:  # the error itself goes to stderr, on one line
+                        with contextlib.suppress(OSError):  # never hide it behind another
+                            self.rank_log("preempted" if isinstance(e, preempt.Preempted)
+                                          else "failed", stage)
                         raise
                     self.rank_log("end" if r["done"] else "stopped", stage)
                     if not r["done"]:
@@ -431,16 +452,45 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
           stop: StopAt | None = None) -> dict[str, Any]:
     """Run the plan. `resume`: False, True (a checkpoint must exist) or "auto"."""
     run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
-    has_checkpoint = bool(run_checkpoints(run_dir))
-    if resume == "auto":
-        # Continue if the run directory holds a checkpoint (a requeued job), else start.
-        resume = has_checkpoint
-    elif resume and not has_checkpoint:  # before staging copies anything
-        raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from; check "
-                        "--run-dir, or drop --resume to start the run (--auto-resume does "
-                        "either)")
     preempt.install()
     comm = comm_dist.init(cfg.comm.timeout_s)
+    # Rank 0 looks, takes the run directory's lock, and tells the others: ranks that each
+    # listed the directory could disagree (a node's stale view of it) and then make
+    # different collective calls. All of it before staging copies anything.
+    found: tuple[bool, str | None] = (False, None)
+    lock: int | None = None
+    created = comm.is_root and not run_dir.exists()
+    if comm.is_root:
+        try:
+            lock = lock_run_dir(run_dir)
+            found = (bool(run_checkpoints(run_dir)), None)
+        except UserError as e:
+            found = (False, str(e))
+    has_checkpoint, problem = comm.broadcast_object(found)
+    try:
+        if problem is not None:
+            raise UserError(problem)
+        if resume == "auto":
+            # Continue if the run directory holds a checkpoint (a requeued job), else start.
+            resume = has_checkpoint
+        elif resume and not has_checkpoint:
+            raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from; "
+                            "check --run-dir, or drop --resume to start the run "
+                            "(--auto-resume does either)")
+        return _train_locked(cfg, comm, run_dir, bool(resume), stop)
+    finally:
+        if lock is not None:  # after summary.json: the run's last write
+            os.close(lock)
+        if created and run_dir.is_dir():
+            # Refused before it wrote anything (a bad plan, say): leave no directory behind.
+            with contextlib.suppress(OSError):
+                if [p.name for p in run_dir.iterdir()] == [".lock"]:
+                    (run_dir / ".lock").unlink()
+                    run_dir.rmdir()
+
+
+def _train_locked(cfg: Config, comm: Comm, run_dir: Path, resume: bool,
+                  stop: StopAt | None) -> dict[str, Any]:
     staged: Path | None = None
     if cfg.data.stage_to and cfg.data.path:
         from hpc_multires.data import staging
@@ -454,9 +504,8 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         read_cfg = cfg
     # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,
     # since a barrier could wait for a rank that is gone.
-    runner: PlanRunner | None = None
     try:
-        runner = PlanRunner(cfg, comm, run_dir, bool(resume), stop, read_cfg.data)
+        runner = PlanRunner(cfg, comm, run_dir, resume, stop, read_cfg.data)
         result = runner.run()
     except preempt.Preempted as e:
         if comm.is_root:
@@ -470,16 +519,15 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
         if staged is not None:  # every rank is leaving: the node's copy goes too
             staging.cleanup(staged, comm)
         raise
-    except BaseException:
+    except UserError as e:
         # The job is about to be aborted: each node's first rank removes the node's copy
         # now, without waiting for the others (the abort would kill a waiting rank first).
-        # Errors that every rank meets (a missing level, a bad --run-dir) reach every node.
-        if staged is not None and comm.info.local_rank == 0:
+        # Only for errors that every rank meets (a missing level, a bad plan), which reach
+        # every node; after one rank's error its node's other ranks may still be reading
+        # the copy, and the next attempt of the job clears it (staging.stage_root).
+        if staged is not None and comm.info.local_rank == 0 and e.all_ranks:
             shutil.rmtree(staged, ignore_errors=True)
         raise
-    finally:
-        if runner is not None:
-            runner.unlock()
     if runner.horovod is not None:
         runner.horovod.shutdown()
     if staged is not None:

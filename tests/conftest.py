@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from hpc_multires.data.store import ShardWriter, provenance
@@ -85,6 +86,13 @@ def end_tree(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def rank_processes(launcher_pid: int) -> list[psutil.Process]:
+    """The ranks of an mpiexec job: the processes its hydra proxy started."""
+    return [p for p in psutil.Process(launcher_pid).children(recursive=True)
+            if "hpc_multires" in " ".join(p.cmdline()) and p.parent() is not None
+            and "hydra_pmi_proxy" in p.parent().name()]
 
 
 def steps(run: Path) -> list[dict]:

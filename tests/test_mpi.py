@@ -12,9 +12,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import psutil
 import pytest
-from conftest import ROOT, end_tree, mpiexec_path, run_env, stderr_of
+from conftest import ROOT, end_tree, mpiexec_path, rank_processes, run_env, stderr_of
 
 pytestmark = pytest.mark.mpi
 
@@ -135,9 +134,7 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
             assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline, "training did not reach epoch 1"
             time.sleep(0.2)
-        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if "hpc_multires" in " ".join(p.cmdline()) and p.name().startswith("python")
-                 and p.parent() is not None and not p.parent().name().startswith("python")]
+        ranks = rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in ranks]
         victim = ranks[1]
         t0 = time.monotonic()
@@ -171,9 +168,7 @@ def test_a_stalled_rank_ends_the_job_after_the_timeout_with_one_line(tiny_config
             assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline, "training did not reach epoch 1"
             time.sleep(0.1)
-        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if "hpc_multires" in " ".join(p.cmdline()) and p.name().startswith("python")
-                 and p.parent() is not None and not p.parent().name().startswith("python")]
+        ranks = rank_processes(proc.pid)
         assert len(ranks) == 2
         os.kill(ranks[1].pid, signal.SIGSTOP)
         _, err = proc.communicate(timeout=90)

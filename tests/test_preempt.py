@@ -10,20 +10,21 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from conftest import ROOT, end_tree, mpiexec_path, run_env, stderr_of, steps
+from conftest import (
+    ROOT,
+    end_tree,
+    mpiexec_path,
+    rank_processes,
+    run_env,
+    stderr_of,
+    steps,
+)
 
 from hpc_multires.train.preempt import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.mpi
-
-
-def rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
-    return [p for p in launcher.children(recursive=True)
-            if "hpc_multires" in " ".join(p.cmdline()) and p.parent() is not None
-            and "hydra_pmi_proxy" in p.parent().name()]
 
 
 def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: Path) -> None:
@@ -42,7 +43,7 @@ def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: P
             assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        ranks = rank_processes(psutil.Process(proc.pid))
+        ranks = rank_processes(proc.pid)
         assert len(ranks) == 2
         for p in ranks:  # what srun does with --signal=USR1@...: every task gets it
             os.kill(p.pid, signal.SIGUSR1)
@@ -88,7 +89,7 @@ def test_a_signal_to_every_process_of_the_step_still_checkpoints(
             assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        ranks = rank_processes(psutil.Process(proc.pid))
+        ranks = rank_processes(proc.pid)
         assert len(ranks) == 2
         helpers = [c for p in ranks for c in p.children(recursive=True)]
         assert len(helpers) >= 4, helpers  # per rank: fork server, reader(s), tracker
@@ -167,7 +168,7 @@ def test_signal_to_one_group_stops_the_concurrent_one_with_a_checkpoint(
             assert proc.poll() is None, stderr_of(proc)
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        ranks = rank_processes(psutil.Process(proc.pid))
+        ranks = rank_processes(proc.pid)
         assert len(ranks) == 2
         by_rank = {int(p.environ().get("PMI_RANK", "-1")): p for p in ranks}
         os.kill(by_rank[1].pid, signal.SIGUSR1)

@@ -279,10 +279,10 @@ def _batches(items: Iterator[Any], store: SampleStore, batches: Sequence[np.ndar
         except StopIteration:
             return
         except RuntimeError as e:
-            if "timed out after" in str(e) and waited + POLL_S < timeout_s:
-                waited += min(timeout_s, POLL_S)  # every reader alive: wait another slice
-                continue
             if "timed out after" in str(e):
+                if waited + POLL_S < timeout_s:  # every reader alive: wait another slice
+                    waited += POLL_S
+                    continue
                 raise SampleError(
                     f"no batch from this rank's reader processes in {timeout_s:g} s (batch "
                     f"{done + 1} of {len(batches)}, dataset {str(store.path)!r}): a read is "

@@ -167,16 +167,6 @@ def lock_run_dir(run_dir: Path) -> int | None:
     return fd
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before, never a part: a temporary file, then
-    a rename (config.toml is read back on resume)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 class PlanRunner:
     """Holds what the stages of one run share: config, job, data, groups, clock, log."""
@@ -224,7 +214,8 @@ class PlanRunner:
         if comm.is_root:
             (self.run_dir / preempt.MARKER).unlink(missing_ok=True)
             (self.run_dir / "summary.json").unlink(missing_ok=True)  # until this run ends
-            write_atomic(self.run_dir / "config.toml", config_to_toml(self.cfg))
+            # Atomic: config.toml is read back on resume.
+            checkpoint.write_text_atomic(self.run_dir / "config.toml", config_to_toml(self.cfg))
             if self.resume:
                 offset = self._trim_metrics()
             else:

@@ -62,6 +62,17 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     fsync_dir(path.parent)  # the rename itself, durable
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, never a part: a temporary file in the
+    same directory, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def prune(directory: Path, keep: int) -> None:
     """Keep the newest `keep` checkpoints; remove the temporary files of writes that died
     (only the stage's root writes here, one save at a time, so any other one is dead)."""

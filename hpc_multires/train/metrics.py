@@ -5,11 +5,12 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any, TextIO
+
+from hpc_multires.train.checkpoint import write_text_atomic
 
 
 class MetricsLog:
@@ -44,9 +45,7 @@ class MetricsLog:
         """Replace the log with `records`, through a temporary file (a crash loses nothing)."""
         if not self.enabled:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def _lock(f: IO[str]) -> bool:

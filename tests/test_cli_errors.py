@@ -152,6 +152,11 @@ def test_bottom_layers_beyond_the_model_fail_before_anything_trains(cli, tiny_co
     line = one_error(cli(["train", str(cfg), "--run-dir", str(tmp_path / "run")]))
     assert "stage 'c': bottom_layers = 99" in line
     assert not (tmp_path / "run").exists()  # stages a and b never trained
+    # A run directory made beforehand (by a batch script, say) stays, as it was: empty.
+    (tmp_path / "made").mkdir()
+    line = one_error(cli(["train", str(cfg), "--run-dir", str(tmp_path / "made")]))
+    assert "bottom_layers = 99" in line
+    assert list((tmp_path / "made").iterdir()) == []
 
 
 def test_plan_refuses_a_global_batch_larger_than_the_training_set(cli, tiny_config) -> None:

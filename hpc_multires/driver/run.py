@@ -451,6 +451,7 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
     found: tuple[bool, str | None] = (False, None)
     lock: int | None = None
     created = comm.is_root and not run_dir.exists()
+    lock_created = comm.is_root and not (run_dir / ".lock").exists()
     if comm.is_root:
         try:
             lock = lock_run_dir(run_dir)
@@ -472,12 +473,14 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
     finally:
         if lock is not None:  # after summary.json: the run's last write
             os.close(lock)
-        if created and run_dir.is_dir():
-            # Refused before it wrote anything (a bad plan, say): leave no directory behind.
+        if lock_created and run_dir.is_dir():
+            # Refused before it wrote anything (a bad plan, say): leave the directory as it
+            # was, and no directory where there was none.
             with contextlib.suppress(OSError):
                 if [p.name for p in run_dir.iterdir()] == [".lock"]:
                     (run_dir / ".lock").unlink()
-                    run_dir.rmdir()
+                    if created:
+                        run_dir.rmdir()
 
 
 def _train_locked(cfg: Config, comm: Comm, run_dir: Path, resume: bool,

@@ -112,7 +112,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shapes = {level: train.store.sample_shape
               for level, (train, _) in open_levels(cfg, cfg.data, stages).items()}
     dims = len(shapes[min(shapes)]) - 1
-    costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores)
+    costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores,
+                             {level: shape[1:] for level, shape in shapes.items()})
     _say(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
          + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
     _say(describe_plan(stages))

@@ -29,12 +29,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.context import BaseContext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hpc_multires.data.crop import region
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import DataError, SampleError
 
@@ -60,8 +61,18 @@ class _Failure:
 PIPE_BYTES = 4 * 2**20
 
 
+class WindowedBatch(NamedTuple):
+    """A batch of windows: from sample indices[i], the block of `size` points per spatial
+    axis that starts at starts[i]. Only that block is read."""
+
+    indices: np.ndarray  # (b,)
+    starts: np.ndarray  # (b, spatial axes)
+    size: int
+
+
 class BatchReader(Dataset):
-    """Item i of the dataset is a whole batch: an array of sample indices -> (x, y)."""
+    """Item i of the dataset is a whole batch: an array of sample indices (or a
+    WindowedBatch) -> (x, y)."""
 
     def __init__(self, store: SampleStore) -> None:
         self.store = store
@@ -69,8 +80,11 @@ class BatchReader(Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, batch: np.ndarray
+    def __getitem__(self, item: np.ndarray | WindowedBatch
                     ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray] | _Failure:
+        batch = item.indices if isinstance(item, WindowedBatch) else item
+        regions = [region(s, item.size) for s in item.starts] \
+            if isinstance(item, WindowedBatch) else [()] * len(batch)
         try:
             # Reading in file order is kinder to the file system than permutation order.
             order = np.argsort(batch, kind="stable")
@@ -78,7 +92,7 @@ class BatchReader(Dataset):
             ys: list[np.ndarray] = [np.empty(0)] * len(batch)
             for i in order:
                 index = int(batch[i])
-                xs[i], ys[i] = self.store.read(index)
+                xs[i], ys[i] = self.store.read(index, regions[i])
         except SampleError as e:  # its message names the sample and its shard
             return _Failure(str(e))
         except DataError as e:
@@ -163,7 +177,8 @@ def worker_context() -> BaseContext:
     return _CONTEXT
 
 
-def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray], num_workers: int,
+def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray | WindowedBatch],
+                    num_workers: int,
                     prefetch: int, timeout_s: float = 0.0
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes.
@@ -268,7 +283,8 @@ class _ReaderWatch:
         os.close(self._stop_w)
 
 
-def _batches(items: Iterator[Any], store: SampleStore, batches: Sequence[np.ndarray],
+def _batches(items: Iterator[Any], store: SampleStore,
+             batches: Sequence[np.ndarray | WindowedBatch],
              timeout_s: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The loader's items as tensors, its failures as one-line SampleErrors."""
     done = 0

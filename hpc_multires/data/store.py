@@ -369,15 +369,17 @@ class SampleStore:
             f = self._files[shard] = _open(self.shards[shard].path)
         return f
 
-    def read_raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Stored x (C, *spatial) at this level and y (P,), no transform."""
+    def read_raw(self, index: int, region: tuple[slice, ...] = ()
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Stored x (C, *spatial) at this level and y (P,), no transform. `region`: slices
+        of the spatial axes, to read only that block (HDF5 reads the chunks it touches)."""
         shard, row = self._locate(index)
         try:
             handles = self._datasets.get(shard)
             if handles is None:
                 f = self._file(shard)
                 handles = self._datasets[shard] = (f[self._x_key], f["y"])
-            x = handles[0][row]
+            x = handles[0][(row, slice(None), *region)] if region else handles[0][row]
             y = handles[1][row]
         except (OSError, RuntimeError, KeyError) as e:
             raise SampleError(
@@ -385,9 +387,10 @@ class SampleStore:
                 "the shard is corrupted: regenerate or re-copy it") from None
         return x, y
 
-    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Model-ready x (C, *spatial) float32, normalised per channel, and y (P,) float32."""
-        x, y = self.read_raw(index)
+    def read(self, index: int, region: tuple[slice, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Model-ready x (C, *spatial) float32, normalised per channel, and y (P,) float32;
+        with `region`, only that block of the spatial axes."""
+        x, y = self.read_raw(index, region)
         x = transform(x, self.schema.x_transform)
         # NaN or infinity anywhere makes the sum non-finite: one cheap pass, no mask array.
         if not (np.isfinite(x.sum(dtype=np.float64)) and np.isfinite(y).all()):

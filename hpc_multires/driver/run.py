@@ -88,6 +88,11 @@ def open_levels(cfg: Config, data: DataConfig,
             raise ConfigError(
                 f"stage {s.name!r}: the training set has {n_train} samples, fewer than its "
                 f"global batch {s.train.global_batch}; lower the global batch or use more data")
+        spatial = splits[s.level][0].store.sample_shape[1:]
+        if s.config.crop > min(spatial):
+            raise ConfigError(
+                f"stage {s.name!r}: crop = {s.config.crop} is larger than the samples at "
+                f"level {s.level}, {'x'.join(map(str, spatial))}; use crop <= {min(spatial)}")
         if s.config.init == "fuse" and s.config.fusion == "bottom-top":
             bottom = by_name[s.config.fuse_from[0]]
             check_bottom_layers(models[bottom.level].state_dict(), models[s.level].state_dict(),

@@ -227,6 +227,11 @@ class StageConfig:
     fresh for every float entry (1: the fused model as it is)."""
     after: tuple[str, ...] = ()
     """Stages that must finish first, besides those in fuse_from."""
+    crop: int = 0
+    """Train on sub-volumes: each step takes from every sample a random window of `crop`
+    points along each spatial (or time) axis of the stage's level, at a new place every
+    step; validation averages the predictions over the disjoint windows that tile each
+    sample. 0: whole samples. Needs a model that takes any input size (model.head = "gap")."""
     train: TrainConfig = TrainConfig()
     """This stage's optimisation; unset keys come from the run's [train]."""
 

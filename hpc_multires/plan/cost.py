@@ -63,11 +63,22 @@ def parse_level_costs(text: str) -> dict[int, float]:
     return out
 
 
+def window_work(crop: int, spatial: Sequence[int] | None) -> float:
+    """Work of a stage on windows of `crop` points per axis relative to whole samples of
+    `spatial` size (1 for whole samples, or where the size is not known)."""
+    if not crop or not spatial:
+        return 1.0
+    return math.prod(min(crop, n) / n for n in spatial)
+
+
 def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
               measured: Mapping[int, float] | None = None,
-              shared: bool = False) -> tuple[list[StageCost], dict[int, float]]:
+              shared: bool = False,
+              spatial: Mapping[int, Sequence[int]] | None = None
+              ) -> tuple[list[StageCost], dict[int, float]]:
     """Each stage's cost and each wave's, in level-0 epochs on `world` ranks. `measured`
-    maps levels to measured epoch-time ratios that replace 2^(-d L).
+    maps levels to measured epoch-time ratios that replace 2^(-d L); `spatial` maps levels
+    to their sample size (for stages on windows, whose work is the windows' share).
 
     Each rank on its own devices (`shared` false): a stage on n ranks takes world / n times
     as long per epoch, and a wave lasts as long as its longest stage. All ranks on the same
@@ -77,6 +88,7 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
     measured = measured or {}
     costs = [StageCost(s.name, s.wave, s.train.epochs,
                        level_work(s.level, spatial_dims, measured)
+                       * window_work(s.config.crop, (spatial or {}).get(s.level))
                        * (1.0 if shared else world / len(s.ranks)),
                        bool(s.train.time_budget_s))
              for s in stages]
@@ -94,7 +106,8 @@ def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world:
     sharing = "all ranks on the same cores, so concurrent stages add up" if shared else \
         "concurrent stages on their own devices"
     lines = [f"estimated cost in level-0 epochs on all {world} rank(s) (an epoch at level L is "
-             f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}; "
+             f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}, an "
+             f"epoch on windows their share of a sample; "
              f"{sharing}):"]
     for wave in sorted(waves):
         parts = [f"{c.name} {c.epochs}{'(max)' if c.capped else ''} x {c.per_epoch:.3g} = "

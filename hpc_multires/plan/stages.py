@@ -129,6 +129,14 @@ def check_plan(cfg: Config) -> None:
                 raise ConfigError(f"stage {st.name!r}: fusion_weights = {list(weights)}; use "
                                   "one finite weight >= 0 per stage in fuse_from, not all 0 "
                                   "(e.g. [1, 1])")
+        if st.crop < 0:
+            raise ConfigError(f"stage {st.name!r}: crop = {st.crop}; use a window size in "
+                              "points per axis (e.g. 16), or 0 for whole samples")
+        if st.crop and cfg.model.head != "gap":
+            raise ConfigError(f"stage {st.name!r}: crop = {st.crop} trains on windows "
+                              "smaller than the samples, which the flatten head's dense "
+                              "layer cannot take; set model.head = \"gap\" (one network "
+                              "for every input size)")
         if not 0.0 <= st.fusion_keep <= 1.0:
             raise ConfigError(f"stage {st.name!r}: fusion_keep = {st.fusion_keep}; use a value "
                               "between 0 (a fresh start) and 1 (the fused model as it is)")
@@ -196,6 +204,7 @@ def describe_plan(stages: list[Stage]) -> str:
             length += (f" (lr schedule epochs {first + 1:g}-{first + n:g} of "
                        f"{s.train.schedule_epochs:g})")
         ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
-        rows.append(f"    wave {s.wave}  {s.name:<12} level {s.level}  ranks {ranks:<7} "
+        where = f"level {s.level}" + (f" windows {s.config.crop}" if s.config.crop else "")
+        rows.append(f"    wave {s.wave}  {s.name:<12} {where}  ranks {ranks:<7} "
                     f"({s.group}) batch {s.train.global_batch} {length}, {start}")
     return "\n".join(rows)

@@ -24,7 +24,8 @@ from torch import nn
 
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
-from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.crop import tiles, window_rng, window_starts
+from hpc_multires.data.loader import WindowedBatch, iterate_batches
 from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError, UserError
@@ -113,6 +114,19 @@ class Trainer:
         self.sampler = GlobalBatchSampler(train.indices, self.tcfg.global_batch, comm.rank,
                                           comm.world_size, cfg.run.seed)
         self._flag_polled = -math.inf  # when the job-wide preemption flag was last read
+        self.crop = stage.config.crop  # 0: whole samples
+
+    def batches(self, epoch: int, start_step: int) -> list[np.ndarray] | list[WindowedBatch]:
+        """This rank's batches of `epoch` from `start_step` on; for a stage on windows, each
+        with its windows' places, drawn per step (a resumed epoch draws the same ones)."""
+        batches = self.sampler.batches(epoch, start_step)
+        if not self.crop:
+            return batches
+        spatial = self.train.store.sample_shape[1:]
+        return [WindowedBatch(b, window_starts(spatial, self.crop, len(b), window_rng(
+                    self.cfg.run.seed, self.stage.name, epoch, start_step + k, self.comm.rank)),
+                              self.crop)
+                for k, b in enumerate(batches)]
 
     def tag(self) -> dict[str, Any]:
         """What every metrics record of this stage carries."""
@@ -206,7 +220,7 @@ class Trainer:
             loss_sum = torch.tensor(loss_carry, dtype=torch.float64, device=comm.device)
             mark_t, mark_step = self.clock(), step
             pending: Callable[[], list[float]] | None = None  # the previous step's stop vote
-            for x, y in iterate_batches(self.train.store, self.sampler.batches(epoch, epoch_step),
+            for x, y in iterate_batches(self.train.store, self.batches(epoch, epoch_step),
                                         cfg.data.num_workers, cfg.data.prefetch,
                                         cfg.data.read_timeout_s):
                 x = x.to(comm.device, non_blocking=True)  # (b, C, *spatial)
@@ -340,7 +354,11 @@ class Trainer:
         sq_sum = rows = 0.0
         for x, y in iterate_batches(self.val.store, batches, self.cfg.data.num_workers,
                                     self.cfg.data.prefetch, self.cfg.data.read_timeout_s):
-            err = self.model(x.to(self.comm.device)) - y.to(self.comm.device)  # (b, P)
+            x = x.to(self.comm.device)
+            # A stage on windows: the mean prediction over the windows that tile a sample.
+            out = self.model(x) if not self.crop else \
+                torch.stack([self.model(t) for t in tiles(x, self.crop)]).mean(dim=0)
+            err = out - y.to(self.comm.device)  # (b, P)
             abs_sum += err.abs().sum(dim=0).double().cpu().numpy()
             sq_sum += float(err.square().sum())
             rows += err.shape[0]

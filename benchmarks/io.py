@@ -5,8 +5,10 @@
 Prints bytes/s of: a raw sequential read of the shard files (the ceiling), h5py
 hyperslab reads of one sample at a time in shuffled order, `SampleStore.read` (adds
 the log1p transform and normalisation), and the prefetching loader with 1 and 2
-worker processes; each as a ratio to the raw read. The page cache is warmed first,
-so this measures the reader's overhead, not the disk.
+worker processes; each as a ratio to the raw read. Then the windows a stage with
+`crop` reads (`--window`, default half the sample per axis: an eighth of it): samples/s of
+`SampleStore.read` of one window against a whole sample, side by side. The page cache is
+warmed first, so this measures the reader's overhead, not the disk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import best_seconds, cli, machine
 
+from hpc_multires.data.crop import region, window_starts
 from hpc_multires.data.loader import iterate_batches
 from hpc_multires.data.store import SampleStore
 
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many passes")
+    ap.add_argument("--window", type=int, help="window points per axis (default: size // 2)")
     args = ap.parse_args()
 
     tmp = tempfile.TemporaryDirectory()
@@ -103,6 +107,20 @@ def main() -> None:
         raw_rate = raw_rate or rate
         samples = nbytes / sample_bytes if fn is not raw else n
         print(f"{name:<36} {rate:9.1f} {samples / best:10.1f} {rate / raw_rate:7.3f}")
+    spatial = store.sample_shape[1:]
+    size = args.window or max(1, min(spatial) // 2)
+    starts = window_starts(spatial, size, n, np.random.default_rng(1))
+
+    def window_read() -> None:
+        for i, start in zip(order, starts, strict=True):
+            store.read(int(i), region(start, size))
+
+    whole_s = best_seconds(store_read, args.repeats)
+    window_s = best_seconds(window_read, args.repeats)
+    share = float(np.prod([size / d for d in spatial]))
+    print(f"\nwindows of {size} per axis ({share:.3f} of a sample), SampleStore.read: "
+          f"{n / window_s:.1f} windows/s against {n / whole_s:.1f} whole samples/s, "
+          f"{whole_s / window_s:.2f}x (ideal {1 / share:.0f}x)")
     store.close()
 
 

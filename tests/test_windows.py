@@ -76,8 +76,9 @@ def test_bad_windows_fail_at_load() -> None:
 
 
 def test_a_window_larger_than_the_samples_is_refused_by_plan(cli, tiny_config) -> None:
-    cfg = Path(str(tiny_config())).with_name("w.toml")
-    cfg.write_text(tiny_config().read_text().replace("[model]", '[model]\nhead = "gap"')
+    base = tiny_config()
+    cfg = base.with_name("w.toml")
+    cfg.write_text(base.read_text().replace("[model]", '[model]\nhead = "gap"')
                    + '\n[[stages]]\nname = "w"\ncrop = 17\n')
     r = cli(["plan", str(cfg), "--ranks", "1"])
     assert r.returncode != 0

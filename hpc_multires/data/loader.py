@@ -82,9 +82,10 @@ class BatchReader(Dataset):
 
     def __getitem__(self, item: np.ndarray | WindowedBatch
                     ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray] | _Failure:
-        batch = item.indices if isinstance(item, WindowedBatch) else item
-        regions = [region(s, item.size) for s in item.starts] \
-            if isinstance(item, WindowedBatch) else [()] * len(batch)
+        if isinstance(item, WindowedBatch):
+            batch, regions = item.indices, [region(s, item.size) for s in item.starts]
+        else:
+            batch, regions = item, [()] * len(item)
         try:
             # Reading in file order is kinder to the file system than permutation order.
             order = np.argsort(batch, kind="stable")

@@ -8,9 +8,12 @@ A single-process probe on a CosmoFlow-style dataset, two arms one after the othe
    gap head, Adam at 2e-3, one warm-up epoch, cosine over 12 epochs, batch 16) on whole
    level-0 samples;
 2. crop start: the same network first trained on random CROP^3 sub-volumes of the level-0
-   samples (one per sample per epoch, its own warm-up and cosine over `--crop-epochs`),
-   then on whole samples over the last `--fine-epochs` of the baseline's schedule, as the
-   shipped MRT and MRMF fine stages run.
+   samples (one per sample per epoch, each at its own place, as a stage with `crop` takes
+   them; its own warm-up and cosine over `--crop-epochs`), then on whole samples over the
+   last `--fine-epochs` of the baseline's schedule with no warm-up, as the shipped MRT and
+   MRMF fine stages run (`schedule_epochs`, `schedule_offset`).
+
+The schedule and the tiles are the trainer's own (`learning_rate`, `tiles`).
 
 A crop keeps the grid-scale texture that pyramid levels average away, at about the cost
 per sample of level 1 (16^3 of 32^3), but sees a smaller box. The gap head takes both
@@ -24,7 +27,7 @@ MAE and its per-label parts, then each arm's time to the target (the baseline's 
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -36,19 +39,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine
 
+from hpc_multires.data.crop import region, tiles, window_starts
 from hpc_multires.data.store import SampleStore
 from hpc_multires.models import build_model
-from hpc_multires.plan.config import ModelConfig
+from hpc_multires.plan.config import ModelConfig, TrainConfig
+from hpc_multires.train.optim import learning_rate, set_learning_rate
 
-BATCH, LR = 16, 2e-3
-
-
-def lr_at(step: int, steps_per_epoch: int, epochs: int, warmup: bool) -> float:
-    if warmup and step < steps_per_epoch:
-        return LR * (step + 1) / steps_per_epoch
-    start = steps_per_epoch if warmup else 0
-    return LR * 0.5 * (1 + math.cos(math.pi * (step - start)
-                                    / max(1, steps_per_epoch * epochs - start)))
+BATCH = 16
+# The shipped schedule (configs/cosmoflow-baseline.toml), computed as the trainer does.
+SCHEDULE = TrainConfig(optimizer="adam", lr=2e-3, warmup_epochs=1, schedule="cosine")
 
 
 def val_mae(model: nn.Module, x: torch.Tensor, y: torch.Tensor, crop: int | None) -> list[float]:
@@ -56,20 +55,17 @@ def val_mae(model: nn.Module, x: torch.Tensor, y: torch.Tensor, crop: int | None
     with torch.no_grad():
         if crop is None:
             out = torch.cat([model(b) for b in x.split(64)])
-        else:  # mean over the disjoint tiles of each sample
-            n = x.shape[-1] // crop
-            tiles = [x[:, :, a * crop:(a + 1) * crop, b * crop:(b + 1) * crop,
-                       c * crop:(c + 1) * crop]
-                     for a in range(n) for b in range(n) for c in range(n)]
-            out = torch.stack([torch.cat([model(b) for b in t.split(64)]) for t in tiles]).mean(0)
+        else:  # as a stage on windows validates: the mean over the tiles of each sample
+            out = torch.cat([torch.stack([model(t) for t in tiles(b, crop)]).mean(0)
+                             for b in x.split(64)])
     model.train()
     return (out - y).abs().mean(0).tolist()
 
 
 def run(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, ...],
-        epochs: range, schedule_epochs: int, warmup: bool, crop: int | None,
-        gen: torch.Generator, label: str, clock: list[float]) -> list[tuple[float, float]]:
-    """Train over `epochs` of a `schedule_epochs` schedule; (cumulative s, val MAE) each epoch."""
+        epochs: range, schedule: TrainConfig, crop: int | None, gen: torch.Generator,
+        rng: np.random.Generator, label: str, clock: list[float]) -> list[tuple[float, float]]:
+    """Train over `epochs` of `schedule`; (cumulative s, val MAE) after each epoch."""
     xt, yt, xv, yv = data
     spe = len(xt) // BATCH
     curve = []
@@ -79,11 +75,12 @@ def run(model: nn.Module, opt: torch.optim.Optimizer, data: tuple[torch.Tensor, 
         for b in range(spe):
             idx = perm[b * BATCH:(b + 1) * BATCH]
             x = xt[idx]
-            if crop is not None:
-                o = torch.randint(0, x.shape[-1] - crop + 1, (3,), generator=gen).tolist()
-                x = x[:, :, o[0]:o[0] + crop, o[1]:o[1] + crop, o[2]:o[2] + crop]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(epoch * spe + b, spe, schedule_epochs, warmup)
+            if crop is not None:  # each sample's own window, as the reader takes them
+                starts = window_starts(x.shape[2:], crop, len(x), rng)
+                x = torch.stack([x[(i, slice(None), *region(s, crop))]
+                                 for i, s in enumerate(starts)])
+            set_learning_rate(opt, learning_rate(schedule, epoch * spe + b,
+                                                 schedule.epochs * spe, spe))
             loss = nn.functional.mse_loss(model(x), yt[idx])
             opt.zero_grad()
             loss.backward()
@@ -128,22 +125,28 @@ def main() -> None:
     def fresh() -> tuple[nn.Module, torch.optim.Optimizer, torch.Generator]:
         torch.manual_seed(args.seed)
         model = build_model(cfg, tuple(x.shape[1:]), y.shape[1])
-        return (model, torch.optim.Adam(model.parameters(), lr=LR),
+        return (model, torch.optim.Adam(model.parameters(), lr=SCHEDULE.lr),
                 torch.Generator().manual_seed(args.seed + 100))
 
+    rng = np.random.default_rng(args.seed + 200)  # window places
+    base_schedule = dataclasses.replace(SCHEDULE, epochs=args.epochs)
     model, opt, gen = fresh()
-    base = run(model, opt, data, range(args.epochs), args.epochs, True, None, gen,
+    base = run(model, opt, data, range(args.epochs), base_schedule, None, gen, rng,
                "baseline", [0.0])
     target = base[-1][1] * 1.02
 
     model, opt, gen = fresh()
     clock = [0.0]
-    run(model, opt, data, range(args.crop_epochs), args.crop_epochs, True, args.crop, gen,
+    run(model, opt, data, range(args.crop_epochs),
+        dataclasses.replace(SCHEDULE, epochs=args.crop_epochs), args.crop, gen, rng,
         f"crop {args.crop}", clock)
     crop_s = clock[0]
-    opt = torch.optim.Adam(model.parameters(), lr=LR)  # the fine stage's own optimizer
+    # The fine stage: its own optimizer, on the baseline's last epochs with no warm-up (as
+    # the shipped fine stages' schedule_epochs / schedule_offset give).
+    opt = torch.optim.Adam(model.parameters(), lr=SCHEDULE.lr)
     fine = run(model, opt, data, range(args.epochs - args.fine_epochs, args.epochs),
-               args.epochs, False, None, gen, "fine", clock)
+               dataclasses.replace(base_schedule, warmup_epochs=0), None, gen, rng, "fine",
+               clock)
 
     t_base, t_crop = first_below(base, target), first_below(fine, target)
     print(f"\ntarget (baseline final + 2%): {target:.4f}")

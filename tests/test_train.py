@@ -158,6 +158,42 @@ def test_a_config_saved_before_a_key_existed_is_not_a_change(tiny_config) -> Non
     assert config_changes(saved, current) == ["train.lr"]
 
 
+COUNT_LOADS = """
+import collections, sys, torch
+from hpc_multires.cli.main import main
+loads = collections.Counter()
+real = torch.load
+def counted(path, *args, **kwargs):
+    loads[str(path)] += 1
+    return real(path, *args, **kwargs)
+torch.load = counted
+rc = main(sys.argv[1:])
+print(dict(loads))
+sys.exit(rc)
+"""
+
+
+def test_resume_loads_the_checkpoint_once(tiny_config, tmp_path: Path) -> None:
+    """Trimming the metrics log and resuming the stage read the same checkpoint: once."""
+    import ast
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_cli, run_env
+    cfg_path = str(tiny_config(epochs=2))
+    run = tmp_path / "run"
+    first = run_cli(["train", cfg_path, "--run-dir", str(run), "--stop-after-epoch", "1"])
+    assert first.returncode == 0, first.stderr
+    r = subprocess.run([sys.executable, "-c", COUNT_LOADS, "train", cfg_path, "--run-dir",
+                        str(run), "--resume"], capture_output=True, text=True, timeout=180,
+                       cwd=ROOT, env=run_env())
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stderr
+    loads = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+    ckpt = str(run / "stages" / "main" / "checkpoints" / "epoch-0001.pt")
+    assert loads.get(ckpt) == 1, loads
+
+
 def test_a_stage_ended_on_its_time_budget_stays_ended_on_resume(cli, tiny_config,
                                                               tmp_path: Path) -> None:
     """--resume of a stage that ended on its budget trains no further, whether its final.pt

@@ -16,7 +16,7 @@ from hpc_multires.data.loader import WindowedBatch, iterate_batches
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError
 from hpc_multires.plan.config import config_from_dict
-from hpc_multires.plan.cost import plan_cost, window_work
+from hpc_multires.plan.cost import describe_cost, plan_cost, window_work
 from hpc_multires.plan.stages import resolve
 
 
@@ -94,6 +94,10 @@ def test_windows_cost_their_share_of_the_sample() -> None:
     costs, waves = plan_cost(resolve(cfg, 2), 2, 3, spatial={0: (16, 16, 16)})
     assert [c.per_epoch for c in costs] == [1 / 8, 1.0]
     assert waves == {0: 0.5, 1: 2.0}
+    # The header explains the windows' share only where a stage has windows.
+    assert "windows" in describe_cost(costs, waves, 2, 3, {})
+    whole = plan_cost(resolve(cfg, 2), 2, 3)  # sample size unknown: whole samples
+    assert "windows" not in describe_cost(*whole, 2, 3, {})
 
 
 WINDOW_PLAN = """

@@ -203,6 +203,8 @@ class PlanRunner:
             if cfg.comm.backend == "horovod" else None
         self._t0 = time.monotonic()
         self._offset = 0.0
+        # On resume: checkpoints this rank loaded to trim the log, for the stages it resumes.
+        self._loaded: dict[str, tuple[Path, dict[str, Any]]] = {}
 
     def clock(self) -> float:
         """Seconds since the run started, continued across resumptions (`wall_s`)."""
@@ -284,7 +286,10 @@ class PlanRunner:
             if (d / FINAL).exists():
                 keep_until[s.name] = float("inf")
             elif checkpoint.list_checkpoints(d / "checkpoints"):
-                keep_until[s.name] = checkpoint.load_latest(d / "checkpoints")[1]["step"]
+                path, state = checkpoint.load_latest(d / "checkpoints")
+                keep_until[s.name] = state["step"]
+                if s.ranks[0] == self.comm.rank:  # this rank resumes it: keep, not reload
+                    self._loaded[s.name] = (path, state)
         path = self.run_dir / "metrics.jsonl"
         kept = [r for r in read_metrics(path)
                 if r.get("step", 0) <= keep_until.get(r.get("stage", ""), -1)]
@@ -417,7 +422,8 @@ class PlanRunner:
                 return ("final", result), None
             # More epochs asked for than were run: continue from its last checkpoint.
         if checkpoint.list_checkpoints(sdir / "checkpoints"):
-            path, state = checkpoint.load_latest(sdir / "checkpoints")
+            kept = self._loaded.pop(stage.name, None)
+            path, state = kept or checkpoint.load_latest(sdir / "checkpoints")
             return ("checkpoint", path.name), state
         return ("fresh", None), None
 

@@ -29,6 +29,7 @@ class StageCost:
     epochs: int
     per_epoch: float
     capped: bool  # the stage has a time budget: its epochs are an upper bound
+    windowed: bool = False  # the stage trains on windows smaller than its samples
 
     @property
     def total(self) -> float:
@@ -86,12 +87,13 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
     whatever its ranks, and a wave costs the sum of its stages.
     """
     measured = measured or {}
-    costs = [StageCost(s.name, s.wave, s.train.epochs,
-                       level_work(s.level, spatial_dims, measured)
-                       * window_work(s.config.crop, (spatial or {}).get(s.level))
-                       * (1.0 if shared else world / len(s.ranks)),
-                       bool(s.train.time_budget_s))
-             for s in stages]
+    costs = []
+    for s in stages:
+        share = window_work(s.config.crop, (spatial or {}).get(s.level))
+        costs.append(StageCost(s.name, s.wave, s.train.epochs,
+                               level_work(s.level, spatial_dims, measured) * share
+                               * (1.0 if shared else world / len(s.ranks)),
+                               bool(s.train.time_budget_s), share < 1.0))
     waves: dict[int, float] = {}
     for c in costs:
         waves[c.wave] = waves.get(c.wave, 0.0) + c.total if shared else \
@@ -105,9 +107,10 @@ def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world:
         if measured else ""
     sharing = "all ranks on the same cores, so concurrent stages add up" if shared else \
         "concurrent stages on their own devices"
+    windows = ", an epoch on windows their share of a sample" \
+        if any(c.windowed for c in costs) else ""
     lines = [f"estimated cost in level-0 epochs on all {world} rank(s) (an epoch at level L is "
-             f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}, an "
-             f"epoch on windows their share of a sample; "
+             f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}{windows}; "
              f"{sharing}):"]
     for wave in sorted(waves):
         parts = [f"{c.name} {c.epochs}{'(max)' if c.capped else ''} x {c.per_epoch:.3g} = "

@@ -194,6 +194,34 @@ def test_resume_loads_the_checkpoint_once(tiny_config, tmp_path: Path) -> None:
     assert loads.get(ckpt) == 1, loads
 
 
+def test_resume_inside_an_epoch_with_dropout_is_exact(cli, tiny_config, tmp_path: Path) -> None:
+    """A run that lost everything after a checkpoint inside an epoch resumes from it and
+    ends as the straight run does, dropout masks included (they follow the step)."""
+    import shutil
+    cfg = str(tiny_config(epochs=1))  # 9 steps
+    opts = ["--set", "model.dropout=0.5", "--set", "train.checkpoint_every_steps=4"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    a = cli(["train", cfg, "--run-dir", str(straight), *opts])
+    assert a.returncode == 0, a.stderr
+    shutil.copytree(straight, crashed)
+    ckpts = crashed / "stages" / "main" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "epoch-0001-step-00000004.pt", "epoch-0001-step-00000008.pt", "epoch-0001.pt"]
+    for name in ("epoch-0001-step-00000008.pt", "epoch-0001.pt"):  # what the crash lost
+        (ckpts / name).unlink()
+    (crashed / "stages" / "main" / "final.pt").unlink()
+    b = cli(["train", cfg, "--run-dir", str(crashed), "--resume", *opts])
+    assert b.returncode == 0, b.stderr
+    assert "resumed from epoch-0001-step-00000004.pt" in b.stderr
+    sa, sb = records(straight, "step"), records(crashed, "step")
+    assert [r["step"] for r in sb] == list(range(1, 10))
+    assert [r["loss"] for r in sb] == [r["loss"] for r in sa]
+    fa = torch.load(straight / "stages" / "main" / "final.pt", weights_only=False)["model"]
+    fb = torch.load(crashed / "stages" / "main" / "final.pt", weights_only=False)["model"]
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]), k
+
+
 def test_a_stage_ended_on_its_time_budget_stays_ended_on_resume(cli, tiny_config,
                                                               tmp_path: Path) -> None:
     """--resume of a stage that ended on its budget trains no further, whether its final.pt

@@ -79,6 +79,14 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
                   and not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE_CHANGES))
 
 
+def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
+    """The torch seed of one training step (its dropout masks), fixed by the run's seed, the
+    stage, the step and the rank: a stage resumed inside an epoch draws the masks it would
+    have drawn, with no random state in the checkpoint."""
+    key = [seed, step, rank, *stage.encode()]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
+
+
 @dataclass
 class StopAt:
     """Stop (with a checkpoint) once `epoch` epochs of `stage` (None: any stage) are done."""
@@ -115,6 +123,7 @@ class Trainer:
                                           comm.world_size, cfg.run.seed)
         self._flag_polled = -math.inf  # when the job-wide preemption flag was last read
         self.crop = stage.config.crop  # 0: whole samples
+        self.dropout = cfg.model.dropout > 0  # the only random layers of the models
 
     def batches(self, epoch: int, start_step: int) -> list[np.ndarray] | list[WindowedBatch]:
         """This rank's batches of `epoch` from `start_step` on; for a stage on windows, each
@@ -213,9 +222,6 @@ class Trainer:
         while epoch < tcfg.epochs and not out_of_time:
             if stop is not None and epoch_step == 0 and stop.applies(self.stage.name, epoch):
                 return {"done": False, "epoch": epoch, "step": step, **last_val}
-            # Dropout masks depend on (seed, epoch, rank) only: resumable without RNG state.
-            seeds = np.random.SeedSequence([cfg.run.seed, epoch, comm.rank]).generate_state(1)
-            torch.manual_seed(int(seeds[0]))
             ddp.train()
             loss_sum = torch.tensor(loss_carry, dtype=torch.float64, device=comm.device)
             mark_t, mark_step = self.clock(), step
@@ -227,6 +233,8 @@ class Trainer:
                 y = y.to(comm.device, non_blocking=True)  # (b, P)
                 lr = learning_rate(tcfg, step, total_steps, spe)
                 set_learning_rate(self.optimizer, lr)
+                if self.dropout:  # masks fixed by the step: a resumed step draws the same
+                    torch.manual_seed(step_seed(cfg.run.seed, self.stage.name, step, comm.rank))
                 loss = nn.functional.mse_loss(ddp(x), y)
                 self.optimizer.zero_grad()  # set_to_none, torch's default
                 loss.backward()  # DDP allreduces the gradients here

@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                                parser_class=_Parser)
     synth = dsub.add_parser("synth", help="generate a synthetic dataset (parallel under mpiexec)")
     synth.add_argument("app", choices=["cosmoflow", "neuron"],
-                       help="cosmoflow: 3D fields (N, 4, S, S, S); neuron: voltage traces "
-                            "(N, 4, 1600) of simulated neurons")
+                       help="cosmoflow: 3D fields (N, C, S, S, S); neuron: voltage traces "
+                            "(N, probes, bins) of simulated neurons")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     synth.add_argument("--samples", type=int, default=256, help="number of samples")
     synth.add_argument("--size", type=int, help="cosmoflow: side of the volume (default 32)")
@@ -272,15 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sb = sub.add_parser("submit", help="write a Slurm batch script for a config and sbatch it")
     sb.add_argument("config", type=Path, help="TOML config")
-    sb.add_argument("--nodes", type=int, default=1)
+    sb.add_argument("--nodes", type=int, default=1, help="nodes of the job")
     sb.add_argument("--ntasks-per-node", type=int, default=1, help="ranks per node")
-    sb.add_argument("--cpus-per-task", type=int, default=1)
+    sb.add_argument("--cpus-per-task", type=int, default=1,
+                    help="cores per rank (with GPUs, all but one feed its reader processes)")
     sb.add_argument("--gpus-per-node", type=int, default=0,
                     help="GPUs per node; use as many as --ntasks-per-node (one rank per GPU)")
     sb.add_argument("--time", default="01:00:00", help="time limit, e.g. 04:00:00")
-    sb.add_argument("--partition")
-    sb.add_argument("--account")
-    sb.add_argument("--job-name")
+    sb.add_argument("--partition", help="default: the cluster's default partition")
+    sb.add_argument("--account", help="default: your default account")
+    sb.add_argument("--job-name", help="default hpcmr-<config name>")
     sb.add_argument("--run-dir", type=Path, help="default runs/<config name>")
     sb.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="passed on to train (repeatable)")
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR",
                      help="run directories (each holds metrics.jsonl)")
     rep.add_argument("--out", type=Path,
-                     help="plot file: .png, .pdf, .svg, ... (default RUN_DIR/report.png)")
+                     help="plot file: .png, .pdf, .svg, ... (default: report.png in the first "
+                          "RUN_DIR)")
     rep.set_defaults(func=cmd_report)
     return p
 

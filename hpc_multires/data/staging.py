@@ -6,7 +6,9 @@ on every node, local rank 0 copies the shards into
 data.val_path), verifies each copy against the SHA-256 stored in the shard, and the
 node's other ranks wait on a node-local communicator. What an earlier attempt of the same
 job left in that folder is removed before the free-space check. Training then reads the
-local copy; the directory is removed at the end (also on a preemption or an error).
+local copy; the directory is removed at the end, on a preemption and on an error every rank
+meets. After a crash or one rank's error (its node's other ranks may still read the copy)
+the job's next attempt clears it (`stage_root`).
 """
 
 from __future__ import annotations

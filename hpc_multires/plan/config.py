@@ -66,7 +66,8 @@ class ModelConfig:
     name: Literal["cosmoflow", "neuron_inverter"] = "cosmoflow"
     """Architecture: cosmoflow (3D samples) or neuron_inverter (1D traces)."""
     width: float = 1.0
-    """Width multiplier: the first conv block has round(32 * width) filters, doubling per block."""
+    """Width multiplier. cosmoflow: the first conv block has round(32 * width) filters,
+    doubling per block; neuron_inverter: each block has round(conv_channels[i] * width)."""
     depth: int = 5
     """cosmoflow: conv blocks, each halving every axis (with the flatten head the input side
     must be >= 2^depth; the gap head takes any size)."""
@@ -139,7 +140,7 @@ class TrainConfig:
     momentum: float = 0.9
     """SGD momentum (ignored by adam)."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Weight decay: decoupled for adam (AdamW), L2 added to the gradient for sgd."""
     warmup_epochs: float = 0.0
     """Linear warm-up from lr/10 to lr over this many epochs."""
     schedule: Literal["constant", "cosine", "linear"] = "cosine"

@@ -58,6 +58,7 @@ else
   wheel=$(ls "$CACHE"/horovod-$VERSION-*.whl | head -n 1)
   echo "build-horovod: cached $wheel"
 fi
+# Horovod's own requirements first, so that pip has none to report missing afterwards.
+"$PY" -m pip install --quiet cffi cloudpickle psutil pyyaml packaging
 "$PY" -m pip install --quiet --no-deps --force-reinstall "$wheel"
-"$PY" -m pip install --quiet cloudpickle psutil pyyaml packaging
 "$PY" -c "import horovod.torch as hvd; print('horovod', hvd.__version__ if hasattr(hvd, '__version__') else '$VERSION', 'mpi', hvd.mpi_built(), 'gloo', hvd.gloo_built())"

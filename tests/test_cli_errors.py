@@ -208,3 +208,19 @@ def test_an_interrupted_dataset_write_is_named_as_such(cli, tmp_path: Path) -> N
     assert cli(["data", "synth", "cosmoflow", "--out", str(out), "--samples", "16", "--size",
                 "16", "--overwrite"]).returncode == 0
     assert cli(["data", "inspect", str(out)]).returncode == 0
+
+
+def test_a_lost_peer_is_told_in_one_line_whichever_way_gloo_reports_it() -> None:
+    """A gloo timeout closes every pair, so the collective that fails may report the
+    closure rather than its own timeout; both are a stalled or dead rank, not a bug."""
+    from hpc_multires.cli.main import _lost_peer
+
+    for text in ("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms "
+                 "for recv operation to complete",
+                 "Application timeout caused pair closure",
+                 "[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]"):
+        line = _lost_peer(RuntimeError(text))
+        assert line is not None and line.startswith("a collective across ranks failed"), text
+        assert "comm.timeout_s" in line and "gloo/transport" not in line
+    assert _lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert _lost_peer(ValueError("Timed out waiting")) is None

@@ -360,8 +360,11 @@ def fail(message: str | None, code: int, all_ranks: bool) -> int:
     return code
 
 
-# How gloo and NCCL say that a collective's partner never answered or went away.
-PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+# How gloo and NCCL say that a collective's partner never answered or went away. When one
+# of gloo's operations times out it closes every pair of the context, so the operation that
+# surfaces may be another one, failing with "Application timeout caused pair closure".
+PEER_LOST = ("Timed out waiting", "Application timeout caused pair closure",
+             "Connection closed by peer", "Connection reset by peer",
              "collective operation timeout", "communicator was aborted")
 
 

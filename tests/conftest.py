@@ -206,11 +206,12 @@ def _in_use_under_shm() -> set[str]:
 @pytest.fixture(scope="session", autouse=True)
 def shm_left_by_aborted_jobs() -> Iterator[None]:
     """Remove what the suite's aborted MPI jobs leave in /dev/shm. An MPI abort kills every
-    rank with SIGKILL, with no clean-up: MPICH's 2 MiB shared segment of the node and the
-    named semaphores of the killed ranks' reader queues stay behind. Many tests end a job
-    that way on purpose, and on a machine that runs the suite again and again these would
-    fill /dev/shm. Only names that appeared during this session and that no live process
-    still uses are removed."""
+    rank with SIGKILL, with no clean-up: the named semaphores of the killed ranks' reader
+    queues stay behind, and so does MPICH's shared segment of the node when a job dies
+    before its ranks release it (comm/node_shm.py). Many tests end a job that way on
+    purpose, and on a machine that runs the suite again and again these would fill
+    /dev/shm. Only names that appeared during this session and that no live process still
+    uses are removed."""
     before = set(os.listdir(SHM)) if SHM.is_dir() else set()
     yield
     if not SHM.is_dir():

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, end_tree, mpiexec_path, rank_processes, run_env, stderr_of
 
+from hpc_multires.comm.node_shm import mapped_mpich_segments
+
 pytestmark = pytest.mark.mpi
 
 
@@ -136,6 +138,7 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
             time.sleep(0.2)
         ranks = rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        segments = {s for r in ranks for s in mapped_mpich_segments(Path(f"/proc/{r.pid}/maps"))}
         victim = ranks[1]
         t0 = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
@@ -145,6 +148,10 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
         end_tree(proc)
     assert proc.returncode != 0
     assert elapsed < 60
+    # The job ended by an abort, so MPICH never reached MPI_Finalize; the node's shared
+    # segment must not stay behind in /dev/shm (the node's memory) all the same.
+    assert segments, "the ranks map no MPICH node segment: is mpiexec MPICH's?"
+    assert not [s for s in segments if os.path.exists(s)], segments
     import torch
 
     state = torch.load(ckpt, weights_only=False)  # the last checkpoint still loads
@@ -247,3 +254,36 @@ def test_every_rank_resumes_from_the_checkpoint_the_stages_first_rank_chose(
         lines = (path / "metrics.jsonl").read_text().splitlines()
         return [r["val_mae"] for r in map(json.loads, lines) if r["kind"] == "epoch"]
     assert val(run) == pytest.approx(val(whole), abs=1e-6) and len(val(run)) == 4
+
+
+
+NODE_SEGMENT_PROBE = """
+import os
+import sys
+from mpi4py import MPI
+from hpc_multires.comm.node_shm import mapped_mpich_segments
+from hpc_multires.data.parallel import data_world
+mapped = mapped_mpich_segments()
+named_before = [p for p in mapped if os.path.exists(p)]
+world = data_world()
+named_after = [p for p in mapped if os.path.exists(p)]
+with open(f"{sys.argv[1]}/rank-{world.rank}", "w") as out:  # launcher output interleaves
+    print(world.rank, len(named_before), len(named_after), *mapped, file=out)
+MPI.COMM_WORLD.Barrier()
+if world.rank == 1:
+    MPI.COMM_WORLD.Abort(3)  # as after an error: no MPI_Finalize
+"""
+
+
+def test_a_data_command_gives_up_the_node_segment_name_before_it_can_abort(
+        tmp_path: Path) -> None:
+    """The data commands' world releases MPICH's /dev/shm name as training does: mapped and
+    named before, mapped but unnamed after, and nothing left once the job is aborted."""
+    r = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", NODE_SEGMENT_PROBE,
+                        str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=run_env())
+    assert r.returncode != 0  # the abort
+    rows = sorted(f.read_text().split() for f in tmp_path.glob("rank-*"))
+    assert [row[:3] for row in rows] == [["0", "1", "0"], ["1", "1", "0"]], r.stdout + r.stderr
+    segments = {path for row in rows for path in row[3:]}
+    assert segments and not [s for s in segments if os.path.exists(s)], segments

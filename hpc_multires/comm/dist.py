@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpc_multires.comm.node_shm import release_node_segments
 from hpc_multires.comm.ranks import RankInfo, discover, expand_nodelist, mpi_world
 
 
@@ -42,6 +43,7 @@ def rendezvous_address(info: RankInfo) -> tuple[str, int]:
     if mpi is not None and mpi.Get_size() == info.world_size:
         address = (socket.gethostname(), _free_port()) if info.rank == 0 else None
         host, port = mpi.bcast(address, root=0)
+        release_node_segments(mpi)
         return str(host), int(port)
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
     if nodes:

@@ -17,6 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
+from hpc_multires.comm.node_shm import mapped_shm_files
 from hpc_multires.data.store import ShardWriter, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,10 +191,7 @@ def _in_use_under_shm() -> set[str]:
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
-            for line in (proc / "maps").read_text().splitlines():
-                if " /dev/shm/" in line:
-                    names.add(line.rsplit("/", 1)[-1].removesuffix(" (deleted)"))
+        names.update(Path(p).name for p in mapped_shm_files(proc / "maps", f"{SHM}/"))
         with contextlib.suppress(OSError):
             for fd in (proc / "fd").iterdir():
                 with contextlib.suppress(OSError):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, end_tree, mpiexec_path, rank_processes, run_env, stderr_of
 
-from hpc_multires.comm.node_shm import mapped_mpich_segments
+from hpc_multires.comm.node_shm import mapped_shm_files
 
 pytestmark = pytest.mark.mpi
 
@@ -138,7 +138,7 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
             time.sleep(0.2)
         ranks = rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in ranks]
-        segments = {s for r in ranks for s in mapped_mpich_segments(Path(f"/proc/{r.pid}/maps"))}
+        segments = {s for r in ranks for s in mapped_shm_files(Path(f"/proc/{r.pid}/maps"))}
         victim = ranks[1]
         t0 = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
@@ -256,14 +256,13 @@ def test_every_rank_resumes_from_the_checkpoint_the_stages_first_rank_chose(
     assert val(run) == pytest.approx(val(whole), abs=1e-6) and len(val(run)) == 4
 
 
-
 NODE_SEGMENT_PROBE = """
 import os
 import sys
 from mpi4py import MPI
-from hpc_multires.comm.node_shm import mapped_mpich_segments
+from hpc_multires.comm.node_shm import mapped_shm_files
 from hpc_multires.data.parallel import data_world
-mapped = mapped_mpich_segments()
+mapped = mapped_shm_files()
 named_before = [p for p in mapped if os.path.exists(p)]
 world = data_world()
 named_after = [p for p in mapped if os.path.exists(p)]

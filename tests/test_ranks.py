@@ -163,8 +163,8 @@ def test_slurm_rendezvous_is_on_the_steps_first_node(monkeypatch) -> None:
     assert comm_dist.rendezvous_address(info)[0] == "n01"
 
 
-def test_mapped_mpich_segments_reads_names_named_or_unlinked(tmp_path: Path) -> None:
-    from hpc_multires.comm.node_shm import mapped_mpich_segments
+def test_mapped_shm_files_reads_names_named_or_unlinked(tmp_path: Path) -> None:
+    from hpc_multires.comm.node_shm import mapped_shm_files
 
     maps = tmp_path / "maps"
     maps.write_text(
@@ -173,6 +173,9 @@ def test_mapped_mpich_segments_reads_names_named_or_unlinked(tmp_path: Path) -> 
         "7f40-7f60 rw-s 00000000 00:1a 14 /dev/shm/sem.mp-0s98fbnz\n"
         "7f60-7f80 r-xp 00000000 08:01 15 /usr/lib/libmpi.so.12\n"
         "7f80-7fa0 rw-p 00000000 00:00 0 \n")
-    assert mapped_mpich_segments(maps) == ["/dev/shm/mpich_shm_1c9557b2_0",
+    assert mapped_shm_files(maps) == ["/dev/shm/mpich_shm_1c9557b2_0",
                                            "/dev/shm/mpich_shm_ff7ddfdf_0"]
-    assert mapped_mpich_segments(tmp_path / "gone") == []
+    assert mapped_shm_files(maps, "/dev/shm/") == ["/dev/shm/mpich_shm_1c9557b2_0",
+                                                  "/dev/shm/mpich_shm_ff7ddfdf_0",
+                                                  "/dev/shm/sem.mp-0s98fbnz"]
+    assert mapped_shm_files(tmp_path / "gone") == []

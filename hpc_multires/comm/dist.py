@@ -43,7 +43,6 @@ def rendezvous_address(info: RankInfo) -> tuple[str, int]:
     if mpi is not None and mpi.Get_size() == info.world_size:
         address = (socket.gethostname(), _free_port()) if info.rank == 0 else None
         host, port = mpi.bcast(address, root=0)
-        release_node_segments(mpi)
         return str(host), int(port)
     nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
     if nodes:
@@ -195,6 +194,9 @@ def init(timeout_s: float = 300.0) -> Comm:
     if info.world_size == 1:
         return Comm(info, device)
     host, port = rendezvous_address(info)
+    mpi = mpi_world()
+    if mpi is not None and mpi.Get_size() == info.world_size:
+        release_node_segments(mpi)  # collective, as the rendezvous's broadcast was
     timeout = datetime.timedelta(seconds=timeout_s)
     # Our own TCP store (rather than init_method=tcp://) so that the driver can use it for
     # barriers without timeout between plan waves and for job-wide flags.

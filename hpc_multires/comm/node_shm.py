@@ -26,30 +26,28 @@ MPICH_SEGMENT_PREFIX = "/dev/shm/mpich_shm_"
 _released = False
 
 
-def mapped_mpich_segments(maps: Path = Path("/proc/self/maps")) -> list[str]:
-    """Paths of the MPICH node segments mapped by a process (its name unlinked or not)."""
+def mapped_shm_files(maps: Path = Path("/proc/self/maps"),
+                     prefix: str = MPICH_SEGMENT_PREFIX) -> list[str]:
+    """Paths under `prefix` that a process has mapped (named or already unlinked), from its
+    /proc/PID/maps; MPICH's node segments by default."""
     paths: set[str] = set()
     with contextlib.suppress(OSError):
         for line in maps.read_text().splitlines():
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith(MPICH_SEGMENT_PREFIX):
+            if len(fields) == 6 and fields[5].startswith(prefix):
                 paths.add(fields[5].removesuffix(" (deleted)"))
     return sorted(paths)
 
 
-def release_node_segments(mpi: Any) -> list[str]:
+def release_node_segments(mpi: Any) -> None:
     """Unlink the names of MPICH's node segments once every rank of `mpi` (COMM_WORLD) has
-    attached; returns the names unlinked. Collective over `mpi` the first time it is called,
-    a no-op after that."""
+    attached. Collective over `mpi` the first time it is called, a no-op after that."""
     global _released
     if _released or os.environ.get("HPC_MULTIRES_KEEP_MPI_SHM", "") not in ("", "0"):
-        return []
+        return
     _released = True
     if int(mpi.Get_size()) > 1:
         mpi.Barrier()  # every rank is past MPI_Init, so every local rank has mapped the file
-    unlinked = []
-    for path in mapped_mpich_segments():
+    for path in mapped_shm_files():
         with contextlib.suppress(FileNotFoundError):  # another rank of the node was first
             os.unlink(path)
-            unlinked.append(path)
-    return unlinked

@@ -286,3 +286,29 @@ def test_a_data_command_gives_up_the_node_segment_name_before_it_can_abort(
     assert [row[:3] for row in rows] == [["0", "1", "0"], ["1", "1", "0"]], r.stdout + r.stderr
     segments = {path for row in rows for path in row[3:]}
     assert segments and not [s for s in segments if os.path.exists(s)], segments
+
+
+MAPPED_THEN_CLI = """
+import sys
+from mpi4py import MPI
+from hpc_multires.cli.main import main
+from hpc_multires.comm.node_shm import mapped_shm_files
+with open(f"{sys.argv[1]}/rank-{MPI.COMM_WORLD.Get_rank()}", "w") as out:
+    print(*mapped_shm_files(), file=out)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_an_error_before_the_ranks_talk_leaves_no_node_segment(tiny_config,
+                                                              tmp_path: Path) -> None:
+    """A config mistake aborts the job before the ranks release MPICH's segment together;
+    the aborting rank gives its name up, so it does not outlive the job."""
+    out = tmp_path / "mapped"
+    out.mkdir()
+    r = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", MAPPED_THEN_CLI,
+                        str(out), "train", str(tiny_config()), "--set", "train.epoch=3",
+                        "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=run_env())
+    assert r.returncode != 0 and "unknown config key 'train.epoch'" in r.stderr, r.stderr
+    segments = {p for f in out.glob("rank-*") for p in f.read_text().split()}
+    assert segments and not [s for s in segments if os.path.exists(s)], segments

@@ -7,7 +7,9 @@ the file behind, and /dev/shm is the node's memory: every aborted job costs the 
 MiB until someone cleans it by hand. Once every rank has finished MPI_Init (a barrier says
 so), all have the file mapped and the name serves no one: unlinking it keeps the mappings
 valid, MPICH's own unlink at finalize finds nothing to do and says nothing, and the memory
-is freed with the last rank however the job ends.
+is freed with the last rank however the job ends. An error before that point (a config
+mistake, found before the ranks talk) aborts the job; the aborting rank unlinks the name
+first, since nobody will need it.
 
 Only names this process has mapped are touched, and only MPICH's; other MPI libraries keep
 their segments elsewhere (Open MPI under its session directory, which it cleans itself).
@@ -39,15 +41,28 @@ def mapped_shm_files(maps: Path = Path("/proc/self/maps"),
     return sorted(paths)
 
 
+def _keep() -> bool:
+    return os.environ.get("HPC_MULTIRES_KEEP_MPI_SHM", "") not in ("", "0")
+
+
+def unlink_node_segments() -> None:
+    """Unlink the names of the MPICH node segments this process maps. Safe alone only when
+    no rank needs the name any more: after `release_node_segments`' barrier, or when the
+    job is being aborted."""
+    if _keep():
+        return
+    for path in mapped_shm_files():
+        with contextlib.suppress(FileNotFoundError):  # another rank of the node was first
+            os.unlink(path)
+
+
 def release_node_segments(mpi: Any) -> None:
     """Unlink the names of MPICH's node segments once every rank of `mpi` (COMM_WORLD) has
     attached. Collective over `mpi` the first time it is called, a no-op after that."""
     global _released
-    if _released or os.environ.get("HPC_MULTIRES_KEEP_MPI_SHM", "") not in ("", "0"):
+    if _released or _keep():
         return
     _released = True
     if int(mpi.Get_size()) > 1:
         mpi.Barrier()  # every rank is past MPI_Init, so every local rank has mapped the file
-    for path in mapped_shm_files():
-        with contextlib.suppress(FileNotFoundError):  # another rank of the node was first
-            os.unlink(path)
+    unlink_node_segments()

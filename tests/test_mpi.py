@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 from conftest import ROOT, end_tree, mpiexec_path, rank_processes, run_env, stderr_of
 
-from hpc_multires.comm.node_shm import mapped_shm_files
+from hpc_multires.comm.node_shm import (
+    HYDRA_TOPOLOGY_PREFIX,
+    MPICH_SEGMENT_PREFIX,
+    hydra_topology_files,
+    mapped_shm_files,
+)
 
 pytestmark = pytest.mark.mpi
 
@@ -139,6 +144,7 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
         ranks = rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in ranks]
         segments = {s for r in ranks for s in mapped_shm_files(Path(f"/proc/{r.pid}/maps"))}
+        topology = {t for r in ranks for t in hydra_topology_files(r.pid)}
         victim = ranks[1]
         t0 = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
@@ -149,9 +155,11 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
     assert proc.returncode != 0
     assert elapsed < 60
     # The job ended by an abort, so MPICH never reached MPI_Finalize; the node's shared
-    # segment must not stay behind in /dev/shm (the node's memory) all the same.
+    # segment must not stay behind in /dev/shm (the node's memory) all the same, nor
+    # hydra's topology file in /tmp.
     assert segments, "the ranks map no MPICH node segment: is mpiexec MPICH's?"
-    assert not [s for s in segments if os.path.exists(s)], segments
+    assert topology, "no hydra proxy holds a topology file: is mpiexec MPICH's hydra?"
+    assert not [s for s in segments | topology if os.path.exists(s)], segments | topology
     import torch
 
     state = torch.load(ckpt, weights_only=False)  # the last checkpoint still loads
@@ -260,9 +268,9 @@ NODE_SEGMENT_PROBE = """
 import os
 import sys
 from mpi4py import MPI
-from hpc_multires.comm.node_shm import mapped_shm_files
+from hpc_multires.comm.node_shm import hydra_topology_files, mapped_shm_files
 from hpc_multires.data.parallel import data_world
-mapped = mapped_shm_files()
+mapped = mapped_shm_files() + hydra_topology_files()
 named_before = [p for p in mapped if os.path.exists(p)]
 world = data_world()
 named_after = [p for p in mapped if os.path.exists(p)]
@@ -276,33 +284,37 @@ if world.rank == 1:
 
 def test_a_data_command_gives_up_the_node_segment_name_before_it_can_abort(
         tmp_path: Path) -> None:
-    """The data commands' world releases MPICH's /dev/shm name as training does: mapped and
-    named before, mapped but unnamed after, and nothing left once the job is aborted."""
+    """The data commands' world releases MPICH's /dev/shm name and hydra's topology file as
+    training does: named before, unnamed after (the segment still mapped), and nothing left
+    once the job is aborted."""
     r = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", NODE_SEGMENT_PROBE,
                         str(tmp_path)],
                        capture_output=True, text=True, timeout=60, cwd=ROOT, env=run_env())
     assert r.returncode != 0  # the abort
     rows = sorted(f.read_text().split() for f in tmp_path.glob("rank-*"))
-    assert [row[:3] for row in rows] == [["0", "1", "0"], ["1", "1", "0"]], r.stdout + r.stderr
-    segments = {path for row in rows for path in row[3:]}
-    assert segments and not [s for s in segments if os.path.exists(s)], segments
+    assert [row[:3] for row in rows] == [["0", "2", "0"], ["1", "2", "0"]], r.stdout + r.stderr
+    files = {path for row in rows for path in row[3:]}
+    assert sorted(f.startswith(MPICH_SEGMENT_PREFIX) for f in files) == [False, True], files
+    assert [f for f in files if f.startswith(HYDRA_TOPOLOGY_PREFIX)], files
+    assert not [f for f in files if os.path.exists(f)], files
 
 
 MAPPED_THEN_CLI = """
 import sys
 from mpi4py import MPI
 from hpc_multires.cli.main import main
-from hpc_multires.comm.node_shm import mapped_shm_files
+from hpc_multires.comm.node_shm import hydra_topology_files, mapped_shm_files
 with open(f"{sys.argv[1]}/rank-{MPI.COMM_WORLD.Get_rank()}", "w") as out:
-    print(*mapped_shm_files(), file=out)
+    print(*mapped_shm_files(), *hydra_topology_files(), file=out)
 sys.exit(main(sys.argv[2:]))
 """
 
 
 def test_an_error_before_the_ranks_talk_leaves_no_node_segment(tiny_config,
                                                               tmp_path: Path) -> None:
-    """A config mistake aborts the job before the ranks release MPICH's segment together;
-    the aborting rank gives its name up, so it does not outlive the job."""
+    """A config mistake aborts the job before the ranks release MPICH's segment and hydra's
+    topology file together; the aborting rank gives their names up, so they do not outlive
+    the job."""
     out = tmp_path / "mapped"
     out.mkdir()
     r = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", MAPPED_THEN_CLI,
@@ -310,5 +322,6 @@ def test_an_error_before_the_ranks_talk_leaves_no_node_segment(tiny_config,
                         "--run-dir", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=60, cwd=ROOT, env=run_env())
     assert r.returncode != 0 and "unknown config key 'train.epoch'" in r.stderr, r.stderr
-    segments = {p for f in out.glob("rank-*") for p in f.read_text().split()}
-    assert segments and not [s for s in segments if os.path.exists(s)], segments
+    files = {p for f in out.glob("rank-*") for p in f.read_text().split()}
+    assert sorted(f.startswith(MPICH_SEGMENT_PREFIX) for f in files) == [False, True], files
+    assert not [f for f in files if os.path.exists(f)], files

@@ -179,3 +179,27 @@ def test_mapped_shm_files_reads_names_named_or_unlinked(tmp_path: Path) -> None:
                                                   "/dev/shm/mpich_shm_ff7ddfdf_0",
                                                   "/dev/shm/sem.mp-0s98fbnz"]
     assert mapped_shm_files(tmp_path / "gone") == []
+
+
+def test_hydra_topology_files_come_from_the_proxy_that_started_the_rank(tmp_path: Path) -> None:
+    """The rank's ancestors are searched for hydra's proxy (a wrapper shell in between is
+    passed over), and only its topology files are taken from its open files."""
+    from hpc_multires.comm.node_shm import hydra_topology_files
+
+    def process(pid: int, comm: str, ppid: int, fds: dict[str, str] | None = None) -> None:
+        d = tmp_path / str(pid)
+        (d / "fd").mkdir(parents=True)
+        (d / "comm").write_text(comm + "\n")
+        (d / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1\n")
+        for fd, target in (fds or {}).items():
+            (d / "fd" / fd).symlink_to(target)
+
+    process(40, "hydra_pmi_proxy", 30, {"3": "/dev/null", "11": "/tmp/hydra_hwloc_xmlfile_uRN87d",
+                                        "12": "/tmp/other"})
+    process(50, "sh (wrapper) x", 40)  # comm with spaces and parentheses
+    process(100, "python", 50)
+    process(200, "python", 60)
+    process(60, "slurmstepd", 1)  # srun: no hydra proxy above the rank
+    assert hydra_topology_files(100, tmp_path) == ["/tmp/hydra_hwloc_xmlfile_uRN87d"]
+    assert hydra_topology_files(200, tmp_path) == []
+    assert hydra_topology_files(999, tmp_path) == []  # no such process

@@ -328,11 +328,12 @@ def _abort_job(code: int) -> None:
         return
     mpi = mpi_mod.COMM_WORLD
     if mpi_mod.Is_initialized() and not mpi_mod.Is_finalized() and mpi.Get_size() > 1:
-        # MPICH's node segment would outlive the job if the ranks never released it (an
-        # error before they talked); the abort is about to end every user of the name.
-        from hpc_multires.comm.node_shm import unlink_node_segments
+        # MPICH's node segment and hydra's topology file would outlive the job if the ranks
+        # never released them (an error before they talked); the abort is about to end
+        # every user of the names.
+        from hpc_multires.comm.node_shm import unlink_node_files
 
-        unlink_node_segments()
+        unlink_node_files()
         sys.stdout.flush()
         sys.stderr.flush()
         # The launcher forwards each rank's output through a pipe and stops reading it

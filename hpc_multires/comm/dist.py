@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpc_multires.comm.node_shm import release_node_segments
+from hpc_multires.comm.node_shm import release_node_files
 from hpc_multires.comm.ranks import RankInfo, discover, expand_nodelist, mpi_world
 
 
@@ -196,7 +196,7 @@ def init(timeout_s: float = 300.0) -> Comm:
     host, port = rendezvous_address(info)
     mpi = mpi_world()
     if mpi is not None and mpi.Get_size() == info.world_size:
-        release_node_segments(mpi)  # collective, as the rendezvous's broadcast was
+        release_node_files(mpi)  # collective, as the rendezvous's broadcast was
     timeout = datetime.timedelta(seconds=timeout_s)
     # Our own TCP store (rather than init_method=tcp://) so that the driver can use it for
     # barriers without timeout between plan waves and for job-wide flags.

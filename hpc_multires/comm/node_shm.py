@@ -1,18 +1,26 @@
-"""MPICH's node segment in /dev/shm: give its name up once every rank has attached.
+"""What MPICH leaves on a node when a job never reaches MPI_Finalize: give the names up
+once every rank has started.
 
-MPICH maps one shared-memory file per node (`/dev/shm/mpich_shm_<id>_<n>`, 2 MiB for two
-ranks, more with more) and unlinks its name in MPI_Finalize. A job that never gets there
-(MPI_Abort after an error, a rank killed by the OOM killer, `scancel`, a time limit) leaves
-the file behind, and /dev/shm is the node's memory: every aborted job costs the node a few
-MiB until someone cleans it by hand. Once every rank has finished MPI_Init (a barrier says
-so), all have the file mapped and the name serves no one: unlinking it keeps the mappings
-valid, MPICH's own unlink at finalize finds nothing to do and says nothing, and the memory
-is freed with the last rank however the job ends. An error before that point (a config
-mistake, found before the ranks talk) aborts the job; the aborting rank unlinks the name
-first, since nobody will need it.
+- **The node segment.** MPICH maps one shared-memory file per node
+  (`/dev/shm/mpich_shm_<id>_<n>`, 2 MiB for two ranks, more with more) and unlinks its name
+  in MPI_Finalize. /dev/shm is the node's memory.
+- **Hydra's topology file.** Under `mpiexec`, the hydra proxy of each node writes the
+  node's hwloc topology to `/tmp/hydra_hwloc_xmlfile_<random>` for its ranks' MPI_Init to
+  read, and removes it when the job ends normally.
 
-Only names this process has mapped are touched, and only MPICH's; other MPI libraries keep
-their segments elsewhere (Open MPI under its session directory, which it cleans itself).
+A job that never gets to the normal end (MPI_Abort after an error, a rank killed by the
+OOM killer, `scancel`, a time limit) leaves both behind, and every aborted job adds a pair
+until someone cleans the node by hand. Once every rank has finished MPI_Init (a barrier
+says so), every local rank has mapped the segment and read the topology, and the names
+serve no one: unlinking them keeps the mappings valid, MPICH's and hydra's own unlinks at
+the end find nothing to do and say nothing, and the memory is freed with the last rank
+however the job ends. An error before that point (a config mistake, found before the ranks
+talk) aborts the job; the aborting rank unlinks the names first, since nobody will need
+them.
+
+Only files this process maps, or that the hydra proxy which started it holds open, are
+touched, and only MPICH's; other MPI libraries keep theirs elsewhere (Open MPI under its
+session directory, which it cleans itself), and under `srun` there is no hydra proxy.
 `HPC_MULTIRES_KEEP_MPI_SHM=1` leaves them alone.
 """
 
@@ -24,6 +32,10 @@ from pathlib import Path
 from typing import Any
 
 MPICH_SEGMENT_PREFIX = "/dev/shm/mpich_shm_"
+HYDRA_TOPOLOGY_PREFIX = "/tmp/hydra_hwloc_xmlfile_"
+HYDRA_PROXY = "hydra_pmi_proxy"
+# Wrapper processes allowed between a rank and its proxy (a shell script, `env`, `time`).
+_MAX_WRAPPERS = 8
 
 _released = False
 
@@ -41,28 +53,56 @@ def mapped_shm_files(maps: Path = Path("/proc/self/maps"),
     return sorted(paths)
 
 
+def _parent_pid(proc: Path, pid: int) -> int:
+    # /proc/PID/stat: "pid (comm) state ppid ...", and comm may hold spaces or parentheses.
+    return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def hydra_topology_files(pid: int | None = None, proc: Path = Path("/proc")) -> list[str]:
+    """The topology files that the hydra proxy which started process `pid` (this one by
+    default; wrapper processes in between are passed over) holds open; none when no hydra
+    proxy started it (`srun`, a single process) or /proc does not tell."""
+    pid = os.getpid() if pid is None else pid
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for _ in range(_MAX_WRAPPERS + 1):
+            pid = _parent_pid(proc, pid)
+            if pid <= 1:
+                return []
+            if (proc / str(pid) / "comm").read_text().strip() != HYDRA_PROXY:
+                continue
+            paths: set[str] = set()
+            for fd in (proc / str(pid) / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith(HYDRA_TOPOLOGY_PREFIX):
+                        paths.add(target.removesuffix(" (deleted)"))
+            return sorted(paths)
+    return []
+
+
 def _keep() -> bool:
     return os.environ.get("HPC_MULTIRES_KEEP_MPI_SHM", "") not in ("", "0")
 
 
-def unlink_node_segments() -> None:
-    """Unlink the names of the MPICH node segments this process maps. Safe alone only when
-    no rank needs the name any more: after `release_node_segments`' barrier, or when the
-    job is being aborted."""
+def unlink_node_files() -> None:
+    """Unlink the names of the MPICH node segments this process maps and of the topology
+    file its hydra proxy wrote. Safe alone only when no rank needs them any more: after
+    `release_node_files`' barrier, or when the job is being aborted."""
     if _keep():
         return
-    for path in mapped_shm_files():
+    for path in mapped_shm_files() + hydra_topology_files():
         with contextlib.suppress(FileNotFoundError):  # another rank of the node was first
             os.unlink(path)
 
 
-def release_node_segments(mpi: Any) -> None:
-    """Unlink the names of MPICH's node segments once every rank of `mpi` (COMM_WORLD) has
-    attached. Collective over `mpi` the first time it is called, a no-op after that."""
+def release_node_files(mpi: Any) -> None:
+    """Unlink the names of MPICH's node segments and hydra's topology files once every rank
+    of `mpi` (COMM_WORLD) has started. Collective over `mpi` the first time it is called, a
+    no-op after that."""
     global _released
     if _released or _keep():
         return
     _released = True
     if int(mpi.Get_size()) > 1:
-        mpi.Barrier()  # every rank is past MPI_Init, so every local rank has mapped the file
-    unlink_node_segments()
+        mpi.Barrier()  # every rank is past MPI_Init: each has mapped the segment, read the file
+    unlink_node_files()

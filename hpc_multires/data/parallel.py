@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hpc_multires.comm.node_shm import release_node_segments
+from hpc_multires.comm.node_shm import release_node_files
 from hpc_multires.comm.ranks import mpi_world, rank_info_from_env
 from hpc_multires.errors import UserError
 
@@ -54,6 +54,6 @@ def data_world() -> DataWorld:
             "`python -m mpi4py -m hpc_multires`")
     if mpi is None or mpi_size == 1:
         return DataWorld(0, 1)
-    release_node_segments(mpi)
+    release_node_files(mpi)
     # A launcher the environment table does not know (PMIx only) still gives MPI's world.
     return DataWorld(int(mpi.Get_rank()), mpi_size, mpi)

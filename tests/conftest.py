@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 
-from hpc_multires.comm.node_shm import mapped_shm_files
+from hpc_multires.comm.node_shm import mapped_shm_files, open_files
 from hpc_multires.data.store import ShardWriter, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,12 +192,7 @@ def _in_use_under_shm() -> set[str]:
         if not proc.name.isdigit():
             continue
         names.update(Path(p).name for p in mapped_shm_files(proc / "maps", f"{SHM}/"))
-        with contextlib.suppress(OSError):
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith("/dev/shm/"):
-                        names.add(target.rsplit("/", 1)[-1])
+        names.update(Path(p).name for p in open_files(proc / "fd", f"{SHM}/"))
     return names
 
 

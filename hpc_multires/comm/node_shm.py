@@ -53,6 +53,19 @@ def mapped_shm_files(maps: Path = Path("/proc/self/maps"),
     return sorted(paths)
 
 
+def open_files(fds: Path, prefix: str) -> list[str]:
+    """Paths under `prefix` that a process holds open (named or already unlinked), from its
+    /proc/PID/fd; none when that cannot be read."""
+    paths: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):  # closed while we looked
+                target = os.readlink(fd)
+                if target.startswith(prefix):
+                    paths.add(target.removesuffix(" (deleted)"))
+    return sorted(paths)
+
+
 def _parent_pid(proc: Path, pid: int) -> int:
     # /proc/PID/stat: "pid (comm) state ppid ...", and comm may hold spaces or parentheses.
     return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -68,15 +81,8 @@ def hydra_topology_files(pid: int | None = None, proc: Path = Path("/proc")) -> 
             pid = _parent_pid(proc, pid)
             if pid <= 1:
                 return []
-            if (proc / str(pid) / "comm").read_text().strip() != HYDRA_PROXY:
-                continue
-            paths: set[str] = set()
-            for fd in (proc / str(pid) / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    target = os.readlink(fd)
-                    if target.startswith(HYDRA_TOPOLOGY_PREFIX):
-                        paths.add(target.removesuffix(" (deleted)"))
-            return sorted(paths)
+            if (proc / str(pid) / "comm").read_text().strip() == HYDRA_PROXY:
+                return open_files(proc / str(pid) / "fd", HYDRA_TOPOLOGY_PREFIX)
     return []
 
 

@@ -43,7 +43,8 @@ from hpc_multires.driver.run import FINAL, open_splits
 from hpc_multires.errors import ConfigError
 from hpc_multires.methods.fusion import prolong
 from hpc_multires.models import build_model
-from hpc_multires.plan.config import ModelConfig, load_config
+from hpc_multires.plan.config import ModelConfig
+from hpc_multires.plan.load import load_config
 
 
 def load(split, limit: int) -> tuple[torch.Tensor, torch.Tensor]:

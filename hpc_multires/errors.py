@@ -29,3 +29,9 @@ class SampleError(DataError):
     """One rank found a bad sample while reading; other ranks may not have seen it."""
 
     all_ranks = False
+
+
+def require(ok: bool, key: str, value: object, fix: str) -> None:
+    """A config value check: ConfigError "KEY = VALUE: FIX" unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: {fix}")

@@ -126,7 +126,7 @@ def test_mesh_free_stem_moves_between_levels_unchanged(cfg, shape0, pool, stem_l
 
 
 def test_stem_level_and_dropped_pools_do_not_mix() -> None:
-    from hpc_multires.plan.config import config_from_dict
+    from hpc_multires.plan.load import config_from_dict
 
     with pytest.raises(ConfigError, match="not both"):
         config_from_dict({"model": {"stem_level": 1, "coarse_pools": "drop"}})

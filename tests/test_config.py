@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.plan.config import (
-    Config,
-    apply_overrides,
-    config_from_dict,
-    config_to_toml,
-    field_docs,
-    load_config,
-)
+from hpc_multires.plan.config import Config, DataConfig
+from hpc_multires.plan.load import apply_overrides, config_from_dict, config_to_toml, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its docstring (the string literal under the field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
 
 
 def test_demo_config_loads_and_round_trips(tmp_path: Path) -> None:
@@ -152,3 +162,12 @@ def test_data_level_beside_stages_is_refused() -> None:
     with pytest.raises(ConfigError, match="each stage's own level"):
         config_from_dict({"data": {"level": 1}, "stages": [{"name": "a", "level": 0}]})
     assert config_from_dict({"data": {"level": 1}}).plan()[0].level == 1
+
+
+@pytest.mark.parametrize("path", ['/data/a "quoted" dir', "/data/new\nline", "/données/体积 ü",
+                                  "C:\\back\\slash", "/tab\there", "/ctrl\x01char"])
+def test_any_path_round_trips_through_the_written_toml(tmp_path: Path, path: str) -> None:
+    cfg = Config(data=DataConfig(path=path, val_path=path + "-val"))
+    saved = tmp_path / "config.toml"
+    saved.write_text(config_to_toml(cfg), encoding="utf-8")
+    assert load_config(saved) == cfg

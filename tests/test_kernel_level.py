@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from hpc_multires.errors import ConfigError
 from hpc_multires.methods.fusion import prolong
 from hpc_multires.models import build_model
-from hpc_multires.plan.config import ModelConfig, TrainConfig, config_from_dict
+from hpc_multires.plan.config import ModelConfig, TrainConfig
+from hpc_multires.plan.load import config_from_dict
 from hpc_multires.train.optim import learning_rate
 
 NEURON = ModelConfig(name="neuron_inverter", width=0.2, conv_channels=(30, 90), pool=4,

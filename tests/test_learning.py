@@ -11,7 +11,7 @@ import torch
 
 from hpc_multires.data.store import SampleStore
 from hpc_multires.models import build_model
-from hpc_multires.plan.config import load_config
+from hpc_multires.plan.load import load_config
 
 pytestmark = pytest.mark.mpi
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.plan.config import config_from_dict, config_to_toml, load_config
 from hpc_multires.plan.cost import parse_level_costs, plan_cost
+from hpc_multires.plan.load import config_from_dict, config_to_toml, load_config
 from hpc_multires.plan.stages import describe_plan, group_ranks, resolve
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -105,7 +105,7 @@ def test_mrmf_runs_coarse_stages_concurrently_then_fuses(cli, pyramid_data: Path
     # the same figure as evaluating init.pt on the held-out tail at level 0 here.
     from hpc_multires.data.store import SampleStore
     from hpc_multires.models import build_model
-    from hpc_multires.plan.config import load_config
+    from hpc_multires.plan.load import load_config
 
     store = SampleStore(pyramid_data, level=0)
     n_val = round(len(store) * 0.25)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import write_arrays_store
 
-from hpc_multires.plan.config import config_to_dict, load_config
+from hpc_multires.plan.load import config_to_dict, load_config
 from hpc_multires.train.loop import config_changes
 
 

@@ -15,8 +15,8 @@ from hpc_multires.data.crop import tiles, window_rng, window_starts
 from hpc_multires.data.loader import WindowedBatch, iterate_batches
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError
-from hpc_multires.plan.config import config_from_dict
 from hpc_multires.plan.cost import describe_cost, plan_cost, window_work
+from hpc_multires.plan.load import config_from_dict
 from hpc_multires.plan.stages import resolve
 
 
@@ -152,7 +152,7 @@ def test_a_window_stage_trains_validates_resumes_and_fuses(cli, tiny_config,
 
     # Validation: the mean prediction over the 8 tiles of 8^3 of each 16^3 sample.
     from hpc_multires.models import build_model
-    from hpc_multires.plan.config import load_config
+    from hpc_multires.plan.load import load_config
 
     conf = load_config(cfg)
     store = SampleStore(conf.data.path)

@@ -76,7 +76,7 @@ def cmd_pyramid(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hpc_multires.driver.run import train
-    from hpc_multires.plan.config import load_config
+    from hpc_multires.plan.load import load_config
     from hpc_multires.train.loop import StopAt
 
     cfg = load_config(args.config, args.set)
@@ -99,8 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from hpc_multires.driver.run import open_levels
-    from hpc_multires.plan.config import load_config
     from hpc_multires.plan.cost import describe_cost, parse_level_costs, plan_cost
+    from hpc_multires.plan.load import load_config
     from hpc_multires.plan.stages import describe_plan, resolve
 
     cfg = load_config(args.config, args.set)
@@ -140,7 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     # The plan's checks for the job's rank count, before it waits in the queue: a global
     # batch that the ranks do not divide, or a group larger than the job, would only fail
     # once the job starts.
-    from hpc_multires.plan.config import load_config
+    from hpc_multires.plan.load import load_config
     from hpc_multires.plan.stages import resolve
 
     ranks = args.nodes * args.ntasks_per_node

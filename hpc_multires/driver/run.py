@@ -29,14 +29,17 @@ import torch.distributed as dist
 from hpc_multires.comm import dist as comm_dist
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
+from hpc_multires.data.config import DataConfig
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import ConfigError, DataError, UserError
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
 from hpc_multires.models import build_model
-from hpc_multires.plan.config import Config, DataConfig, config_to_dict, config_to_toml
+from hpc_multires.plan.compat import config_changes
+from hpc_multires.plan.config import Config
+from hpc_multires.plan.load import config_to_dict, config_to_toml
 from hpc_multires.plan.stages import Stage, describe_plan, resolve
 from hpc_multires.train import checkpoint, preempt
-from hpc_multires.train.loop import Split, StopAt, Trainer, config_changes
+from hpc_multires.train.loop import Split, StopAt, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress, read_metrics
 
 FINAL = "final.pt"

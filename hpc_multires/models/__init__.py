@@ -5,10 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.models.config import ModelConfig
 from hpc_multires.models.cosmoflow import CosmoFlow
 from hpc_multires.models.neuron_inverter import NeuronInverter
 from hpc_multires.models.scale import block_pools, grid_factor
-from hpc_multires.plan.config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,

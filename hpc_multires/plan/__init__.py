@@ -8,10 +8,8 @@ from hpc_multires.plan.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    apply_overrides,
-    config_to_toml,
-    load_config,
 )
+from hpc_multires.plan.load import apply_overrides, config_to_toml, load_config
 
 __all__ = [
     "CommConfig",

@@ -15,7 +15,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from hpc_multires.errors import ConfigError
-from hpc_multires.plan.config import TrainConfig
+from hpc_multires.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from hpc_multires.plan.config import Config, StageConfig

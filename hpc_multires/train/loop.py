@@ -9,8 +9,6 @@ share) and a checkpoint is written, and every `train.checkpoint_every_steps` in 
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,19 +26,14 @@ from hpc_multires.data.crop import tiles, window_rng, window_starts
 from hpc_multires.data.loader import WindowedBatch, iterate_batches
 from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
 from hpc_multires.data.store import SampleStore
-from hpc_multires.errors import ConfigError, UserError
-from hpc_multires.plan.config import Config, config_from_dict, config_to_dict
+from hpc_multires.errors import UserError
+from hpc_multires.plan.compat import config_changes
+from hpc_multires.plan.config import Config
+from hpc_multires.plan.load import config_to_dict
 from hpc_multires.plan.stages import Stage
 from hpc_multires.train import checkpoint, preempt
 from hpc_multires.train.metrics import MetricsLog, Progress
 from hpc_multires.train.optim import build_optimizer, learning_rate, set_learning_rate
-
-# Config keys that may change between a run and its resumption: they do not change
-# what is computed (or, for epochs, only extend it).
-RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "data.path", "data.val_path",
-                     "data.stage_to",
-                     "data.num_workers", "data.prefetch", "data.read_timeout_s",
-                     "comm.timeout_s", "log.*")
 
 
 @dataclass
@@ -49,34 +42,6 @@ class Split:
 
     store: SampleStore
     indices: np.ndarray
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        out = {}
-        for i, v in enumerate(value):
-            out.update(_flatten(v, f"{prefix}{i}."))
-        return out
-    return {prefix.rstrip("."): value}
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ and that a resumed run may not change.
-
-    The saved config is read back through today's schema first, so a key added since it
-    was written counts as its default, not as a change.
-    """
-    # A key since removed or renamed fails the schema: compared as written, it is a change.
-    with contextlib.suppress(ConfigError):
-        saved = config_to_dict(config_from_dict(saved))
-    a, b = _flatten(saved), _flatten(current)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
-                  and not any(fnmatch.fnmatchcase(k, p) for p in RESUMABLE_CHANGES))
 
 
 def step_seed(seed: int, stage: str, step: int, rank: int) -> int:

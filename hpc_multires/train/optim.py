@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from hpc_multires.plan.config import TrainConfig
+from hpc_multires.train.config import TrainConfig
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -1,0 +1,47 @@
+"""The data component's settings: where samples come from and how they are read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from hpc_multires.errors import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the samples come from and how they are read."""
+
+    path: str = ""
+    """Dataset directory (shard-*.h5 files). Required; `--set data.path=DIR` overrides it."""
+    val_path: str = ""
+    """Separate validation dataset; empty: hold out `val_fraction` of `path`."""
+    val_fraction: float = 0.2
+    """Fraction of `path` (its last samples) used for validation when `val_path` is empty."""
+    level: int = 0
+    """Pyramid level to train on: 0 = original, k = downsampled by 2^k per spatial axis.
+    Only for a config without [[stages]]; a non-zero value beside them is an error (each
+    stage sets its own `level`)."""
+    num_workers: int = 1
+    """Background reader processes per rank; 0 reads in the training process."""
+    prefetch: int = 4
+    """Batches each reader process keeps ready ahead of the training step."""
+    read_timeout_s: float = 120.0
+    """With num_workers > 0: a rank waiting longer than this for its next batch (a read
+    stuck on a file system that stopped answering) ends the job with a message saying so,
+    instead of holding every rank until the job's time limit; 0 waits forever."""
+    stage_to: str = ""
+    """Node-local directory (e.g. "$TMPDIR") to copy the shards to before training, once
+    per node, checksums verified, removed at the end; empty: read in place."""
+
+    def check(self) -> None:
+        """Raise ConfigError naming the key and the fix for a value that cannot work."""
+        require(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction,
+                "use a fraction in [0, 1)")
+        require(self.level >= 0, "data.level", self.level,
+                "use 0 (original) or a pyramid level k >= 1")
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
+        require(self.prefetch >= 1, "data.prefetch", self.prefetch, "use 1 or more")
+        require(math.isfinite(self.read_timeout_s) and self.read_timeout_s >= 0,
+                "data.read_timeout_s", self.read_timeout_s,
+                "use 0 (wait forever) or a positive number of seconds")

@@ -1,0 +1,97 @@
+"""The training component's settings: optimisation of a stage, and what it logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from hpc_multires.errors import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimisation: global batch, optimizer, schedule, epochs."""
+
+    epochs: int = 4
+    """Number of passes over the training set."""
+    global_batch: int = 16
+    """Samples per optimizer step over the stage's ranks; each reads global_batch / ranks.
+    At most the training set's size (checked before training, and by `plan`)."""
+    optimizer: Literal["sgd", "adam"] = "adam"
+    """sgd (with momentum) or adam (AdamW)."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warm-up."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by adam)."""
+    weight_decay: float = 0.0
+    """Weight decay: decoupled for adam (AdamW), L2 added to the gradient for sgd."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up from lr/10 to lr over this many epochs."""
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    """Decay after warm-up, down to lr * min_lr_ratio at the last step."""
+    min_lr_ratio: float = 0.01
+    """Final learning rate as a fraction of lr."""
+    schedule_epochs: float = 0.0
+    """Lay the warm-up and decay over this many epochs instead of the stage's own (0: the
+    stage's epochs). With schedule_offset, consecutive stages can share one curve: a
+    coarse stage with epochs = 10, schedule_epochs = 13 and the fine stage after it with
+    epochs = 3, schedule_epochs = 13, schedule_offset = 10 follow one 13-epoch schedule,
+    so the fine stage goes on at the rate the coarse one stopped at, with no second
+    warm-up."""
+    schedule_offset: float = 0.0
+    """Epochs of the schedule already run by earlier stages (with schedule_epochs)."""
+    checkpoint_keep: int = 3
+    """Checkpoints kept per stage, the newest, counting epoch-end and mid-epoch ones alike
+    (older ones are deleted)."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many steps inside an epoch (0: at epoch ends only)."""
+    time_budget_s: float = 0.0
+    """Stop the stage after this many seconds of training (0: run all epochs). A stage that
+    reaches it is done: --resume skips it rather than training on."""
+
+    def check(self, prefix: str = "train") -> None:
+        """Raise ConfigError naming the key (under `prefix`: "train" or a stage's
+        "stages.NAME.train") and the fix for a value that cannot work."""
+        t = self
+        require(t.epochs >= 1, f"{prefix}.epochs", t.epochs, "use 1 or more")
+        require(t.global_batch >= 1, f"{prefix}.global_batch", t.global_batch, "use 1 or more")
+        require(t.lr > 0, f"{prefix}.lr", t.lr, "use a positive learning rate")
+        require(0.0 <= t.momentum < 1.0, f"{prefix}.momentum", t.momentum,
+                "use a value in [0, 1)")
+        require(t.weight_decay >= 0, f"{prefix}.weight_decay", t.weight_decay, "use 0 or more")
+        span = t.schedule_epochs or t.epochs
+        require(0 <= t.warmup_epochs <= span, f"{prefix}.warmup_epochs", t.warmup_epochs,
+                f"use a value between 0 and {span} (the epochs its schedule spans)")
+        require(t.schedule_epochs >= 0, f"{prefix}.schedule_epochs", t.schedule_epochs,
+                "use 0 (the stage's own epochs) or the epochs of the shared schedule")
+        require(t.schedule_offset >= 0 and (t.schedule_epochs > 0 or t.schedule_offset == 0),
+                f"{prefix}.schedule_offset", t.schedule_offset,
+                f"use 0, or set {prefix}.schedule_epochs to the schedule this offset is into")
+        require(t.schedule_epochs == 0
+                or t.schedule_offset + t.epochs <= t.schedule_epochs + 1e-9,
+                f"{prefix}.schedule_epochs", t.schedule_epochs,
+                f"use at least schedule_offset + epochs = {t.schedule_offset + t.epochs}")
+        require(0 < t.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", t.min_lr_ratio,
+                "use a value in (0, 1]")
+        require(t.checkpoint_keep >= 1, f"{prefix}.checkpoint_keep", t.checkpoint_keep,
+                "keep at least 1")
+        require(t.checkpoint_every_steps >= 0, f"{prefix}.checkpoint_every_steps",
+                t.checkpoint_every_steps, "use 0 (epoch ends only) or a number of steps")
+        require(t.time_budget_s >= 0, f"{prefix}.time_budget_s", t.time_budget_s,
+                "use 0 (no budget) or a positive number of seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """What is written to RUN_DIR/metrics.jsonl and the console."""
+
+    every_steps: int = 10
+    """Log the global mean loss every this many steps (an allreduce each time)."""
+    progress_s: float = 30.0
+    """Seconds between plain progress lines when stderr is not a terminal (batch logs)."""
+
+    def check(self) -> None:
+        """Raise ConfigError naming the key and the fix for a value that cannot work."""
+        require(self.every_steps >= 1, "log.every_steps", self.every_steps, "use 1 or more")
+        require(self.progress_s > 0, "log.progress_s", self.progress_s,
+                "use a positive number of seconds")

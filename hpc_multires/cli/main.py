@@ -18,13 +18,14 @@ from hpc_multires import __version__
 from hpc_multires.errors import UserError
 from hpc_multires.train.preempt import PREEMPTED_EXIT, Preempted
 
-OPTIONS = {"cosmoflow": ("size", "channels"), "neuron": ("bins", "probes")}
+OPTIONS = {"cosmoflow": ("size", "channels"), "neuron": ("bins", "probes"),
+           "images": ("size", "channels")}
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from hpc_multires.data.synth.writer import synth_cosmoflow, synth_neuron
+    from hpc_multires.data.synth.writer import synth_cosmoflow, synth_images, synth_neuron
 
-    other = OPTIONS["neuron" if args.app == "cosmoflow" else "cosmoflow"]
+    other = sorted({n for names in OPTIONS.values() for n in names} - set(OPTIONS[args.app]))
     given = [f"--{name}" for name in other if getattr(args, name) is not None]
     if given:
         verb = "does" if len(given) == 1 else "do"
@@ -34,6 +35,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n = synth_neuron(args.out, num_samples=args.samples,
                          num_bins=1600 if args.bins is None else args.bins,
                          probes=4 if args.probes is None else args.probes, seed=args.seed,
+                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+    elif args.app == "images":
+        n = synth_images(args.out, num_samples=args.samples,
+                         size=64 if args.size is None else args.size,
+                         channels=1 if args.channels is None else args.channels,
+                         seed=args.seed,
                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
     else:
         n = synth_cosmoflow(args.out, num_samples=args.samples,
@@ -194,14 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND",
                                parser_class=_Parser)
     synth = dsub.add_parser("synth", help="generate a synthetic dataset (parallel under mpiexec)")
-    synth.add_argument("app", choices=["cosmoflow", "neuron"],
+    synth.add_argument("app", choices=["cosmoflow", "neuron", "images"],
                        help="cosmoflow: 3D fields (N, C, S, S, S); neuron: voltage traces "
-                            "(N, probes, bins) of simulated neurons")
+                            "(N, probes, bins) of simulated neurons; images: 2D images "
+                            "(N, C, S, S) in [0, 1] for restoration tasks")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     synth.add_argument("--samples", type=int, default=256, help="number of samples")
-    synth.add_argument("--size", type=int, help="cosmoflow: side of the volume (default 32)")
+    synth.add_argument("--size", type=int, help="cosmoflow: side of the volume (default 32); "
+                       "images: side of the image (default 64)")
     synth.add_argument("--channels", type=int,
-                       help="cosmoflow: growth stages per sample (default 4)")
+                       help="cosmoflow: growth stages per sample (default 4); images: 1 (grey, "
+                            "the default) or 3 (RGB)")
     synth.add_argument("--bins", type=int, help="neuron: time bins at 8 kHz (default 1600)")
     synth.add_argument("--probes", type=int, help="neuron: recorded compartments (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")

@@ -68,3 +68,23 @@ def synth_neuron(out: Path, *, num_samples: int, num_bins: int, probes: int, see
                         sample_rate_hz=neuron.SAMPLE_RATE_HZ,
                         label_ranges=[[p.name, p.low, p.high, p.log] for p in neuron.PARAMS]),
         overwrite=overwrite)
+
+
+def synth_images(out: Path, *, num_samples: int, size: int, channels: int, seed: int,
+                 samples_per_shard: int, overwrite: bool = False) -> int:
+    from hpc_multires.data.synth import images
+
+    if num_samples < 1:
+        raise UserError(f"--samples {num_samples}: need at least 1")
+    try:
+        images.check_args(size, channels)
+    except ValueError as e:
+        raise UserError(f"data synth images: {e}") from None
+    return write_dataset(
+        out, num_samples=num_samples, samples_per_shard=samples_per_shard,
+        sample_fn=lambda i: images.generate(i, seed, size, channels),
+        sample_shape=(channels, size, size), x_dtype="float32",
+        label_names=tuple(images.LABEL_NAMES), x_transform="none",
+        prov=provenance(images.GENERATOR_NAME, seed=seed, size=size, channels=channels,
+                        label_ranges=[[p.name, p.low, p.high, p.log] for p in images.PARAMS]),
+        overwrite=overwrite)

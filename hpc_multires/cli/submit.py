@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpc_multires.driver.run_dir import PREEMPTED, RunDir
+from hpc_multires.driver.run_dir import JOB_SCRIPT, PREEMPTED, RunDir
 from hpc_multires.errors import UserError
 from hpc_multires.train.preempt import PREEMPTED_EXIT
 
@@ -85,7 +85,7 @@ def render(job: JobSpec) -> str:
     lines += [
         "",
         "# Written by `hpc-multires submit`; the environment is in slurm/env.sh.",
-        f"# Submitted as: {' '.join(q(a) for a in sbatch_args(job, Path('job.sbatch')))}",
+        f"# Submitted as: {' '.join(q(a) for a in sbatch_args(job, Path(JOB_SCRIPT)))}",
         "set -u",
         f"export HPCMR_ROOT={q(str(job.root))}",
         'source "$HPCMR_ROOT/slurm/env.sh"',

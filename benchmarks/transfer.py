@@ -39,7 +39,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine
 
-from hpc_multires.driver.run import FINAL, open_splits
+from hpc_multires.driver.run import open_splits
+from hpc_multires.driver.run_dir import RunDir
 from hpc_multires.errors import ConfigError
 from hpc_multires.methods.fusion import prolong
 from hpc_multires.models import build_model
@@ -93,11 +94,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    cfg = load_config(args.run_dir / "config.toml")
-    final = args.run_dir / "stages" / args.stage / FINAL
+    run = RunDir(args.run_dir)
+    cfg = load_config(run.config)
+    final = run.final(args.stage)
     if not final.exists():
         sys.exit(f"no {final}: the stage has not finished (or the name is wrong; the run's "
-                 f"stages are {sorted(p.name for p in (args.run_dir / 'stages').iterdir())})")
+                 f"stages are {run.stage_names()})")
     saved = torch.load(final, map_location="cpu", weights_only=False)
     level = int(saved["level"])
     if level < 1:

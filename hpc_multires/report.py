@@ -6,36 +6,23 @@ the run's wall-clock axis (coarse levels dashed), so methods compare at a glance
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from hpc_multires.driver.run_dir import RunDir
 from hpc_multires.errors import UserError
 from hpc_multires.train.metrics import read_metrics
-
-
-def status(run_dir: Path) -> str:
-    """done, stopped (as asked, with a checkpoint), preempted (requeue it), or unfinished:
-    still running, or ended by an error or a kill (its last checkpoint resumes it)."""
-    summary = run_dir / "summary.json"
-    if (run_dir / "PREEMPTED").exists():
-        return "preempted"
-    if summary.exists():
-        try:
-            return "stopped" if json.loads(summary.read_text()).get("stopped") else "done"
-        except (OSError, ValueError):
-            return "unfinished"
-    return "unfinished"
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} not found; pass the --run-dir of a "
                         "`hpc-multires train` run")
-    records = read_metrics(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    records = read_metrics(run.metrics)
     if not records:
-        raise UserError(f"{run_dir} has no metrics.jsonl records; is it a run directory of "
-                        "`hpc-multires train`?")
+        raise UserError(f"{run_dir} has no {run.metrics.name} records; is it a run directory "
+                        "of `hpc-multires train`?")
     starts = {r.get("stage", "main"): r for r in records if r.get("kind") == "start"}
     epochs = [r for r in records if r.get("kind") == "epoch"]
     order = list(starts) or ["main"]
@@ -49,7 +36,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             continue
         c = curves.setdefault(r.get("stage", "main"), {"level": r.get("level", 0), "points": []})
         c["points"].append((r["wall_s"], r["val_mae"]))
-    return {"run": run_dir.name, "status": status(run_dir), "stages": len(order),
+    return {"run": run_dir.name, "status": run.status(), "stages": len(order),
             "ranks": first.get("world_size"),
             "epochs": last.get("epoch", 0), "wall_s": max(r.get("wall_s") or 0 for r in records),
             "samples_per_s": last.get("samples_per_s"), "val_mae": last.get("val_mae"),
@@ -126,7 +113,7 @@ def plot_path(out: Path) -> Path:
 
 
 def report(run_dirs: list[Path], out: Path | None) -> str:
-    png = plot_path(out) if out is not None else run_dirs[0] / "report.png"
+    png = plot_path(out) if out is not None else RunDir(run_dirs[0]).report_plot
     rows = [summarize(d) for d in run_dirs]
     plot(rows, png)
     return table(rows) + f"\nplot: {png}"

@@ -130,6 +130,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from hpc_multires.cli.submit import JobSpec, submit
+    from hpc_multires.driver.run_dir import RunDir
 
     root = Path(__file__).resolve().parents[2]
     if not (root / "slurm" / "env.sh").is_file():
@@ -159,7 +160,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                             f"--ntasks-per-node {args.ntasks_per_node}); nothing submitted"
                             ) from None
     out = submit(job, args.dry_run)
-    print(out if args.dry_run else f"submitted job {out}; output in {run_dir}/slurm-{out}.out")
+    print(out if args.dry_run else
+          f"submitted job {out}; output in {RunDir(run_dir).slurm_output(out)}")
     return 0
 
 

@@ -22,8 +22,9 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpc_multires.driver.run_dir import JOB_SCRIPT, PREEMPTED, RunDir
 from hpc_multires.errors import UserError
-from hpc_multires.train.preempt import MARKER, PREEMPTED_EXIT
+from hpc_multires.train.preempt import PREEMPTED_EXIT
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,23 @@ def render(job: JobSpec) -> str:
         # Before the user's --set, so that theirs wins (later overrides earlier).
         overrides = (f"data.num_workers={reader_workers(job.cpus_per_task)}", *overrides)
     sets = "".join(f" \\\n    --set {q(s)}" for s in overrides)
+    marker = RunDir(job.run_dir).preempted
     lines += [
         "",
         "# Written by `hpc-multires submit`; the environment is in slurm/env.sh.",
-        f"# Submitted as: {' '.join(q(a) for a in sbatch_args(job, Path('job.sbatch')))}",
+        f"# Submitted as: {' '.join(q(a) for a in sbatch_args(job, Path(JOB_SCRIPT)))}",
         "set -u",
         f"export HPCMR_ROOT={q(str(job.root))}",
         'source "$HPCMR_ROOT/slurm/env.sh"',
         f"mkdir -p {q(str(job.run_dir))}",
-        f"rm -f {q(str(job.run_dir / MARKER))}  # only a signal during this run may requeue it",
+        f"rm -f {q(str(marker))}  # only a signal during this run may requeue it",
         "",
         "# USR1 (time limit near) goes to the ranks through srun; the trainer checkpoints,",
-        f"# writes RUN_DIR/{MARKER} and exits with {PREEMPTED_EXIT}. A requeued job resumes.",
+        f"# writes RUN_DIR/{PREEMPTED} and exits with {PREEMPTED_EXIT}. A requeued job resumes.",
         f"hpcmr_launch train {q(str(job.config))} \\",
         f"    --run-dir {q(str(job.run_dir))} --auto-resume{sets}",
         "rc=$?",
-        f"if [ -f {q(str(job.run_dir / MARKER))} ]; then",
+        f"if [ -f {q(str(marker))} ]; then",
         '    echo "hpc-multires: checkpointed before the time limit; requeueing job $SLURM_JOB_ID"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",
@@ -107,7 +109,8 @@ def render(job: JobSpec) -> str:
 def sbatch_args(job: JobSpec, script: Path) -> list[str]:
     """The sbatch command line. The output path goes here, as one argv entry, rather
     than in an #SBATCH line, whose parsing of quotes and spaces is Slurm's, not a shell's."""
-    return ["sbatch", "--parsable", f"--output={job.run_dir / 'slurm-%j.out'}", str(script)]
+    return ["sbatch", "--parsable", f"--output={RunDir(job.run_dir).slurm_output()}",
+            str(script)]
 
 
 def _check_no_control_characters(job: JobSpec) -> None:
@@ -145,7 +148,7 @@ def submit(job: JobSpec, dry_run: bool) -> str:
     if dry_run:
         return script
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    path = job.run_dir / "job.sbatch"
+    path = RunDir(job.run_dir).job_script
     path.write_text(script)
     try:
         out = subprocess.run(sbatch_args(job, path), capture_output=True, text=True,

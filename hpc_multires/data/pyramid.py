@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import shutil
@@ -33,8 +32,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from hpc_multires import files
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import SampleStore, fsync_dir, transform
+from hpc_multires.data.store import SampleStore, transform
 from hpc_multires.errors import DataError
 
 TMP_SUFFIX = ".pyramid-tmp"
@@ -95,23 +95,18 @@ def _shard_lock(path: Path) -> Iterator[bool]:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError:
-                locked = current = False
-            else:
-                locked = True
+            with files.locked(fd) as held:
                 try:  # the holder before us may have removed the file: then lock the new one
-                    current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+                    current = held and os.stat(lock).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
                     current = False
-            if not locked or current:
-                try:
-                    yield locked
-                finally:
-                    if locked:
-                        lock.unlink(missing_ok=True)  # while held, so no one is left out
-                return
+                if not held or current:
+                    try:
+                        yield held
+                    finally:
+                        if held:
+                            lock.unlink(missing_ok=True)  # while held, so no one is left out
+                    return
         finally:
             os.close(fd)
 
@@ -135,14 +130,11 @@ def build_shard(path: Path, levels: list[int], x_transform: str) -> list[int]:
                                          for k in missing)
         tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
         try:
-            shutil.copyfile(path, tmp)
-            with h5py.File(tmp, "r+", locking=False) as f:
-                for k in missing:
-                    _add_level(f, k, x_transform)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+            with files.atomic_path(path, tmp):
+                shutil.copyfile(path, tmp)
+                with h5py.File(tmp, "r+", locking=False) as f:
+                    for k in missing:
+                        _add_level(f, k, x_transform)
         except OSError as e:
             if e.errno not in NO_SPACE:
                 raise
@@ -153,8 +145,6 @@ def build_shard(path: Path, levels: list[int], x_transform: str) -> list[int]:
                 "there (or raise the quota) and run it again, the shards are unchanged")
             err.all_ranks = False  # only the rank writing this shard sees it
             raise err from e
-        finally:
-            tmp.unlink(missing_ok=True)
     return missing
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import h5py
 import numpy as np
 
 from hpc_multires.errors import DataError, SampleError
+from hpc_multires.files import replace_atomic
 
 FORMAT = "hpc-multires-store"
 SCHEMA_VERSION = 1
@@ -158,9 +158,7 @@ class ShardWriter:
         a["x_sha256"] = self._x_hash.hexdigest()
         a["y_sha256"] = self._y_hash.hexdigest()
         self._file.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        replace_atomic(self.tmp, self.path)
         return self.path
 
     def abort(self) -> None:
@@ -420,15 +418,6 @@ class SampleStore:
         state["_files"] = {}
         state["_datasets"] = {}
         return state
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the renames in `directory` durable (a rename lives in the directory's entry)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checksum_shard(path: Path) -> dict[str, Any]:

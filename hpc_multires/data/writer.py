@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, ShardWriter, fsync_dir
+from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, ShardWriter
 from hpc_multires.errors import UserError
+from hpc_multires.files import fsync_dir
 
 SampleFn = Callable[[int], tuple[np.ndarray, np.ndarray]]
 

@@ -10,14 +10,9 @@ includes it, on that stage's process group, and waits for the rest of the wave.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
-import os
 import shutil
-import socket
 import sys
 import time
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,18 +26,16 @@ from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.config import DataConfig
 from hpc_multires.data.store import SampleStore
+from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
 from hpc_multires.models import build_model
-from hpc_multires.plan.compat import config_changes
 from hpc_multires.plan.config import Config
-from hpc_multires.plan.load import config_to_dict, config_to_toml
+from hpc_multires.plan.load import config_to_dict
 from hpc_multires.plan.stages import Stage, describe_plan, resolve
-from hpc_multires.train import checkpoint, preempt
+from hpc_multires.train import preempt
 from hpc_multires.train.loop import Split, StopAt, Trainer
-from hpc_multires.train.metrics import MetricsLog, Progress, read_metrics
-
-FINAL = "final.pt"
+from hpc_multires.train.metrics import MetricsLog, Progress
 
 
 def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
@@ -103,83 +96,10 @@ def open_levels(cfg: Config, data: DataConfig,
     return splits
 
 
-def run_checkpoints(run_dir: Path) -> list[Path]:
-    """The epoch checkpoints of every stage of the run in `run_dir`."""
-    return sorted(run_dir.glob("stages/*/checkpoints/epoch-*.pt"))
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, cfg: Config) -> None:
-    """Refuse to overwrite a run's checkpoints unless resuming it, and to resume it with a
-    config that computes something else. Runs on every rank, before anything is written:
-    a refused resume must leave the run's config.toml as it was."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir} is a file; choose a directory")
-    existing = run_checkpoints(run_dir)
-    if existing and not resume:
-        raise UserError(
-            f"{run_dir} already holds checkpoints ({existing[-1].relative_to(run_dir)}); pass "
-            "--resume to continue that run, or choose another --run-dir")
-    saved = run_dir / "config.toml"
-    if resume and saved.is_file():
-        # The whole config, plan included: a resume with another plan would otherwise
-        # start its stages fresh beside the old ones and trim the old ones' metrics away.
-        try:
-            table: dict[str, Any] | None = tomllib.loads(saved.read_text())
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            # Each stage's checkpoints hold the config too, and are compared on resume.
-            print(f"hpc-multires: warning: {saved} does not read ({e}); comparing the config "
-                  "with the stages' checkpoints only", file=sys.stderr)
-            table = None
-        changed = config_changes(table, config_to_dict(cfg)) if table else []
-        if changed:
-            raise UserError(
-                f"--resume: the config differs from the one {run_dir} was trained with "
-                f"(its config.toml) in {changed}; resume with `train {saved} --resume` "
-                "(a resume may change epochs, data paths, readers, timeouts and logging), "
-                "or start a new --run-dir")
-
-
-def lock_run_dir(run_dir: Path) -> int | None:
-    """Hold RUN_DIR/.lock for as long as this process runs (the lock goes with it, however
-    it ends): a second training into the same directory, say a requeued job and a manual
-    resubmission, would otherwise interleave the metrics and overwrite the checkpoints of
-    the first. Returns the descriptor that holds it; None where the file system has no
-    locks (then a warning, and the run goes ahead unguarded)."""
-    path = run_dir / ".lock"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--run-dir {run_dir} is a file; choose a directory")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UserError(f"cannot write to --run-dir {run_dir} ({e.strerror}); choose a "
-                        "directory you can write to") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise UserError(f"another training is writing to {run_dir} now ({holder}); wait for "
-                        "it to end or stop it, or choose another --run-dir (a lock held "
-                        "over NFS by a node that failed is freed once the server notices, "
-                        "within a few minutes)") from None
-    except OSError as e:
-        os.close(fd)
-        print(f"hpc-multires: warning: cannot lock {path} ({e.strerror}); nothing stops a "
-              "second training into this directory", file=sys.stderr)
-        return None
-    with contextlib.suppress(OSError):  # who holds it, for the message above; optional
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-    return fd
-
-
-
 class PlanRunner:
     """Holds what the stages of one run share: config, job, data, groups, clock, log."""
 
-    def __init__(self, cfg: Config, comm: Comm, run_dir: Path, resume: bool,
+    def __init__(self, cfg: Config, comm: Comm, run_dir: RunDir, resume: bool,
                  stop: StopAt | None, data: DataConfig | None = None) -> None:
         self.cfg = cfg
         self.comm = comm
@@ -193,7 +113,7 @@ class PlanRunner:
                             f"use one of {', '.join(names)}")
         # data: where to read (a node-local copy when staged)
         self.splits = open_levels(cfg, data or cfg.data, self.stages)
-        prepare_run_dir(run_dir, resume, cfg)
+        run_dir.check_resume(resume, cfg)
         self.num_outputs = self.splits[self.stages[0].level][0].store.schema.num_labels
         # Process groups: every rank creates every group, in plan order (torch requires it).
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
@@ -206,30 +126,18 @@ class PlanRunner:
             if cfg.comm.backend == "horovod" else None
         self._t0 = time.monotonic()
         self._offset = 0.0
-        # On resume: checkpoints this rank loaded to trim the log, for the stages it resumes.
-        self._loaded: dict[str, tuple[Path, dict[str, Any]]] = {}
 
     def clock(self) -> float:
         """Seconds since the run started, continued across resumptions (`wall_s`)."""
         return self._offset + time.monotonic() - self._t0
 
-    def stage_dir(self, stage: Stage) -> Path:
-        return self.run_dir / "stages" / stage.name
-
     def start(self) -> None:
         comm = self.comm
         comm.barrier()  # every rank passed the checks before rank 0 writes anything
-        self._check_shared_run_dir()
+        self.run_dir.check_shared(comm)
         offset = 0.0
         if comm.is_root:
-            (self.run_dir / preempt.MARKER).unlink(missing_ok=True)
-            (self.run_dir / "summary.json").unlink(missing_ok=True)  # until this run ends
-            # Atomic: config.toml is read back on resume.
-            checkpoint.write_text_atomic(self.run_dir / "config.toml", config_to_toml(self.cfg))
-            if self.resume:
-                offset = self._trim_metrics()
-            else:
-                self._set_aside_metrics()
+            offset = self.run_dir.begin(self.cfg, self.resume, self.stages, comm.rank)
             train = self.splits[self.stages[-1].level][0]
             print(f"hpc-multires train: {comm.world_size} rank(s) on {comm.info.node_count} "
                   f"node(s) ({comm.info.launcher}), device {comm.device.type}, "
@@ -241,83 +149,8 @@ class PlanRunner:
         comm.barrier()
         self._t0 = time.monotonic()
 
-    def _check_shared_run_dir(self) -> None:
-        """Every rank must see the run directory rank 0 writes: stage roots on other nodes
-        write checkpoints and metrics there, fusion reads other stages' models from it, and
-        every rank resumes from it. A node-local --run-dir ($TMPDIR) would train, then
-        fail at the first fusion or diverge on resume; refuse it before anything trains."""
-        comm = self.comm
-        if not comm.distributed:
-            return
-        token = None
-        if comm.is_root:
-            token = f".shared-check-{os.getpid()}-{time.time_ns()}"
-            try:
-                (self.run_dir / token).touch()
-            except OSError as e:
-                raise UserError(f"cannot write to --run-dir {self.run_dir} ({e.strerror}); "
-                                "free space or choose another directory") from None
-        token = comm.broadcast_object(token)
-        seen = (self.run_dir / token).exists()
-        deadline = time.monotonic() + 15
-        while not seen and time.monotonic() < deadline:
-            # An NFS client may have cached "no such file" from an earlier look: listing
-            # the directory makes it ask the server again.
-            with contextlib.suppress(OSError):
-                os.listdir(self.run_dir)
-            time.sleep(0.5)
-            seen = (self.run_dir / token).exists()
-        blind = comm.gather_object(None if seen else
-                                   f"rank {comm.rank} on {socket.gethostname()}")
-        if comm.is_root:
-            (self.run_dir / token).unlink(missing_ok=True)
-        missing = [who for who in blind if who is not None]
-        if missing:
-            raise UserError(
-                f"--run-dir {self.run_dir} is not shared by all ranks: {len(missing)} of "
-                f"{comm.world_size} do not see the file rank 0 wrote there ("
-                f"{', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); put the run "
-                "directory on a file system every node mounts (not node-local scratch such "
-                "as $TMPDIR; node-local copies of the data are what data.stage_to is for)")
-
-    def _trim_metrics(self) -> float:
-        """On resume: drop records written after each stage's checkpoint; the clock resumes
-        at the last kept record."""
-        keep_until: dict[str, float] = {}
-        for s in self.stages:
-            d = self.stage_dir(s)
-            if (d / FINAL).exists():
-                keep_until[s.name] = float("inf")
-            elif checkpoint.list_checkpoints(d / "checkpoints"):
-                path, state = checkpoint.load_latest(d / "checkpoints")
-                keep_until[s.name] = state["step"]
-                if s.ranks[0] == self.comm.rank:  # this rank resumes it: keep, not reload
-                    self._loaded[s.name] = (path, state)
-        path = self.run_dir / "metrics.jsonl"
-        kept = [r for r in read_metrics(path)
-                if r.get("step", 0) <= keep_until.get(r.get("stage", ""), -1)]
-        MetricsLog(path, enabled=True).rewrite(kept)
-        return max((r.get("wall_s") or 0.0 for r in kept), default=0.0)
-
-    def _set_aside_metrics(self) -> None:
-        """A new run in a directory whose earlier attempt left a log but no checkpoint (it
-        failed early): that log is kept as metrics.jsonl.prev, not appended to."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            prev = path.with_name(path.name + ".prev")
-            path.replace(prev)
-            print(f"hpc-multires: {path} of an earlier attempt kept as {prev.name}",
-                  file=sys.stderr)
-
     def rank_log(self, event: str, stage: Stage) -> None:
-        """One line per stage start/end in RUN_DIR/logs/rank-NNNN.log: who ran what, when."""
-        path = self.run_dir / "logs" / f"rank-{self.comm.rank:04d}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(f"{self.clock():.3f} {event} stage={stage.name} level={stage.level} "
-                    f"group={stage.group} ranks={','.join(map(str, stage.ranks))} "
-                    f"host={socket.gethostname()} local_rank={self.comm.info.local_rank} "
-                    f"node={self.comm.info.node_index}\n")
+        self.run_dir.log_rank(self.comm, self.clock(), event, stage)
 
     def run(self) -> dict[str, Any]:
         self.start()
@@ -355,14 +188,16 @@ class PlanRunner:
                 " was signalled); checkpoints written; continue with --resume")
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
-        cfg, sdir = self.cfg, self.stage_dir(stage)
+        cfg, run_dir = self.cfg, self.run_dir
         comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks])
-        kind, value, loaded = self._resume_point(stage, comm)
+        start: ResumePoint = run_dir.resume_point(stage, comm, cfg) if self.resume else \
+            ("fresh", None, None)
+        kind, value, loaded = start
         if kind == "final":
             if comm.is_root:
                 print(f"stage {stage.name}: already complete; skipped", file=sys.stderr)
             return {**value, "done": True}
-        resume_from = sdir / "checkpoints" / value if kind == "checkpoint" else None
+        resume_from = value if kind == "checkpoint" else None
         resuming = resume_from is not None
         train, val = self.splits[stage.level]
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
@@ -372,68 +207,24 @@ class PlanRunner:
             # broadcasts the fused weights to the rest of the stage's ranks.
             fused = self.fused_start(stage, model)
             model.load_state_dict(fused)
-            # Kept beside the stage's checkpoints: what the stage started from.
-            checkpoint.save_atomic({"model": fused, "fusion": stage.config.fusion,
-                                    "fuse_from": list(stage.config.fuse_from)}, sdir / "init.pt")
-        log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=comm.is_root)
+            run_dir.save_init(stage.name, {"model": fused, "fusion": stage.config.fusion,
+                                           "fuse_from": list(stage.config.fuse_from)})
+        log = MetricsLog(run_dir.metrics, enabled=comm.is_root)
         progress = Progress(0, comm.is_root, cfg.log.progress_s)
-        trainer = Trainer(cfg, stage, comm, model, train, val, sdir, log, progress, self.clock,
-                          self.horovod)
+        trainer = Trainer(cfg, stage, comm, model, train, val, run_dir.checkpoint_dir(stage.name),
+                          log, progress, self.clock, self.horovod)
         progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
         if result["done"] and comm.is_root:
-            checkpoint.save_atomic({"model": model.state_dict(), "stage": stage.name,
-                                    "level": stage.level, "result": result,
-                                    "config": config_to_dict(cfg)}, sdir / FINAL)
+            run_dir.save_final(stage.name, {"model": model.state_dict(), "stage": stage.name,
+                                            "level": stage.level, "result": result,
+                                            "config": config_to_dict(cfg)})
         comm.barrier()
         return result
 
-    def _resume_point(self, stage: Stage, comm: Comm
-                      ) -> tuple[str, Any, dict[str, Any] | None]:
-        """Where `stage` starts: ("fresh", None), ("checkpoint", file name) or ("final",
-        its result) for a stage a resumed run skips. The stage's first rank looks and
-        tells the others, so that every rank of the stage continues from the same file
-        (ranks that each listed the directory could see different files: a node's stale
-        cache of it). The third item: the checkpoint the first rank has loaded, or None."""
-        if not self.resume:
-            return "fresh", None, None
-        answer: tuple[str, Any] = ("fresh", None)
-        loaded: dict[str, Any] | None = None
-        if comm.is_root:
-            try:
-                answer, loaded = self._find_resume_point(stage)
-            except UserError as e:  # every rank of the stage raises it, not this one alone
-                answer = ("error", str(e))
-        kind, value = comm.broadcast_object(answer)
-        if kind == "error":
-            raise UserError(value)
-        return kind, value, loaded
-
-    def _find_resume_point(self, stage: Stage
-                           ) -> tuple[tuple[str, Any], dict[str, Any] | None]:
-        sdir = self.stage_dir(stage)
-        if (sdir / FINAL).exists():
-            done = torch.load(sdir / FINAL, map_location="cpu", weights_only=False)
-            changed = config_changes(done["config"], config_to_dict(self.cfg))
-            if changed:
-                raise UserError(
-                    f"the config differs from the one stage {stage.name!r} was trained with, "
-                    f"in {changed}; resume with the run's own config (RUN_DIR/config.toml) "
-                    "or start a new --run-dir")
-            result = done["result"]
-            if result["epoch"] >= stage.train.epochs or result.get("budget_reached"):
-                return ("final", result), None
-            # More epochs asked for than were run: continue from its last checkpoint.
-        if checkpoint.list_checkpoints(sdir / "checkpoints"):
-            kept = self._loaded.pop(stage.name, None)
-            path, state = kept or checkpoint.load_latest(sdir / "checkpoints")
-            return ("checkpoint", path.name), state
-        return ("fresh", None), None
-
     def fused_start(self, stage: Stage, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         by_name = {s.name: s for s in self.stages}
-        sources = [torch.load(self.stage_dir(by_name[name]) / FINAL, map_location="cpu",
-                              weights_only=False)["model"] for name in stage.config.fuse_from]
+        sources = [self.run_dir.load_final(name)["model"] for name in stage.config.fuse_from]
         # For prolong: the resolution-dependent dense layers of the first source and of
         # this stage's model (architectures report them; see dense_input_shapes).
         first = by_name[stage.config.fuse_from[0]]
@@ -456,20 +247,17 @@ class PlanRunner:
 def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
           stop: StopAt | None = None) -> dict[str, Any]:
     """Run the plan. `resume`: False, True (a checkpoint must exist) or "auto"."""
-    run_dir = Path(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
+    directory = RunDir(run_dir if run_dir is not None else Path("runs") / cfg.run.name)
     preempt.install()
     comm = comm_dist.init(cfg.comm.timeout_s)
     # Rank 0 looks, takes the run directory's lock, and tells the others: ranks that each
     # listed the directory could disagree (a node's stale view of it) and then make
     # different collective calls. All of it before staging copies anything.
     found: tuple[bool, str | None] = (False, None)
-    lock: int | None = None
-    created = comm.is_root and not run_dir.exists()
-    lock_created = comm.is_root and not (run_dir / ".lock").exists()
     if comm.is_root:
         try:
-            lock = lock_run_dir(run_dir)
-            found = (bool(run_checkpoints(run_dir)), None)
+            directory.lock()
+            found = (bool(directory.checkpoints()), None)
         except UserError as e:
             found = (False, str(e))
     has_checkpoint, problem = comm.broadcast_object(found)
@@ -480,24 +268,15 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
             # Continue if the run directory holds a checkpoint (a requeued job), else start.
             resume = has_checkpoint
         elif resume and not has_checkpoint:
-            raise UserError(f"--resume: {run_dir} holds no checkpoint to continue from; "
+            raise UserError(f"--resume: {directory} holds no checkpoint to continue from; "
                             "check --run-dir, or drop --resume to start the run "
                             "(--auto-resume does either)")
-        return _train_locked(cfg, comm, run_dir, bool(resume), stop)
+        return _train_locked(cfg, comm, directory, bool(resume), stop)
     finally:
-        if lock is not None:  # after summary.json: the run's last write
-            os.close(lock)
-        if lock_created and run_dir.is_dir():
-            # Refused before it wrote anything (a bad plan, say): leave the directory as it
-            # was, and no directory where there was none.
-            with contextlib.suppress(OSError):
-                if [p.name for p in run_dir.iterdir()] == [".lock"]:
-                    (run_dir / ".lock").unlink()
-                    if created:
-                        run_dir.rmdir()
+        directory.release()
 
 
-def _train_locked(cfg: Config, comm: Comm, run_dir: Path, resume: bool,
+def _train_locked(cfg: Config, comm: Comm, run_dir: RunDir, resume: bool,
                   stop: StopAt | None) -> dict[str, Any]:
     staged: Path | None = None
     if cfg.data.stage_to and cfg.data.path:
@@ -517,9 +296,7 @@ def _train_locked(cfg: Config, comm: Comm, run_dir: Path, resume: bool,
         result = runner.run()
     except preempt.Preempted as e:
         if comm.is_root:
-            # The batch script requeues the job when it finds this (srun's exit code
-            # alone cannot say it: --kill-on-bad-exit turns the others' 75 into kills).
-            (run_dir / preempt.MARKER).write_text(f"{e}\n")
+            run_dir.mark_preempted(str(e))
         # Leave together. Concurrent stages stop at their own steps, and the first rank to
         # exit ends the whole job (the launcher kills the rest): nobody goes before every
         # rank has its checkpoint written and rank 0 has written the marker.
@@ -541,7 +318,7 @@ def _train_locked(cfg: Config, comm: Comm, run_dir: Path, resume: bool,
     if staged is not None:
         staging.cleanup(staged, comm)
     if comm.is_root:
-        (run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        run_dir.write_summary(result)
     del runner  # its stages' models reference the process groups: free them before the groups
     comm_dist.shutdown(comm)  # every rank is here: leave together
     return result

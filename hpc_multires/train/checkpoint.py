@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from hpc_multires.data.store import fsync_dir
 from hpc_multires.errors import UserError
+from hpc_multires.files import atomic_path
 
 # epoch-0003.pt: the end of epoch 3; epoch-0004-step-00000123.pt: inside epoch 4.
 NAME = re.compile(r"epoch-(\d{4,})(?:-step-(\d{8,}))?\.pt")
@@ -50,27 +50,8 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)  # the rename itself, durable
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """`path` holds `text` or what it held before, never a part: a temporary file in the
-    same directory, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def prune(directory: Path, keep: int) -> None:

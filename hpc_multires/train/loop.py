@@ -67,7 +67,7 @@ class Trainer:
     """Trains one stage's model on its ranks; state lives in its checkpoints only."""
 
     def __init__(self, cfg: Config, stage: Stage, comm: Comm, model: nn.Module, train: Split,
-                 val: Split, stage_dir: Path, log: MetricsLog, progress: Progress,
+                 val: Split, ckpt_dir: Path, log: MetricsLog, progress: Progress,
                  clock: Callable[[], float], horovod: HorovodGroups | None = None) -> None:
         self.cfg = cfg
         self.stage = stage
@@ -76,7 +76,7 @@ class Trainer:
         self.model = model.to(comm.device)
         self.train = train
         self.val = val
-        self.ckpt_dir = stage_dir / "checkpoints"
+        self.ckpt_dir = ckpt_dir
         self.log = log
         self.progress = progress
         self.clock = clock

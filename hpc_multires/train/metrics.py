@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
-from hpc_multires.train.checkpoint import write_text_atomic
+from hpc_multires.files import locked, write_atomic
 
 
 class MetricsLog:
@@ -28,33 +27,19 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
         line = json.dumps(clean) + "\n"
-        with open(self.path, "a") as f:
-            # Concurrent stages have their roots append to this one file, often from other
-            # nodes. On NFS an append is not atomic between clients, but under a POSIX lock
-            # the client rereads the file's end and writes it back before unlocking; where
-            # the file system has no locks the append goes ahead as it is.
-            locked = _lock(f)
-            try:
-                f.write(line)
-                f.flush()
-            finally:
-                if locked:
-                    fcntl.lockf(f, fcntl.LOCK_UN)
+        # Concurrent stages have their roots append to this one file, often from other
+        # nodes. On NFS an append is not atomic between clients, but under a POSIX lock
+        # the client rereads the file's end and writes it back before unlocking; where
+        # the file system has no locks the append goes ahead as it is.
+        with open(self.path, "a") as f, locked(f, posix=True):
+            f.write(line)
+            f.flush()
 
     def rewrite(self, records: list[dict[str, Any]]) -> None:
         """Replace the log with `records`, through a temporary file (a crash loses nothing)."""
         if not self.enabled:
             return
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def _lock(f: IO[str]) -> bool:
-    """An exclusive POSIX lock on the open file; False where the file system has none."""
-    try:
-        fcntl.lockf(f, fcntl.LOCK_EX)
-    except OSError:  # ENOLCK, EINVAL, ENOSYS: no lock manager (e.g. Lustre without flock)
-        return False
-    return True
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

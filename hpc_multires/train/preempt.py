@@ -13,7 +13,6 @@ import signal
 from types import FrameType
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later", what a requeued job does
-MARKER = "PREEMPTED"  # written to RUN_DIR by rank 0 when it stopped on a signal
 
 _received: list[str] = []
 

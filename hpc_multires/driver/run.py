@@ -41,6 +41,7 @@ from hpc_multires.plan.stages import Stage, describe_plan, resolve
 from hpc_multires.train import checkpoint, preempt
 from hpc_multires.train.loop import Split, StopAt, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress, read_metrics
+from hpc_multires.train.spec import RunSettings, StageSpec
 
 FINAL = "final.pt"
 
@@ -377,7 +378,13 @@ class PlanRunner:
                                     "fuse_from": list(stage.config.fuse_from)}, sdir / "init.pt")
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=comm.is_root)
         progress = Progress(0, comm.is_root, cfg.log.progress_s)
-        trainer = Trainer(cfg, stage, comm, model, train, val, sdir, log, progress, self.clock,
+        spec = StageSpec(name=stage.name, level=stage.level, group=stage.group,
+                         ranks=stage.ranks, train=stage.train, crop=stage.config.crop,
+                         fused=stage.config.init == "fuse")
+        run = RunSettings(seed=cfg.run.seed, data=cfg.data, log=cfg.log, comm=cfg.comm,
+                          dropout=cfg.model.dropout > 0,  # the only random layers
+                          config_record=config_to_dict(cfg))
+        trainer = Trainer(spec, run, comm, model, train, val, sdir, log, progress, self.clock,
                           self.horovod)
         progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
@@ -427,6 +434,12 @@ class PlanRunner:
         if checkpoint.list_checkpoints(sdir / "checkpoints"):
             kept = self._loaded.pop(stage.name, None)
             path, state = kept or checkpoint.load_latest(sdir / "checkpoints")
+            changed = config_changes(state["config"], config_to_dict(self.cfg))
+            if changed:
+                raise UserError(
+                    f"the config differs from the one {path} was trained with, in {changed}; "
+                    "resume with the run's own config (RUN_DIR/config.toml) or start a new "
+                    "--run-dir")
             return ("checkpoint", path.name), state
         return ("fresh", None), None
 

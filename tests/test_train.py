@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import write_arrays_store
 
+from hpc_multires.plan.compat import config_changes
 from hpc_multires.plan.load import config_to_dict, load_config
-from hpc_multires.train.loop import config_changes
 
 
 def records(run: Path, kind: str) -> list[dict]:

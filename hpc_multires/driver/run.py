@@ -36,6 +36,7 @@ from hpc_multires.plan.stages import Stage, describe_plan, resolve
 from hpc_multires.train import preempt
 from hpc_multires.train.loop import Split, StopAt, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress
+from hpc_multires.train.spec import RunSettings, StageSpec
 
 
 def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
@@ -211,7 +212,13 @@ class PlanRunner:
                                            "fuse_from": list(stage.config.fuse_from)})
         log = MetricsLog(run_dir.metrics, enabled=comm.is_root)
         progress = Progress(0, comm.is_root, cfg.log.progress_s)
-        trainer = Trainer(cfg, stage, comm, model, train, val, run_dir.checkpoint_dir(stage.name),
+        spec = StageSpec(name=stage.name, level=stage.level, group=stage.group,
+                         ranks=stage.ranks, train=stage.train, crop=stage.config.crop,
+                         fused=stage.config.init == "fuse")
+        run = RunSettings(seed=cfg.run.seed, data=cfg.data, log=cfg.log, comm=cfg.comm,
+                          dropout=cfg.model.dropout > 0,  # the only random layers
+                          config_record=config_to_dict(cfg))
+        trainer = Trainer(spec, run, comm, model, train, val, run_dir.checkpoint_dir(stage.name),
                           log, progress, self.clock, self.horovod)
         progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)

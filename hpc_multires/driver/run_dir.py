@@ -319,12 +319,7 @@ class RunDir:
 
         if self.final(stage.name).exists():
             done = self.load_final(stage.name)
-            changed = config_changes(done["config"], config_to_dict(cfg))
-            if changed:
-                raise UserError(
-                    f"the config differs from the one stage {stage.name!r} was trained with, "
-                    f"in {changed}; resume with the run's own config (RUN_DIR/config.toml) "
-                    "or start a new --run-dir")
+            _same_computation(done["config"], cfg, f"stage {stage.name!r}")
             result = done["result"]
             if result["epoch"] >= stage.train.epochs or result.get("budget_reached"):
                 return ("final", result), None
@@ -333,6 +328,8 @@ class RunDir:
         if checkpoint.list_checkpoints(ckpts):
             kept = self._loaded.pop(stage.name, None)
             path, state = kept or checkpoint.load_latest(ckpts)
+            # The one check for every rank of the stage: the others load this same file.
+            _same_computation(state["config"], cfg, str(path))
             return ("checkpoint", path.name), state
         return ("fresh", None), None
 
@@ -377,3 +374,13 @@ class RunDir:
             except (OSError, ValueError):
                 return "unfinished"
         return "unfinished"
+
+
+def _same_computation(saved: dict[str, Any], cfg: Config, what: str) -> None:
+    """Refuse to continue from a model trained with a config that computes something else
+    (plan/compat.py says which keys a resume may change)."""
+    changed = config_changes(saved, config_to_dict(cfg))
+    if changed:
+        raise UserError(
+            f"the config differs from the one {what} was trained with, in {changed}; resume "
+            "with the run's own config (RUN_DIR/config.toml) or start a new --run-dir")

@@ -1,7 +1,11 @@
-"""`hpc-multires report RUN_DIR...`: a summary table and validation MAE against wall time.
+"""`hpc-multires report RUN_DIR...`: a summary table and the validation metric against
+wall time.
 
-Several runs share one plot, and every stage of a multi-stage run is its own curve on
-the run's wall-clock axis (coarse levels dashed), so methods compare at a glance.
+Each run is reported by its headline metric, which its start record names (`headline`,
+`higher_is_better`): val_mae (lower is better) for regression, val_psnr (higher is
+better) for the image tasks; records written before the name was recorded count as
+val_mae. Several runs share one plot, and every stage of a multi-stage run is its own curve
+on the run's wall-clock axis (coarse levels dashed), so methods compare at a glance.
 """
 
 from __future__ import annotations
@@ -30,19 +34,27 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     last_epochs = [r for r in epochs if r.get("stage", "main") == last_stage]
     last = last_epochs[-1] if last_epochs else {}
     first = starts.get(last_stage, {})
+    metric = str(first.get("headline", "val_mae"))
+    higher = bool(first.get("higher_is_better", False))
     curves: dict[str, dict[str, Any]] = {}
     for r in epochs:
-        if r.get("val_mae") is None:
+        if r.get(metric) is None:
             continue
         c = curves.setdefault(r.get("stage", "main"), {"level": r.get("level", 0), "points": []})
-        c["points"].append((r["wall_s"], r["val_mae"]))
+        c["points"].append((r["wall_s"], r[metric]))
+    values = [r[metric] for r in last_epochs if r.get(metric) is not None]
+    # What a trivial model scores: the training mean (regression), the corrupted input
+    # itself (an image task).
+    reference = first.get("val_mae_mean_predictor", last.get("val_psnr_input"))
     return {"run": run_dir.name, "status": run.status(), "stages": len(order),
             "ranks": first.get("world_size"),
             "epochs": last.get("epoch", 0), "wall_s": max(r.get("wall_s") or 0 for r in records),
-            "samples_per_s": last.get("samples_per_s"), "val_mae": last.get("val_mae"),
-            "best_val_mae": min((r["val_mae"] for r in last_epochs
-                                 if r.get("val_mae") is not None), default=None),
-            "mean_predictor_mae": first.get("val_mae_mean_predictor"), "curves": curves}
+            "samples_per_s": last.get("samples_per_s"), "metric": metric,
+            "higher_is_better": higher, "final": last.get(metric),
+            "best": (max if higher else min)(values, default=None),
+            "reference": reference,
+            "reference_label": "predict the mean" if metric == "val_mae" else
+            "the corrupted input", "curves": curves}
 
 
 def _fmt(v: Any) -> str:
@@ -52,8 +64,8 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["run", "status", "stages", "ranks", "epochs", "wall_s", "samples_per_s", "val_mae",
-            "best_val_mae", "mean_predictor_mae"]
+    cols = ["run", "status", "stages", "ranks", "epochs", "wall_s", "samples_per_s", "metric",
+            "final", "best", "reference"]
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
@@ -72,16 +84,20 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     for i, r in enumerate(rows):
         color = colors[i % len(colors)]
         for stage, curve in r["curves"].items():
-            t, mae = zip(*curve["points"], strict=True)
+            t, value = zip(*curve["points"], strict=True)
             label = r["run"] if r["stages"] == 1 else \
                 f"{r['run']}: {stage} (level {curve['level']})"
-            ax.plot(t, mae, marker="o", ms=3, color=color, label=label,
+            ax.plot(t, value, marker="o", ms=3, color=color, label=label,
                     ls="-" if curve["level"] == 0 else "--", alpha=1 if curve["level"] == 0 else .6)
-        if r["mean_predictor_mae"] is not None and i == 0:
-            ax.axhline(r["mean_predictor_mae"], ls=":", color="grey", label="predict the mean")
+        if r["reference"] is not None and i == 0:
+            ax.axhline(r["reference"], ls=":", color="grey", label=r["reference_label"])
+    metrics = sorted({r["metric"] for r in rows})
+    name = " / ".join(m.removeprefix("val_").upper() for m in metrics)
+    better = {("higher" if r["higher_is_better"] else "lower") for r in rows}
     ax.set_xlabel("wall time since the run started (s)")
-    ax.set_ylabel("validation MAE")
-    ax.set_title("validation MAE against wall time (dashed: coarse levels)")
+    ax.set_ylabel(f"validation {name}" + (f" ({better.pop()} is better)" if len(better) == 1
+                                          else ""))
+    ax.set_title(f"validation {name} against wall time (dashed: coarse levels)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -181,6 +181,58 @@ def tiny_config(tmp_path: Path, tiny_cosmo: Path) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 synthetic grey images of 32x32 in [0, 1] with pyramid levels 1 and 2."""
+    out = tmp_path_factory.mktemp("images") / "img32"
+    r = run_cli(["data", "synth", "images", "--out", str(out), "--samples", "48", "--size",
+                 "32", "--samples-per-shard", "16", "--seed", "4"])
+    assert r.returncode == 0, r.stderr
+    r = run_cli(["data", "pyramid", str(out), "--levels", "2"])
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+IMAGES_CONFIG = """
+[run]
+name = "images"
+seed = 1
+
+[data]
+path = "{data}"
+val_fraction = 0.25
+num_workers = {workers}
+
+[task]
+kind = "denoise"
+t_range = [0.5, 1.0]
+
+[model]
+name = "unet"
+unet_base_channels = 4
+unet_multipliers = [1, 2]
+
+[train]
+epochs = {epochs}
+global_batch = 8
+lr = 3e-3
+
+[log]
+every_steps = 1
+"""
+
+
+@pytest.fixture
+def images_config(tmp_path: Path, tiny_images: Path) -> Callable[..., Path]:
+    """A denoising run on tiny_images with a small UNet; `extra` is appended (stages)."""
+    def make(epochs: int = 2, workers: int = 0, extra: str = "") -> Path:
+        p = tmp_path / f"images-{epochs}-{workers}-{abs(hash(extra))}.toml"
+        p.write_text(IMAGES_CONFIG.format(data=tiny_images, epochs=epochs, workers=workers)
+                     + extra)
+        return p
+    return make
+
+
 SHM = Path("/dev/shm")
 SHM_LEFTOVERS = ("mpich_shm_", "sem.mp-")  # MPICH's node segments, multiprocessing's locks
 

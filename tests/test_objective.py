@@ -19,6 +19,7 @@ from hpc_multires.comm.ranks import RankInfo
 from hpc_multires.data.config import DataConfig
 from hpc_multires.data.sampler import GlobalBatchSampler
 from hpc_multires.data.store import SampleStore
+from hpc_multires.errors import ConfigError
 from hpc_multires.train.config import LogConfig, TrainConfig
 from hpc_multires.train.loop import Split, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress
@@ -191,14 +192,39 @@ def test_a_custom_objective_changes_what_is_trained(small_store: Path, tmp_path:
         assert "val_mae_mean_predictor" in records[0]
 
 
-def test_requests_the_loop_cannot_read_yet_are_refused(small_store: Path,
-                                                       tmp_path: Path) -> None:
+class CoarseFirst(Regression):
+    def requests(self, level: int, global_batch: int) -> list[BatchRequest]:
+        return [BatchRequest(level + 1, global_batch)]
+
+
+class OddBatch(Regression):
+    def requests(self, level: int, global_batch: int) -> list[BatchRequest]:
+        return [BatchRequest(level, global_batch), BatchRequest(level, 3)]
+
+
+def test_requests_the_loop_cannot_read_are_refused(small_store: Path, tmp_path: Path) -> None:
+    """A level the trainer has no training split of, a first request other than the stage's
+    own (it sets the epoch), a batch the stage's ranks do not divide."""
     store = SampleStore(small_store)
-    with pytest.raises(NotImplementedError, match="one batch per step"):
-        Trainer(StageSpec(name="s", level=0, group="all", ranks=(0,),
-                          train=TrainConfig(global_batch=4)),
-                RunSettings(seed=0), one_process(), nn.Linear(1, 1),
-                Split(store, np.arange(16)), Split(store, np.arange(16, 24)), tmp_path,
-                MetricsLog(tmp_path / "m.jsonl", enabled=False),
-                Progress(1, enabled=False, interval_s=30.0), time.monotonic,
-                objective=TwoLevels())
+
+    def trainer(objective: Objective, ranks: int = 1) -> Trainer:
+        # Only the construction runs (it refuses before any collective): rank 0 of `ranks`.
+        comm = Comm(RankInfo(rank=0, world_size=ranks, local_rank=0, local_size=ranks,
+                             node_index=0, node_count=1, launcher="single"),
+                    torch.device("cpu"))
+        return Trainer(StageSpec(name="s", level=0, group="all", ranks=tuple(range(ranks)),
+                                 train=TrainConfig(global_batch=4)),
+                       RunSettings(seed=0), comm, nn.Linear(1, 1),
+                       Split(store, np.arange(16)), Split(store, np.arange(16, 24)), tmp_path,
+                       MetricsLog(tmp_path / "m.jsonl", enabled=False),
+                       Progress(1, enabled=False, interval_s=30.0), time.monotonic,
+                       objective=objective)
+
+    with pytest.raises(ValueError, match=r"reads level 1, but the trainer has training data "
+                                         r"of levels \[0\] only"):
+        trainer(TwoLevels())
+    with pytest.raises(ValueError, match="must be the stage's own"):
+        trainer(CoarseFirst())
+    with pytest.raises(ConfigError, match="3 samples at level 0 is not divisible by the "
+                                          "stage's 2 ranks"):
+        trainer(OddBatch(), ranks=2)

@@ -99,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, run_dir=args.run_dir, resume=resume, stop=stop)
     if result.get("stopped"):
         _say("stopped as asked, with a checkpoint; continue with --resume")
-    elif "val_mae" in result:
-        _say(f"done: val_mae {result['val_mae']:.4f} after {result['wall_s']:.1f} s")
+    elif result.get("headline") in result:
+        name = result["headline"]
+        _say(f"done: {name} {result[name]:.4f} after {result['wall_s']:.1f} s")
     return 0
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hpc_multires.data.corrupt import Corruption, corrupt
 from hpc_multires.data.crop import region
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import DataError, SampleError
@@ -70,22 +71,37 @@ class WindowedBatch(NamedTuple):
     size: int
 
 
+class ReadCorruption(NamedTuple):
+    """Read for image restoration: the clean images as stored (not normalised), corrupted by
+    `spec` with `seed` (`data/corrupt.py`: each sample's corruption follows from (seed, its
+    index) alone, at every pyramid level). The batch's x is then the corrupted input and its
+    y the clean image, the target."""
+
+    spec: Corruption
+    seed: int
+
+
+Item = np.ndarray | WindowedBatch
+Arrays = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]
+
+
 class BatchReader(Dataset):
     """Item i of the dataset is a whole batch: an array of sample indices (or a
-    WindowedBatch) -> (x, y)."""
+    WindowedBatch) -> (x, y); with `corruption`, (corrupted x, clean x)."""
 
-    def __init__(self, store: SampleStore) -> None:
+    def __init__(self, store: SampleStore, corruption: ReadCorruption | None = None) -> None:
         self.store = store
+        self.corruption = corruption
 
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, item: np.ndarray | WindowedBatch
-                    ) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray] | _Failure:
+    def __getitem__(self, item: Item) -> Arrays | _Failure:
         if isinstance(item, WindowedBatch):
             batch, regions = item.indices, [region(s, item.size) for s in item.starts]
         else:
             batch, regions = item, [()] * len(item)
+        clean = self.corruption is not None
         try:
             # Reading in file order is kinder to the file system than permutation order.
             order = np.argsort(batch, kind="stable")
@@ -93,7 +109,7 @@ class BatchReader(Dataset):
             ys: list[np.ndarray] = [np.empty(0)] * len(batch)
             for i in order:
                 index = int(batch[i])
-                xs[i], ys[i] = self.store.read(index, regions[i])
+                xs[i], ys[i] = self.store.read(index, regions[i], normalise=not clean)
         except SampleError as e:  # its message names the sample and its shard
             return _Failure(str(e))
         except DataError as e:
@@ -101,9 +117,35 @@ class BatchReader(Dataset):
             # opened): the message names the file, this adds the sample.
             return _Failure(f"cannot read sample {index}: {e}")
         x, y = np.stack(xs), np.stack(ys)  # (b, C, *spatial), (b, P)
-        if x.nbytes <= PIPE_BYTES:
+        if self.corruption is not None:
+            try:
+                x, y = corrupt(x, batch, seed=self.corruption.seed, level=self.store.level,
+                               spec=self.corruption.spec), x  # (b, C, H, W) each
+            except ValueError as e:  # the driver checks the sizes first; say it in one line
+                return _Failure(f"cannot corrupt samples {batch[:4].tolist()}...: {e}")
+        if x.nbytes + y.nbytes <= PIPE_BYTES:
             return x, y
         return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class StepReader(Dataset):
+    """Item i is one step's batches, one per store (a training step that reads several
+    pyramid levels): a tuple of items -> a list of (x, y), in the same order."""
+
+    def __init__(self, readers: Sequence[BatchReader]) -> None:
+        self.readers = list(readers)
+
+    def __len__(self) -> int:
+        return len(self.readers[0])
+
+    def __getitem__(self, items: tuple[Item, ...]) -> list[Arrays] | _Failure:
+        out = []
+        for reader, item in zip(self.readers, items, strict=True):
+            got = reader[item]
+            if isinstance(got, _Failure):
+                return got
+            out.append(got)
+        return out
 
 
 def _as_is(item: object) -> object:
@@ -178,22 +220,36 @@ def worker_context() -> BaseContext:
     return _CONTEXT
 
 
-def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray | WindowedBatch],
-                    num_workers: int,
-                    prefetch: int, timeout_s: float = 0.0
+def iterate_batches(store: SampleStore, batches: Sequence[Item], num_workers: int,
+                    prefetch: int, timeout_s: float = 0.0,
+                    corruption: ReadCorruption | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes.
 
     With workers and `timeout_s` > 0, a wait of more than `timeout_s` for the next batch
     raises SampleError: a worker stuck in a read (a file system that stopped answering
     leaves it waiting in the kernel, alive and silent) would otherwise hold this rank, and
-    with it every rank, until the job's time limit.
+    with it every rank, until the job's time limit. With `corruption`, x is the corrupted
+    image and y the clean one (`ReadCorruption`).
     """
-    if not batches:
+    for (step,) in iterate_steps([store], [(b,) for b in batches], num_workers, prefetch,
+                                 timeout_s, [corruption]):
+        yield step
+
+
+def iterate_steps(stores: Sequence[SampleStore], steps: Sequence[tuple[Item, ...]],
+                  num_workers: int, prefetch: int, timeout_s: float = 0.0,
+                  corruptions: Sequence[ReadCorruption | None] | None = None
+                  ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Yield, for each step, [(x, y) of its batch from stores[0], from stores[1], ...]: the
+    batches of one step that reads several stores (pyramid levels) come together, read
+    ahead by one pool of `num_workers` processes. As `iterate_batches` otherwise."""
+    if not steps:
         return
+    corruptions = list(corruptions) if corruptions is not None else [None] * len(stores)
     loader = DataLoader(
-        BatchReader(store),
-        sampler=list(batches),
+        StepReader([BatchReader(s, c) for s, c in zip(stores, corruptions, strict=True)]),
+        sampler=list(steps),
         batch_size=None,
         collate_fn=_as_is,  # the default would turn small arrays into shared-memory tensors
         num_workers=num_workers,
@@ -209,7 +265,7 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray | WindowedB
     items = iter(loader)
     watch = _ReaderWatch(items)
     try:
-        yield from _batches(items, store, batches, timeout_s)
+        yield from _batches(items, stores[0], steps, timeout_s)
     finally:
         watch.stop()  # before the readers are ended on purpose
         # torch ends its readers with SIGTERM when they do not stop in time, but they
@@ -284,9 +340,8 @@ class _ReaderWatch:
         os.close(self._stop_w)
 
 
-def _batches(items: Iterator[Any], store: SampleStore,
-             batches: Sequence[np.ndarray | WindowedBatch],
-             timeout_s: float) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(items: Iterator[Any], store: SampleStore, batches: Sequence[object],
+             timeout_s: float) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The loader's items as tensors, its failures as one-line SampleErrors."""
     done = 0
     waited = 0.0
@@ -318,7 +373,6 @@ def _batches(items: Iterator[Any], store: SampleStore,
                 "training process)") from None
         if isinstance(item, _Failure):
             raise SampleError(item.message)
-        x, y = item
         done += 1
         waited = 0.0
-        yield torch.as_tensor(x), torch.as_tensor(y)
+        yield [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in item]

@@ -385,9 +385,12 @@ class SampleStore:
                 "the shard is corrupted: regenerate or re-copy it") from None
         return x, y
 
-    def read(self, index: int, region: tuple[slice, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, index: int, region: tuple[slice, ...] = (), normalise: bool = True
+             ) -> tuple[np.ndarray, np.ndarray]:
         """Model-ready x (C, *spatial) float32, normalised per channel, and y (P,) float32;
-        with `region`, only that block of the spatial axes."""
+        with `region`, only that block of the spatial axes. `normalise` False: x in its own
+        units after the read-time transform (images in [0, 1] stay in [0, 1], which a
+        restoration task's corruption and its PSNR assume)."""
         x, y = self.read_raw(index, region)
         x = transform(x, self.schema.x_transform)
         # NaN or infinity anywhere makes the sum non-finite: one cheap pass, no mask array.
@@ -396,6 +399,8 @@ class SampleStore:
             raise SampleError(f"sample {index} ({self.shards[shard].path.name}, row {row}) "
                               "holds NaN or infinity; remove or fix it in the source data and "
                               "rebuild the store")
+        if not normalise:
+            return x, y.astype(np.float32, copy=False)
         shape = (-1,) + (1,) * (x.ndim - 1)
         x -= self.mean.reshape(shape)  # in place: no temporaries of the sample's size
         x *= (1.0 / self.std).reshape(shape)

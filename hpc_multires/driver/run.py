@@ -29,6 +29,7 @@ from hpc_multires.data.store import SampleStore
 from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
+from hpc_multires.methods.mge import MultiscaleGradient, level_batch_sizes
 from hpc_multires.models import build_model
 from hpc_multires.plan.config import Config
 from hpc_multires.plan.load import config_to_dict
@@ -36,6 +37,8 @@ from hpc_multires.plan.stages import Stage, describe_plan, resolve
 from hpc_multires.train import preempt
 from hpc_multires.train.loop import Split, StopAt, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress
+from hpc_multires.train.objective import Objective, Regression
+from hpc_multires.train.restoration import Restoration
 from hpc_multires.train.spec import RunSettings, StageSpec
 
 
@@ -65,19 +68,91 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
     return (Split(store, np.arange(n_train)), Split(store, np.arange(n_train, len(store))))
 
 
+def build_objective(cfg: Config, stage: Stage) -> Objective:
+    """What the stage's steps compute: the task's objective (regression, or an image task),
+    under the stage's gradient estimator."""
+    task = cfg.task
+    base: Objective = Regression() if not task.restoration else Restoration(
+        task.corruption(), seed=cfg.run.seed, val_seed=task.val_seed,
+        ssim_weight=task.ssim_weight)
+    t = stage.train
+    if t.estimator == "mge":
+        return MultiscaleGradient(base, t.mge_levels, t.mge_growth, t.restriction)
+    return base
+
+
+def stage_levels(cfg: Config, stage: Stage) -> list[int]:
+    """The pyramid levels a stage reads (its own first), and checks what the data must
+    allow for its estimator (before any level is opened)."""
+    return sorted({r.level for r in build_objective(cfg, stage).requests(
+        stage.level, stage.train.global_batch)})
+
+
+def model_levels(stage: Stage) -> list[int]:
+    """The levels the stage's model runs on: its own, and the coarser ones of MGE."""
+    t = stage.train
+    return list(range(stage.level, stage.level + (t.mge_levels if t.estimator == "mge" else 1)))
+
+
+def check_mge(stage: Stage, spatial: tuple[int, ...], n_train: int) -> None:
+    """An MGE stage's levels against its level's samples (`spatial`) and training set."""
+    t = stage.train
+    if t.estimator != "mge":
+        return
+    where = f"stage {stage.name!r}: train.mge_levels = {t.mge_levels}"
+    size = "x".join(map(str, spatial))
+    halvings = t.mge_levels - 1
+    if min(spatial) >> halvings < 1:
+        raise ConfigError(
+            f"{where} reaches level {stage.level + halvings}, beyond the pyramid of samples "
+            f"of {size} at level {stage.level} (each level halves them): use at most "
+            f"{min(spatial).bit_length()} levels")
+    if any(n % 2**halvings for n in spatial):
+        raise ConfigError(
+            f"{where} restricts the samples of {size} at level {stage.level} {halvings} "
+            f"time(s) by {t.restriction!r}, but {2**halvings} does not divide their sides; "
+            "use fewer levels, or samples whose sides 2^(mge_levels - 1) divides")
+    sizes = level_batch_sizes(t.global_batch, t.mge_levels, t.mge_growth)
+    if max(sizes) > n_train:
+        raise ConfigError(
+            f"{where} with mge_growth = {t.mge_growth:g} gives level batches {sizes}, the "
+            f"largest more than the {n_train} training samples; lower the global batch, "
+            "mge_growth or mge_levels, or use more data")
+    if any(n % len(stage.ranks) for n in sizes):
+        raise ConfigError(
+            f"{where} with mge_growth = {t.mge_growth:g} gives level batches {sizes}, not all "
+            f"divisible by the stage's {len(stage.ranks)} ranks; choose a global batch and "
+            "growth whose every level's batch they divide (e.g. growth 2 and a global batch "
+            "divisible by the ranks)")
+
+
 def open_levels(cfg: Config, data: DataConfig,
                 stages: list[Stage]) -> dict[int, tuple[Split, Split]]:
     """Every level the stages need, opened (and so checked) before anything runs, with a
     model built for each so that one unfit for a level fails now, and so that a bottom-top
     fusion asking for more layers than its models have fails before the stages it fuses
-    from have trained; a stage whose global batch exceeds its training set fails here too.
-    `hpc-multires plan` runs the same checks. The highest level is opened first: if the
-    pyramid is missing, its fix then builds every level needed."""
-    splits = {level: open_splits(data, level)
-              for level in sorted({s.level for s in stages}, reverse=True)}
-    models = {level: build_model(cfg.model, train.store.sample_shape,
-                                 train.store.schema.num_labels, level)
-              for level, (train, _) in splits.items()}
+    from have trained; a stage whose global batch exceeds its training set fails here too,
+    and an MGE stage whose levels the samples cannot take. `hpc-multires plan` runs the same
+    checks. The highest level is opened first: if the pyramid is missing, its fix then
+    builds every level needed."""
+    base = open_splits(data, 0)  # the level-0 headers give every level's sample size
+    schema, n_train = base[0].store.schema, len(base[0].indices)
+    for s in stages:
+        check_mge(s, schema.spatial_at(s.level), n_train)
+    levels = {level for s in stages for level in stage_levels(cfg, s)}
+    splits = {level: base if level == 0 else open_splits(data, level)
+              for level in sorted(levels, reverse=True)}
+    models = {}
+    for s in stages:
+        for level in model_levels(s):
+            if level in models:
+                continue
+            try:
+                models[level] = build_model(cfg.model, (schema.channels,
+                                                        *schema.spatial_at(level)),
+                                            schema.num_labels, level)
+            except ConfigError as e:
+                raise ConfigError(f"stage {s.name!r} at level {level}: {e}") from None
     by_name = {s.name: s for s in stages}
     for s in stages:
         n_train = len(splits[s.level][0].indices)
@@ -86,6 +161,11 @@ def open_levels(cfg: Config, data: DataConfig,
                 f"stage {s.name!r}: the training set has {n_train} samples, fewer than its "
                 f"global batch {s.train.global_batch}; lower the global batch or use more data")
         spatial = splits[s.level][0].store.sample_shape[1:]
+        if cfg.task.kind == "sr" and any(n % 2 for n in spatial):
+            raise ConfigError(
+                f"stage {s.name!r}: task.kind = \"sr\" halves the images, but they are "
+                f"{'x'.join(map(str, spatial))} at level {s.level}; train it on a level "
+                "with even sides")
         if s.config.crop > min(spatial):
             raise ConfigError(
                 f"stage {s.name!r}: crop = {s.config.crop} is larger than the samples at "
@@ -201,6 +281,8 @@ class PlanRunner:
         resume_from = value if kind == "checkpoint" else None
         resuming = resume_from is not None
         train, val = self.splits[stage.level]
+        objective = build_objective(cfg, stage)
+        levels = {level: self.splits[level][0] for level in stage_levels(cfg, stage)}
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
         model = build_model(cfg.model, train.store.sample_shape, self.num_outputs, stage.level)
         if stage.config.init == "fuse" and not resuming and comm.is_root:
@@ -218,9 +300,10 @@ class PlanRunner:
         run = RunSettings(seed=cfg.run.seed, data=cfg.data, log=cfg.log, comm=cfg.comm,
                           dropout=cfg.model.dropout > 0,  # the only random layers
                           config_record=config_to_dict(cfg))
-        trainer = Trainer(spec, run, comm, model, train, val, run_dir.checkpoint_dir(stage.name),
-                          log, progress, self.clock, self.horovod)
-        progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
+        trainer = Trainer(spec, run, comm, model, levels, val,
+                          run_dir.checkpoint_dir(stage.name), log, progress, self.clock,
+                          self.horovod, objective)
+        progress.total = trainer.total_steps
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
         if result["done"] and comm.is_root:
             run_dir.save_final(stage.name, {"model": model.state_dict(), "stage": stage.name,

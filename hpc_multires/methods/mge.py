@@ -41,6 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpc_multires.data.loader import ReadCorruption
+from hpc_multires.train.objective import Batch as TrainBatch
+from hpc_multires.train.objective import BatchRequest, Objective, StepLoss, Validation
+
 RestrictMode = Literal["avg", "nearest", "bilinear"]
 RESTRICT_MODES: tuple[str, ...] = ("avg", "nearest", "bilinear")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,6 +54,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 __all__ = [
     "RESTRICT_MODES",
     "MGELoss",
+    "MultiscaleGradient",
     "RestrictMode",
     "draw_level_indices",
     "level_batch_sizes",
@@ -190,3 +195,75 @@ def mge_loss(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch],
         total = term if total is None else total + term
     assert total is not None
     return MGELoss(total, tuple(terms))
+
+
+class MultiscaleGradient(Objective):
+    """MGE as a stage's objective: the loss of `mge_loss` over one batch per level, each its
+    own draw, with the per-batch criterion of the objective it wraps (`base`: regression,
+    or an image task, whose clean targets are restricted with the inputs).
+
+    The stage's own level is the finest; level l of the estimator is pyramid level
+    (stage level + l). With restriction "avg" each level's batch is read from its pyramid
+    level (which holds exactly the block means of the finer one); with "nearest" or
+    "bilinear" every batch is read at the stage's level and restricted l times here, so
+    each coarse term sees the restriction its correction uses. Validation, the corruption
+    of an image task and the headline are the base objective's.
+    """
+
+    def __init__(self, base: Objective, levels: int, growth: float,
+                 restriction: RestrictMode = "avg") -> None:
+        if restriction not in RESTRICT_MODES:
+            raise ValueError(f"restriction {restriction!r}: use one of {RESTRICT_MODES}")
+        self.base = base
+        self.levels = levels
+        self.growth = growth
+        self.restriction = restriction
+        self.headline = base.headline
+        self.higher_is_better = base.higher_is_better
+
+    @property
+    def from_pyramid(self) -> bool:
+        """Each level's batch is read from its own pyramid level (avg restriction)."""
+        return self.restriction == "avg"
+
+    def sizes(self, global_batch: int) -> list[int]:
+        """Each level's global batch, finest first."""
+        return level_batch_sizes(global_batch, self.levels, self.growth)
+
+    def requests(self, level: int, global_batch: int) -> list[BatchRequest]:
+        return [BatchRequest(level + (k if self.from_pyramid else 0), n)
+                for k, n in enumerate(self.sizes(global_batch))]
+
+    def loss(self, model: nn.Module, batches: Sequence[TrainBatch], step: int) -> StepLoss:
+        finest = batches[0].level
+        pairs = []
+        for k, batch in enumerate(batches):  # batch k on level finest + k
+            times = finest + k - batch.level  # restrictions still to apply (0 from the pyramid)
+            x, y = batch.x, batch.y  # (b_k, C, *S), (b_k, P) or (b_k, C, *S)
+            if times:
+                x = restrict(x, self.restriction, times)
+                if y.dim() > 2:
+                    y = restrict(y, self.restriction, times)
+            pairs.append((x, y))
+        out = mge_loss(model, self.base.criterion, pairs, self.restriction,
+                       restrict_targets=batches[0].y.dim() > 2)
+        # Each level's term, finest first: the corrections, then the coarsest loss.
+        return StepLoss(out.loss, {f"mge_term{k}": t for k, t in enumerate(out.terms)})
+
+    def criterion(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.base.criterion(prediction, target)
+
+    def validation(self, label_names: Sequence[str], crop: int) -> Validation:
+        return self.base.validation(label_names, crop)
+
+    def corruption(self, epoch: int | None) -> ReadCorruption | None:
+        return self.base.corruption(epoch)
+
+    def reference(self, train_y: np.ndarray, val_y: np.ndarray) -> dict[str, float]:
+        return self.base.reference(train_y, val_y)
+
+    def step_work(self, requests: Sequence[BatchRequest], dims: int) -> float:
+        # Every correction evaluates its batch at two levels, the coarsest term at one.
+        finest = requests[0].level
+        return mge_step_cost([r.global_batch for r in requests], dims) \
+            * 2.0 ** (-dims * finest)

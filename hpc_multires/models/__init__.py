@@ -7,8 +7,11 @@ from torch import nn
 from hpc_multires.errors import ConfigError
 from hpc_multires.models.config import ModelConfig
 from hpc_multires.models.cosmoflow import CosmoFlow
+from hpc_multires.models.espcn import ESPCN
 from hpc_multires.models.neuron_inverter import NeuronInverter
+from hpc_multires.models.resnet2d import ResNet2d
 from hpc_multires.models.scale import block_pools, grid_factor
+from hpc_multires.models.unet import UNet
 
 
 def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
@@ -16,7 +19,10 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
     """The network named by `cfg`, sized for samples of `sample_shape` (C, *spatial) at
     pyramid `level` (which sets the poolings when cfg.coarse_pools is "drop", the first
     convolution's stride when cfg.stem_level is set, and the kernels and pooling windows
-    when cfg.kernel_level is set)."""
+    when cfg.kernel_level is set). The image-to-image networks (unet, resnet2d, espcn) give
+    as many channels as they take, and ignore `num_outputs` (the labels)."""
+    if cfg.image_to_image:
+        return _image_model(cfg, sample_shape)
     stride = grid_factor(level, cfg.stem_level)
     factor = grid_factor(level, cfg.kernel_level)
     if cfg.name == "cosmoflow":
@@ -48,4 +54,27 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
     raise ConfigError(f"unknown model.name {cfg.name!r}")
 
 
-__all__ = ["CosmoFlow", "NeuronInverter", "build_model"]
+def _image_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> nn.Module:
+    """A 2D image-to-image network for images of `sample_shape` (C, H, W); a UNet deeper
+    than their sides allow is a ConfigError naming how many multipliers fit."""
+    if len(sample_shape) != 3:
+        raise ConfigError(
+            f"model.name = {cfg.name!r} takes 2D images (C, H, W); the dataset's samples have "
+            f"shape {sample_shape}")
+    channels = sample_shape[0]
+    if cfg.name == "unet":
+        try:
+            return UNet(in_channels=channels, base_channels=cfg.unet_base_channels,
+                        multipliers=cfg.unet_multipliers, spatial=sample_shape[1:],
+                        residual=cfg.residual)
+        except ConfigError as e:  # name the keys the user sets
+            raise ConfigError(f"model.unet_multipliers = {list(cfg.unet_multipliers)}: {e}"
+                              .replace("multipliers (e.g.", "multipliers (model.unet_multipliers"
+                                       " =")) from None
+    if cfg.name == "resnet2d":
+        return ResNet2d(in_channels=channels, channels=cfg.resnet_channels,
+                        blocks=cfg.resnet_blocks, residual=cfg.residual)
+    return ESPCN(in_channels=channels, channels=cfg.espcn_channels)
+
+
+__all__ = ["ESPCN", "CosmoFlow", "NeuronInverter", "ResNet2d", "UNet", "build_model"]

@@ -7,13 +7,17 @@ from typing import Literal
 
 from hpc_multires.errors import require
 
+IMAGE_MODELS = ("unet", "resnet2d", "espcn")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """The network. Input channels, sample shape and outputs come from the dataset."""
 
-    name: Literal["cosmoflow", "neuron_inverter"] = "cosmoflow"
-    """Architecture: cosmoflow (3D samples) or neuron_inverter (1D traces)."""
+    name: Literal["cosmoflow", "neuron_inverter", "unet", "resnet2d", "espcn"] = "cosmoflow"
+    """Architecture: cosmoflow (3D samples) or neuron_inverter (1D traces), regressing the
+    labels; unet, resnet2d or espcn (2D images, for the image tasks of [task]): image to
+    image, fully convolutional, one set of weights on every pyramid level."""
     width: float = 1.0
     """Width multiplier. cosmoflow: the first conv block has round(32 * width) filters,
     doubling per block; neuron_inverter: each block has round(conv_channels[i] * width)."""
@@ -72,6 +76,27 @@ class ModelConfig:
     coarser run the plain network. Train the baseline with the same setting to compare
     like with like."""
 
+    unet_base_channels: int = 32
+    """unet: channels of the first encoder stage."""
+    unet_multipliers: tuple[int, ...] = (1, 2, 4)
+    """unet: channels of each encoder stage as multiples of unet_base_channels; the image is
+    halved between stages, so every level's sides must be divisible by 2^(stages - 1)."""
+    resnet_channels: int = 128
+    """resnet2d: feature maps of its residual blocks."""
+    resnet_blocks: int = 2
+    """resnet2d: residual blocks (each two 3x3 convolutions)."""
+    espcn_channels: tuple[int, ...] = (64, 32)
+    """espcn: the two hidden widths (it upscales by 2: task.sr_input = "half")."""
+    residual: bool = True
+    """unet, resnet2d: add the input image to the network's output, so it learns the
+    correction of its input (a restoration starts from "change nothing"); false: it
+    predicts the clean image itself."""
+
+    @property
+    def image_to_image(self) -> bool:
+        """The network maps an image to an image (the image tasks), not to labels."""
+        return self.name in IMAGE_MODELS
+
     def check(self) -> None:
         """Raise ConfigError naming the key and the fix for a value that cannot work."""
         m = self
@@ -101,3 +126,14 @@ class ModelConfig:
                 "model.kernel_level", m.kernel_level,
                 "use model.kernel_level alone: model.stem_level and model.coarse_pools = "
                 "'drop' change the same layers in another way")
+        require(m.unet_base_channels >= 1, "model.unet_base_channels", m.unet_base_channels,
+                "use 1 or more, e.g. 32")
+        require(len(m.unet_multipliers) >= 1 and min(m.unet_multipliers) >= 1,
+                "model.unet_multipliers", m.unet_multipliers,
+                "use one or more positive multiples, e.g. [1, 2, 4]")
+        require(m.resnet_channels >= 1, "model.resnet_channels", m.resnet_channels,
+                "use 1 or more, e.g. 64")
+        require(m.resnet_blocks >= 0, "model.resnet_blocks", m.resnet_blocks, "use 0 or more")
+        require(len(m.espcn_channels) == 2 and min(m.espcn_channels) >= 1,
+                "model.espcn_channels", m.espcn_channels, "give the two hidden widths, e.g. "
+                "[64, 32]")

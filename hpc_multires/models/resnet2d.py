@@ -40,7 +40,10 @@ class ResidualBlock(nn.Module):
 class ResNet2d(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int | None = None,
                  channels: int = 128, blocks: int = 2, kernel_size: int = 3,
-                 norm: Literal["group", "none"] = "group", groups: int = 8) -> None:
+                 norm: Literal["group", "none"] = "group", groups: int = 8,
+                 residual: bool = False) -> None:
+        """`residual`: add the input to the output, so the network learns the correction of
+        its input (as many output channels as input channels)."""
         super().__init__()
         if kernel_size % 2 == 0:
             raise ConfigError(f"ResNet2d kernel_size = {kernel_size}: use an odd kernel such as "
@@ -51,6 +54,11 @@ class ResNet2d(nn.Module):
             raise ConfigError(f"ResNet2d channels = {channels}, blocks = {blocks}: use "
                               "channels >= 1 and blocks >= 0")
         out_channels = in_channels if out_channels is None else out_channels
+        if residual and out_channels != in_channels:
+            raise ConfigError(f"a residual ResNet2d adds its input to its output: it needs as "
+                              f"many output channels as input channels, not {out_channels} for "
+                              f"{in_channels}")
+        self.residual = residual
         pad = kernel_size // 2
         self.stem = nn.Conv2d(in_channels, channels, kernel_size, padding=pad)
         self.blocks = nn.Sequential(*(ResidualBlock(channels, kernel_size, norm, groups)
@@ -60,4 +68,5 @@ class ResNet2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)
-        return self.head(self.blocks(self.stem(x)))
+        out = self.head(self.blocks(self.stem(x)))
+        return x + out if self.residual else out

@@ -57,9 +57,12 @@ def unet_size_error(spatial: Sequence[int], multipliers: Sequence[int]) -> Confi
 class UNet(nn.Module):
     def __init__(self, *, in_channels: int, out_channels: int | None = None,
                  base_channels: int = 32, multipliers: Sequence[int] = (1, 2, 4),
-                 groups: int = 8, spatial: Sequence[int] | None = None) -> None:
+                 groups: int = 8, spatial: Sequence[int] | None = None,
+                 residual: bool = False) -> None:
         """`spatial`: the (H, W) of the smallest images the network will see (its coarsest
-        level), checked here so that a depth they cannot take fails before training."""
+        level), checked here so that a depth they cannot take fails before training.
+        `residual`: add the input to the output, so the network learns the correction of
+        its input (as many output channels as input channels)."""
         super().__init__()
         if not multipliers or min(multipliers) < 1 or base_channels < 1:
             raise ConfigError(f"UNet base_channels = {base_channels}, multipliers = "
@@ -69,6 +72,11 @@ class UNet(nn.Module):
         if spatial is not None and (error := unet_size_error(spatial, self.multipliers)):
             raise error
         out_channels = in_channels if out_channels is None else out_channels
+        if residual and out_channels != in_channels:
+            raise ConfigError(f"a residual UNet adds its input to its output: it needs as many "
+                              f"output channels as input channels, not {out_channels} for "
+                              f"{in_channels}")
+        self.residual = residual
         widths = [base_channels * m for m in self.multipliers]
         self.encoder = nn.ModuleList()
         channels = in_channels
@@ -97,4 +105,4 @@ class UNet(nn.Module):
                 h = self.down(h)
         for up, block in zip(self.up, self.decoder, strict=True):
             h = block(torch.cat([up(h), skips.pop()], dim=1))
-        return self.head(h)
+        return x + self.head(h) if self.residual else self.head(h)

@@ -16,9 +16,10 @@ from typing import Literal
 
 from hpc_multires.comm.config import CommConfig
 from hpc_multires.data.config import DataConfig
-from hpc_multires.errors import require
+from hpc_multires.errors import ConfigError, require
 from hpc_multires.models.config import ModelConfig
 from hpc_multires.train.config import LogConfig, TrainConfig
+from hpc_multires.train.task import TaskConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +88,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -116,6 +118,8 @@ def _check_values(cfg: Config) -> None:
             "a config with [[stages]] takes each stage's own level; set it there (level = k, "
             "or --set stages.NAME.level=k) and leave data.level out")
     cfg.model.check()
+    cfg.task.check()
+    _check_task_and_model(cfg)
     cfg.train.check("train")
     for stage in cfg.stages:
         stage.train.check(f"stages.{stage.name}.train")
@@ -123,5 +127,28 @@ def _check_values(cfg: Config) -> None:
     cfg.log.check()
 
 
+def _check_task_and_model(cfg: Config) -> None:
+    """An image task needs an image-to-image network, and labels need the others."""
+    task, model = cfg.task, cfg.model
+    if task.restoration and not model.image_to_image:
+        raise ConfigError(
+            f"task.kind = {task.kind!r} restores images, but model.name = {model.name!r} "
+            "predicts labels; use model.name = \"unet\" or \"resnet2d\" (or \"espcn\" "
+            "with task.sr_input = \"half\")")
+    if model.image_to_image and not task.restoration:
+        raise ConfigError(
+            f"model.name = {model.name!r} maps images to images, but task.kind = "
+            f"{task.kind!r} fits labels; set task.kind to an image task (denoise, noise, "
+            "deblur, inpaint, sr) or use model.name = \"cosmoflow\" or \"neuron_inverter\"")
+    half = task.kind == "sr" and task.sr_input == "half"
+    if (model.name == "espcn") != half:
+        raise ConfigError(
+            "model.name = \"espcn\" upscales a half-size input: use it with task.kind = "
+            "\"sr\" and task.sr_input = \"half\"" if model.name == "espcn" else
+            "task.sr_input = \"half\" gives the model a half-size image to upscale, which "
+            "only model.name = \"espcn\" does; use sr_input = \"prolonged\" with a unet or "
+            "resnet2d")
+
+
 __all__ = ["FUSIONS", "CommConfig", "Config", "DataConfig", "LogConfig", "ModelConfig",
-           "RunConfig", "StageConfig", "TrainConfig"]
+           "RunConfig", "StageConfig", "TaskConfig", "TrainConfig"]

@@ -132,7 +132,7 @@ def check_plan(cfg: Config) -> None:
         if st.crop < 0:
             raise ConfigError(f"stage {st.name!r}: crop = {st.crop}; use a window size in "
                               "points per axis (e.g. 16), or 0 for whole samples")
-        if st.crop and cfg.model.head != "gap":
+        if st.crop and cfg.model.head != "gap" and not cfg.model.image_to_image:
             raise ConfigError(f"stage {st.name!r}: crop = {st.crop} trains on windows "
                               "smaller than the samples, which the flatten head's dense "
                               "layer cannot take; set model.head = \"gap\" (one network "
@@ -143,6 +143,29 @@ def check_plan(cfg: Config) -> None:
         seen.append(st.name)
     for name, spec in cfg.groups.items():
         group_ranks(name, spec, 1 << 20)  # syntax only; sizes are checked per world
+    for st in cfg.plan():
+        _check_stage_task(cfg, st)
+
+
+def _check_stage_task(cfg: Config, st: StageConfig) -> None:
+    """What the task and the model allow a stage: windows, the MGE estimator."""
+    where = f"stage {st.name!r}: " if cfg.stages else ""
+    key = f"stages.{st.name}.train" if cfg.stages else "train"
+    if st.crop and cfg.task.restoration:
+        raise ConfigError(f"{where}crop = {st.crop} with task.kind = {cfg.task.kind!r}: an "
+                          "image task corrupts whole images (its draws are laid out on the "
+                          "whole image); leave crop at 0")
+    t = st.train
+    if t.estimator == "mge" and st.crop:
+        raise ConfigError(f"{where}crop = {st.crop} with {key}.estimator = \"mge\": the "
+                          "estimator's levels take whole samples; leave crop at 0")
+    if t.estimator == "mge" and not cfg.model.image_to_image and cfg.model.head != "gap":
+        raise ConfigError(f"{where}{key}.estimator = \"mge\" runs the model on {t.mge_levels} "
+                          "levels with one set of weights, which the flatten head's dense "
+                          "layer cannot take; set model.head = \"gap\"")
+    if t.restriction == "bilinear" and t.estimator == "mge" and not cfg.model.image_to_image:
+        raise ConfigError(f"{where}{key}.restriction = \"bilinear\" is for 2D images; use "
+                          "\"avg\" or \"nearest\"")
 
 
 def resolve(cfg: Config, world: int) -> list[Stage]:
@@ -197,12 +220,18 @@ def describe_plan(stages: list[Stage]) -> str:
         start = "fresh" if s.config.init == "fresh" else \
             f"{s.config.fusion}({', '.join(s.config.fuse_from)})"
         n = s.train.epochs
-        length = f"{n} epoch{'' if n == 1 else 's'}" + (
+        count = f"{s.train.steps} steps" if s.train.steps else \
+            f"{n} epoch{'' if n == 1 else 's'}"
+        length = count + (
             f" or {s.train.time_budget_s:g} s" if s.train.time_budget_s else "")
         if s.train.schedule_epochs:  # a stage on part of a longer learning-rate schedule
             first = s.train.schedule_offset
             length += (f" (lr schedule epochs {first + 1:g}-{first + n:g} of "
                        f"{s.train.schedule_epochs:g})")
+        if s.train.estimator == "mge":
+            t = s.train
+            length += (f", mge over {t.mge_levels} levels (batch x{t.mge_growth:g} per level, "
+                       f"{t.restriction})")
         ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
         where = f"level {s.level}" + (f" windows {s.config.crop}" if s.config.crop else "")
         rows.append(f"    wave {s.wave}  {s.name:<12} {where}  ranks {ranks:<7} "

@@ -48,6 +48,27 @@ class TrainConfig:
     time_budget_s: float = 0.0
     """Stop the stage after this many seconds of training (0: run all epochs). A stage that
     reaches it is done: --resume skips it rather than training on."""
+    steps: int = 0
+    """Size the stage in optimizer steps instead of epochs (0: `epochs` decides). The last
+    epoch may be partial: the stage validates and checkpoints after its last step. The
+    learning-rate schedule spans these steps (with schedule_epochs, epochs of the stage's
+    steps per epoch, as before)."""
+    estimator: Literal["single", "mge"] = "single"
+    """The stage's gradient estimator. single: the loss of one global batch at the stage's
+    level. mge: the multiscale gradient estimator (methods/mge.py; Ahamed et al., arXiv
+    2501.12739): the gradient of the coarsest of `mge_levels` levels plus the corrections
+    (fine - coarse) of the finer ones, each on its own draw of samples, the batch growing by
+    `mge_growth` per coarser level (global_batch is the finest level's). Needs a model
+    that takes every level's size (a fully convolutional one, or head = "gap")."""
+    mge_levels: int = 2
+    """mge: the number of levels, the stage's own level the finest (2: one correction)."""
+    mge_growth: float = 2.0
+    """mge: each coarser level's batch is this many times the next finer one's (rounded)."""
+    restriction: Literal["avg", "nearest", "bilinear"] = "avg"
+    """mge: how a batch is restricted to the next coarser level for its correction. avg:
+    block means, what the pyramid holds, so each level's batch is read from the pyramid;
+    nearest or bilinear (antialiased, images only): every batch is read at the stage's
+    level and restricted on the fly, so the coarse terms see the same restriction."""
 
     def check(self, prefix: str = "train") -> None:
         """Raise ConfigError naming the key (under `prefix`: "train" or a stage's
@@ -79,6 +100,13 @@ class TrainConfig:
                 t.checkpoint_every_steps, "use 0 (epoch ends only) or a number of steps")
         require(t.time_budget_s >= 0, f"{prefix}.time_budget_s", t.time_budget_s,
                 "use 0 (no budget) or a positive number of seconds")
+        require(t.steps >= 0, f"{prefix}.steps", t.steps,
+                "use 0 (the stage runs `epochs` epochs) or a number of optimizer steps")
+        require(t.mge_levels >= 1, f"{prefix}.mge_levels", t.mge_levels,
+                "use 2 or more levels (1 is the plain single-level gradient)")
+        require(t.mge_growth >= 1.0, f"{prefix}.mge_growth", t.mge_growth,
+                "use a factor >= 1 (coarser levels are cheaper, so they take batches at "
+                "least as large)")
 
 
 @dataclass(frozen=True, kw_only=True)

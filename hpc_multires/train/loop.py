@@ -1,8 +1,10 @@
 """The training loop of one stage: read it top to bottom.
 
-Per step: read the batches the stage's objective asks for (prefetched in the background),
-its loss (`objective.py`), backward (DDP allreduces gradients among the stage's ranks
-during it), optimizer step, and the stop vote (`stop.py`). Every `log.every_steps` the
+Per step: read the batches the stage's objective asks for (prefetched in the background;
+one per request, each from its own sampler and its level's training split), its loss
+(`objective.py`), backward (DDP allreduces gradients among the stage's ranks during it),
+optimizer step, and the stop vote (`stop.py`). A stage lasts `train.epochs` epochs, or
+`train.steps` steps when set (its last epoch then partial). Every `log.every_steps` the
 mean loss over the stage's ranks is logged; every epoch the objective's validation
 metrics are computed over the whole validation set (each rank takes a disjoint share)
 and a checkpoint is written, and every `train.checkpoint_every_steps` in between.
@@ -14,7 +16,7 @@ plan. Whether a checkpoint's config allows resuming from it is the driver's ques
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from torch import nn
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.crop import window_rng, window_starts
-from hpc_multires.data.loader import WindowedBatch, iterate_batches
+from hpc_multires.data.loader import WindowedBatch, iterate_batches, iterate_steps
 from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import UserError
@@ -84,7 +86,8 @@ class Trainer:
     """Trains one stage's model on its ranks; state lives in its checkpoints only."""
 
     def __init__(self, stage: StageSpec, run: RunSettings, comm: Comm, model: nn.Module,
-                 train: Split, val: Split, ckpt_dir: Path, log: MetricsLog,
+                 train: Split | Mapping[int, Split], val: Split, ckpt_dir: Path,
+                 log: MetricsLog,
                  progress: Progress, clock: Callable[[], float],
                  horovod: HorovodGroups | None = None,
                  objective: Objective | None = None) -> None:
@@ -93,7 +96,9 @@ class Trainer:
         self.tcfg = stage.train
         self.comm = comm
         self.model = model.to(comm.device)
-        self.train = train
+        # The training split of every level the objective reads (a Split: the stage's own).
+        self.train_levels = dict(train) if isinstance(train, Mapping) else {stage.level: train}
+        self.train = self.train_levels[stage.level]
         self.val = val
         self.ckpt_dir = ckpt_dir
         self.log = log
@@ -102,12 +107,20 @@ class Trainer:
         self.horovod = horovod
         self.objective = objective if objective is not None else Regression()
         self.requests = self.objective.requests(stage.level, self.tcfg.global_batch)
-        check_requests(self.requests, stage.level, self.tcfg.global_batch)
+        check_requests(self.requests, stage.level, self.tcfg.global_batch,
+                       list(self.train_levels), comm.world_size)
         self.optimizer = build_optimizer(self.tcfg, list(self.model.parameters()))
-        # At least one step per epoch: driver.run.open_levels checked the training set
-        # against the global batch before any stage ran.
-        self.sampler = GlobalBatchSampler(train.indices, self.tcfg.global_batch, comm.rank,
-                                          comm.world_size, run.seed)
+        # One sampler per request, each its own draw (stream); the first sets the epoch. At
+        # least one step per epoch: driver.run.open_levels checked the training set against
+        # the global batch before any stage ran.
+        self.samplers = [GlobalBatchSampler(self.train_levels[r.level].indices, r.global_batch,
+                                            comm.rank, comm.world_size, run.seed, stream=i)
+                         for i, r in enumerate(self.requests)]
+        self.sampler = self.samplers[0]
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.total_steps = self.tcfg.steps or self.tcfg.epochs * self.steps_per_epoch
+        self.num_epochs = -(-self.total_steps // self.steps_per_epoch)
+        self.step_samples = sum(r.global_batch for r in self.requests)  # over the ranks
         self.crop = stage.crop  # 0: whole samples
 
     def tag(self) -> dict[str, Any]:
@@ -116,10 +129,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def batches(self, epoch: int, start_step: int) -> list[np.ndarray] | list[WindowedBatch]:
-        """This rank's batches of `epoch` from `start_step` on; for a stage on windows, each
-        with its windows' places, drawn per step (a resumed epoch draws the same ones)."""
-        batches = self.sampler.batches(epoch, start_step)
+    def epoch_steps(self, epoch: int) -> int:
+        """Steps of epoch `epoch`: all of it, or what is left of train.steps."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def batches(self, epoch: int, start_step: int, request: int = 0
+                ) -> list[np.ndarray] | list[WindowedBatch]:
+        """This rank's batches of `request` in `epoch` from `start_step` on; for a stage on
+        windows, each with its windows' places, drawn per step (a resumed epoch draws the
+        same ones)."""
+        batches = self.samplers[request].batches(epoch, start_step, self.epoch_steps(epoch))
         if not self.crop:
             return batches
         spatial = self.train.store.sample_shape[1:]
@@ -130,19 +149,22 @@ class Trainer:
 
     def read(self, epoch: int, start_step: int) -> Iterator[list[Batch]]:
         """Each step's batches of `epoch` from `start_step` on, on the device: one per
-        request of the objective (the one at the stage's level, today)."""
+        request of the objective, in its order."""
         data, device = self.run.data, self.comm.device
-        items = self.batches(epoch, start_step)
-        loaded = iterate_batches(self.train.store, items, data.num_workers, data.prefetch,
-                                 data.read_timeout_s)
-        indices: list[np.ndarray] = [b.indices if isinstance(b, WindowedBatch) else b
-                                     for b in items]  # (b,) each
+        per_request = [self.batches(epoch, start_step, i) for i in range(len(self.requests))]
+        steps: list[tuple[np.ndarray | WindowedBatch, ...]] = list(zip(*per_request,
+                                                                       strict=True))
+        corruption = self.objective.corruption(epoch)
+        loaded = iterate_steps([self.train_levels[r.level].store for r in self.requests],
+                               steps, data.num_workers, data.prefetch, data.read_timeout_s,
+                               [corruption] * len(self.requests))
         # The loader first in zip: once done, it ends its reader processes at once.
-        for (x, y), step_indices in zip(loaded, indices, strict=True):
-            yield [Batch(self.stage.level,
+        for arrays, items in zip(loaded, steps, strict=True):
+            yield [Batch(r.level,
                          x.to(device, non_blocking=True),  # (b, C, *spatial)
-                         y.to(device, non_blocking=True),  # (b, P)
-                         step_indices)]
+                         y.to(device, non_blocking=True),  # (b, P) or clean (b, C, *spatial)
+                         b.indices if isinstance(b, WindowedBatch) else b)  # (b,)
+                   for r, (x, y), b in zip(self.requests, arrays, items, strict=True)]
 
     # ------------------------------------------------------------------ state
 
@@ -200,7 +222,7 @@ class Trainer:
         # final.pt was not written) stays ended: no step past the budget.
         out_of_time = (bool(tcfg.time_budget_s) and at.epoch_step == 0
                        and at.elapsed_s >= tcfg.time_budget_s)
-        while at.epoch < tcfg.epochs and not out_of_time:
+        while at.epoch < self.num_epochs and not out_of_time:
             asked = stop is not None and stop.applies(self.stage.name, at.epoch)
             if asked and at.epoch_step == 0:
                 return {"done": False, "epoch": at.epoch, "step": at.step, **last_val}
@@ -209,7 +231,8 @@ class Trainer:
         if not last_val:  # resumed from the stage's last checkpoint: report where it ended
             last_val = self.evaluate()
         return {"done": True, "epoch": at.epoch, "step": at.step, "wall_s": self.clock(),
-                "budget_reached": out_of_time, **last_val}
+                "budget_reached": out_of_time, "headline": self.objective.headline,
+                **last_val}
 
     def begin(self, resume_from: Path | None, loaded: dict[str, Any] | None
               ) -> tuple[Position, dict[str, Any]]:
@@ -230,23 +253,23 @@ class Trainer:
         """Train the rest of epoch `at.epoch`, advancing `at`; returns the epoch's summed
         loss on this rank (on the device) and whether the time budget ended it."""
         tcfg, comm = self.tcfg, self.comm
-        spe = self.sampler.steps_per_epoch
-        total_steps = tcfg.epochs * spe
+        spe = self.steps_per_epoch
+        this_epoch = self.epoch_steps(at.epoch)
         ddp.train()
         loss_sum = torch.tensor(at.loss_carry, dtype=torch.float64, device=comm.device)
         mark = (self.clock(), at.step)  # the last log step, for samples/s since then
         out_of_time = False
         for batches in self.read(at.epoch, at.epoch_step):
-            lr = learning_rate(tcfg, at.step, total_steps, spe)
+            lr = learning_rate(tcfg, at.step, self.total_steps, spe)
             step_loss = self.step(ddp, batches, at.step, lr)
             loss_sum += step_loss.loss.detach()  # no sync: stays on the device until epoch end
             at.step += 1
             at.epoch_step += 1
             # .item() is a device sync point; only pay it on log steps.
-            if at.step % self.run.log.every_steps == 0 or at.epoch_step == spe:
+            if at.step % self.run.log.every_steps == 0 or at.epoch_step == this_epoch:
                 mark = self.log_step(at, step_loss, lr, mark)
             every = tcfg.checkpoint_every_steps
-            if every and at.step % every == 0 and at.epoch_step < spe:
+            if every and at.step % every == 0 and at.epoch_step < this_epoch:
                 self.save(self.state(at.epoch, at.step, at.epoch_step, float(loss_sum),
                                      self.clock() - stage_start), at.epoch + 1, at.step)
             if self.act_on(vote.cast(), at, loss_sum, stage_start):
@@ -283,7 +306,7 @@ class Trainer:
                 f"{at.step}; lower its learning rate (now {self.tcfg.lr}) or check the "
                 "data for extreme values")
         now = self.clock()
-        samples_per_s = (at.step - mark[1]) * self.tcfg.global_batch / max(now - mark[0], 1e-9)
+        samples_per_s = (at.step - mark[1]) * self.step_samples / max(now - mark[0], 1e-9)
         self.log.write({"kind": "step", **self.tag(), "epoch": at.epoch, "step": at.step,
                         "wall_s": now, "samples_per_s": samples_per_s, "loss": mean_loss,
                         "lr": lr, **dict(zip(names, means[1:], strict=True))})
@@ -311,7 +334,7 @@ class Trainer:
     def end_epoch(self, at: Position, loss_sum: torch.Tensor, stage_start: float,
                   out_of_time: bool) -> dict[str, float]:
         """Close the epoch: its record with the validation metrics, its checkpoint."""
-        tcfg, comm = self.tcfg, self.comm
+        comm = self.comm
         at.epoch += 1
         epoch_loss = comm.sum([float(loss_sum)])[0] / (comm.world_size * max(at.epoch_step, 1))
         at.epoch_step = 0
@@ -320,13 +343,13 @@ class Trainer:
         wall = self.clock()
         self.log.write({"kind": "epoch", **self.tag(), "epoch": at.epoch, "step": at.step,
                         "wall_s": wall,
-                        "samples_per_s": at.step * tcfg.global_batch
+                        "samples_per_s": at.step * self.step_samples
                         / max(wall - stage_start, 1e-9),
                         "loss": epoch_loss, **val,
                         "rss_mb": psutil.Process().memory_info().rss / 2**20})
         headline = self.objective.headline
         self.progress.line(
-            f"{self.stage.name} epoch {at.epoch}/{tcfg.epochs} step {at.step} loss "
+            f"{self.stage.name} epoch {at.epoch}/{self.num_epochs} step {at.step} loss "
             f"{epoch_loss:.4f} {headline} {val[headline]:.4f} wall {wall:.1f}s"
             + (" (time budget reached)" if out_of_time else ""))
         self.save(self.state(at.epoch, at.step, 0, 0.0, wall - stage_start), at.epoch, None)
@@ -350,10 +373,16 @@ class Trainer:
     def _start_record(self) -> dict[str, Any]:
         train_y = self.train.store.labels()[self.train.indices]  # (N, P)
         val_y = self.val.store.labels()[self.val.indices]  # (M, P)
+        dims = len(self.train.store.sample_shape) - 1
         return {"world_size": self.comm.world_size, "ranks": list(self.stage.ranks),
                 "global_batch": self.tcfg.global_batch,
                 "local_batch": self.sampler.local_batch,
-                "steps_per_epoch": self.sampler.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                "level_batches": [[r.level, r.global_batch] for r in self.requests],
+                "headline": self.objective.headline,
+                "higher_is_better": self.objective.higher_is_better,
+                # Level-0 samples' worth of forward passes per step (the benchmarks' work).
+                "step_work": self.objective.step_work(self.requests, dims),
                 "train_samples": len(self.train.indices), "val_samples": len(self.val.indices),
                 "sample_shape": list(self.train.store.sample_shape),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -382,7 +411,7 @@ class Trainer:
         metrics = self.objective.validation(self.val.store.schema.label_names, self.crop)
         data, device = self.run.data, self.comm.device
         loaded = iterate_batches(self.val.store, items, data.num_workers, data.prefetch,
-                                 data.read_timeout_s)
+                                 data.read_timeout_s, self.objective.corruption(None))
         for (x, y), indices in zip(loaded, items, strict=True):
             metrics.add(self.model, Batch(self.stage.level, x.to(device), y.to(device),
                                           indices))

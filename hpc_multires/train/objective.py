@@ -11,25 +11,24 @@ for the tensor it differentiates. Validation runs over the whole validation set 
 stage's level: the loop feeds each of this rank's batches to a `Validation` accumulator,
 sums its `sums()` over the stage's ranks, and `result(sums)` names the metrics.
 
-Only `Regression` exists today. The interface is meant to serve, without a change to the
-loop's shape:
+The objectives:
 
-- image-to-image restoration: `loss` corrupts `batch.x` with a seed derived from (run
-  seed, `batch.indices`, step), and the target is the clean `batch.x`; a `Validation`
-  summing per-sample PSNR and SSIM;
-- classification: cross-entropy on logits against `batch.y` as class ids; accuracy as
-  correct / rows;
-- the multiscale gradient estimator: `requests` returns one request per level, each with
-  its own global batch (say 16 at level 0, 32 at level 1, 64 at level 2), and `loss`
-  forms L_K(batch_K) + sum_l [L_l(batch_l) - L_{l+1}(restrict(batch_l))];
-- dynamic downsampling: `loss` decides from (seed, step) alone whether this step runs on
-  restricted inputs, so a resumed step decides as the straight run did.
+- `Regression` (here): the labels by MSE, validated by MAE;
+- `Restoration` (`restoration.py`): the image tasks. `corruption(epoch)` tells the reader
+  to corrupt the clean images it reads (in the reader processes, from (seed, sample index)
+  alone, so a sample is corrupted alike at every level and on every rank count); the
+  batch's x is the corrupted image, its y the clean one; validated by PSNR and SSIM;
+- the multiscale gradient estimator (`methods/mge.py`, above this layer): `requests`
+  returns one request per level, each with its own global batch (say 16 at level 0, 32
+  at level 1), and `loss` forms L_K(batch_K) + sum_l [L_l(batch_l) - L_{l+1}(restrict(
+  batch_l))] with the `criterion` of the objective it wraps.
 
-The loop reads only one request today, at the stage's level with its global batch (what
-every objective but the multiscale one asks); `check_requests` refuses others. Serving
-several needs a training split per requested level from the driver and one sampler per
-request in the loop, each its own draw from (seed, request, epoch); nothing in
-`loss`'s signature changes then.
+The loop reads every request: the first is the stage's level with its global batch and
+sets the epoch (its sampler's steps per epoch); each request has its own sampler, a draw of
+its own from (seed, epoch, request), over the training split of the request's level, which
+the driver hands the trainer. Dynamic downsampling fits too: `loss` decides from (seed,
+step) alone whether this step runs on restricted inputs, so a resumed step decides as the
+straight run did.
 """
 
 from __future__ import annotations
@@ -44,6 +43,8 @@ import torch
 from torch import nn
 
 from hpc_multires.data.crop import tiles
+from hpc_multires.data.loader import ReadCorruption
+from hpc_multires.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Batch:
 
     level: int  # the pyramid level it was read at
     x: torch.Tensor  # (b, C, *spatial) inputs (windows, for a stage with a crop)
-    y: torch.Tensor  # (b, P) labels
+    y: torch.Tensor  # (b, P) labels, or (b, C, *spatial) clean images for an image task
     indices: np.ndarray  # (b,) sample indices in the store: per-sample seeds come from these
 
 
@@ -97,11 +98,30 @@ class Objective(ABC):
     """What a step computes: the batches it reads, its loss, and its validation metrics."""
 
     headline: str = "val_mae"
-    """The validation metric progress lines show; a key of `Validation.result`."""
+    """The validation metric progress lines, the report and the benchmarks show; a key of
+    `Validation.result`."""
+    higher_is_better: bool = False
+    """Whether a larger headline is better (PSNR) or a smaller one (MAE)."""
 
     def requests(self, level: int, global_batch: int) -> list[BatchRequest]:
-        """The batches one step reads, for a stage at `level` with `global_batch`."""
+        """The batches one step reads, for a stage at `level` with `global_batch`; the first
+        is (level, global_batch), which sets the stage's steps per epoch."""
         return [BatchRequest(level, global_batch)]
+
+    def criterion(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean loss of a batch's prediction against its target: () (the per-level loss
+        an estimator over several levels combines)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-batch criterion")
+
+    def corruption(self, epoch: int | None) -> ReadCorruption | None:
+        """What the reader does to the samples it reads for training epoch `epoch` (None:
+        validation); None: nothing, the normalised samples and their labels."""
+        return None
+
+    def step_work(self, requests: Sequence[BatchRequest], dims: int) -> float:
+        """Work of one step in level-0 samples (a level-L sample costs 2^(-dims L) of one),
+        forward passes counted: the unit of the benchmarks' fine-level-equivalent work."""
+        return float(sum(r.global_batch * 2.0 ** (-dims * r.level) for r in requests))
 
     @abstractmethod
     def loss(self, model: nn.Module, batches: Sequence[Batch], step: int) -> StepLoss:
@@ -119,13 +139,25 @@ class Objective(ABC):
         return {}
 
 
-def check_requests(requests: Sequence[BatchRequest], level: int, global_batch: int) -> None:
-    """Refuse what the loop cannot read yet: anything but one batch at the stage's level
-    with its global batch (see the module docstring)."""
-    if list(requests) != [BatchRequest(level, global_batch)]:
-        raise NotImplementedError(
-            f"the training loop reads one batch per step at the stage's level {level} with "
-            f"its global batch {global_batch}; the objective asked for {list(requests)}")
+def check_requests(requests: Sequence[BatchRequest], level: int, global_batch: int,
+                   levels: Sequence[int], ranks: int) -> None:
+    """Refuse what the loop cannot read: a first request other than the stage's own level
+    and global batch (it sets the epoch), a level the trainer was given no training split
+    of (`levels`), or a global batch the stage's `ranks` do not divide."""
+    if not requests or requests[0] != BatchRequest(level, global_batch):
+        raise ValueError(
+            f"the first batch a step reads must be the stage's own (level {level}, global "
+            f"batch {global_batch}), which sets its epoch; the objective asked for "
+            f"{list(requests)}")
+    for r in requests:
+        if r.level not in levels:
+            raise ValueError(f"the objective reads level {r.level}, but the trainer has "
+                             f"training data of levels {sorted(levels)} only")
+        if r.global_batch % ranks:
+            raise ConfigError(
+                f"a batch of {r.global_batch} samples at level {r.level} is not divisible by "
+                f"the stage's {ranks} ranks; choose batch sizes (train.global_batch, "
+                "train.mge_growth) that every level's batch divides evenly")
 
 
 def whole_sample_prediction(model: nn.Module, x: torch.Tensor, crop: int) -> torch.Tensor:
@@ -141,9 +173,12 @@ class Regression(Objective):
     """Labels regressed with the mean squared error; validated by MAE (overall and per
     label) and MSE."""
 
+    def criterion(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(prediction, target)
+
     def loss(self, model: nn.Module, batches: Sequence[Batch], step: int) -> StepLoss:
         (batch,) = batches
-        return StepLoss(nn.functional.mse_loss(model(batch.x), batch.y), {})
+        return StepLoss(self.criterion(model(batch.x), batch.y), {})
 
     def validation(self, label_names: Sequence[str], crop: int) -> Validation:
         return RegressionValidation(label_names, crop)

@@ -10,7 +10,8 @@ A step that reads several batches (the multiscale gradient estimator: one per py
 level, each its own draw) has one sampler per batch, told apart by `stream`: stream s > 0
 orders epoch e by permutations drawn from (seed, e, s), as many laid end to end as the
 epoch's steps need, so a stream whose batch is larger than the first stream's still has
-a batch for every step of the epoch the first stream sets.
+a batch for every step of the epoch the first stream sets (each permutation's remainder
+dropped, so that no batch holds a sample twice).
 """
 
 from __future__ import annotations
@@ -39,32 +40,35 @@ class GlobalBatchSampler:
         """Full global batches per epoch; the remainder is dropped (a different one each epoch)."""
         return len(self.indices) // self.global_batch
 
-    def epoch_order(self, epoch: int, length: int = 0) -> np.ndarray:
-        """The epoch's sample order, at least `length` long (stream > 0: permutations laid
-        end to end; stream 0 has one permutation, enough for its own steps)."""
+    def permutation(self, epoch: int, k: int = 0) -> np.ndarray:
+        """The k-th sample order of `epoch` (stream 0 has one per epoch, drawn from (seed,
+        epoch); stream s > 0 as many as its steps need, from (seed, epoch, s, k))."""
         if not self.shuffle:
-            return np.tile(self.indices, max(1, -(-length // max(len(self.indices), 1))))
-        if self.stream == 0:
-            rng = np.random.default_rng([self.seed, epoch])
-            return self.indices[rng.permutation(len(self.indices))]
-        parts = [self.indices[np.random.default_rng([self.seed, epoch, self.stream, k])
-                              .permutation(len(self.indices))]
-                 for k in range(max(1, -(-length // len(self.indices))))]
-        return np.concatenate(parts)
+            return self.indices
+        key = [self.seed, epoch] if self.stream == 0 else [self.seed, epoch, self.stream, k]
+        return self.indices[np.random.default_rng(key).permutation(len(self.indices))]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return self.permutation(epoch)
 
     def batches(self, epoch: int, start_step: int = 0, num_steps: int | None = None
                 ) -> list[np.ndarray]:
         """This rank's index batches for `epoch`, from `start_step` on (for mid-epoch resume);
-        `num_steps`: the epoch's steps when another stream sets them (stream > 0)."""
+        `num_steps`: the epoch's steps when another stream sets them (stream > 0: step s
+        takes batch s mod steps_per_epoch of permutation s // steps_per_epoch, so no batch
+        holds a sample twice)."""
         steps = self.steps_per_epoch if num_steps is None else num_steps
         if self.stream == 0 and steps > self.steps_per_epoch:
             raise ValueError(f"stream 0 has {self.steps_per_epoch} steps per epoch, asked "
                              f"for {steps}")
-        order = self.epoch_order(epoch, steps * self.global_batch)
+        orders: dict[int, np.ndarray] = {}
         out = []
         for step in range(start_step, steps):
-            lo = step * self.global_batch + self.rank * self.local_batch
-            out.append(order[lo:lo + self.local_batch])
+            k, within = divmod(step, self.steps_per_epoch)
+            if k not in orders:
+                orders[k] = self.permutation(epoch, k)
+            lo = within * self.global_batch + self.rank * self.local_batch
+            out.append(orders[k][lo:lo + self.local_batch])
         return out
 
 

@@ -300,17 +300,37 @@ class PlanRunner:
         run = RunSettings(seed=cfg.run.seed, data=cfg.data, log=cfg.log, comm=cfg.comm,
                           dropout=cfg.model.dropout > 0,  # the only random layers
                           config_record=config_to_dict(cfg))
+        carried = self.carried_optimizer(stage, model) \
+            if stage.config.carry_optimizer and not resuming else None
         trainer = Trainer(spec, run, comm, model, levels, val,
                           run_dir.checkpoint_dir(stage.name), log, progress, self.clock,
-                          self.horovod, objective)
+                          self.horovod, objective, optimizer_state=carried)
         progress.total = trainer.total_steps
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
         if result["done"] and comm.is_root:
             run_dir.save_final(stage.name, {"model": model.state_dict(), "stage": stage.name,
                                             "level": stage.level, "result": result,
-                                            "config": config_to_dict(cfg)})
+                                            "config": config_to_dict(cfg),
+                                            # what a stage with carry_optimizer starts from
+                                            "optimizer": trainer.optimizer.state_dict()})
         comm.barrier()
         return result
+
+    def carried_optimizer(self, stage: Stage, model: torch.nn.Module) -> dict[str, Any]:
+        """The optimizer state of the stage this one is fused from (carry_optimizer), read by
+        every rank of the stage (each builds its own optimizer)."""
+        name = stage.config.fuse_from[0]
+        final = self.run_dir.load_final(name)
+        source = final["model"]
+        misfit = [n for n, p in model.named_parameters()
+                  if n not in source or source[n].shape != p.shape]
+        if misfit or "optimizer" not in final:
+            why = (f"its model lacks or shapes differently {misfit[:3]}" if misfit else
+                   "its final.pt holds no optimizer state (written before it was kept)")
+            raise ConfigError(f"stage {stage.name!r}: carry_optimizer takes the optimizer of "
+                              f"{name!r}, but {why}; drop carry_optimizer")
+        state: dict[str, Any] = final["optimizer"]
+        return state
 
     def fused_start(self, stage: Stage, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         by_name = {s.name: s for s in self.stages}

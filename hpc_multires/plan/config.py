@@ -70,6 +70,11 @@ class StageConfig:
     fusion_keep: float = 1.0
     """Shrink the fused weights towards a fresh initialisation: keep * fused + (1 - keep) *
     fresh for every float entry (1: the fused model as it is)."""
+    carry_optimizer: bool = False
+    """With init = "fuse" from one stage whose model has every parameter of this one (the
+    same network on another level: transfer or prolong of a fully convolutional model):
+    start the optimizer from that stage's final state (AdamW's moments, SGD's momentum)
+    instead of a fresh one, as one optimizer running through the stages would."""
     after: tuple[str, ...] = ()
     """Stages that must finish first, besides those in fuse_from."""
     crop: int = 0

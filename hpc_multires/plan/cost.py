@@ -8,6 +8,11 @@ takes P / n times as long per epoch as it would on all of them, and stages of on
 side by side, so a wave takes as long as its longest stage. That holds when every rank has
 its own devices, as on a cluster; when all ranks share the same cores (a workstation, an
 oversubscribed node) the cores do the work of every concurrent stage, which adds up.
+
+A stage with the MGE estimator does, per step, the work `methods.mge.mge_step_cost` counts
+(each correction evaluates its batch at two levels) instead of one global batch at its
+level; a stage sized in `train.steps` lasts steps / (steps per epoch) epochs, known once
+the training set's size is.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.methods.mge import level_batch_sizes, mge_step_cost
 from hpc_multires.plan.stages import Stage
 
 
@@ -26,7 +32,7 @@ class StageCost:
 
     name: str
     wave: int
-    epochs: int
+    epochs: float
     per_epoch: float
     capped: bool  # the stage has a time budget: its epochs are an upper bound
     windowed: bool = False  # the stage trains on windows smaller than its samples
@@ -72,14 +78,35 @@ def window_work(crop: int, spatial: Sequence[int] | None) -> float:
     return math.prod(min(crop, n) / n for n in spatial)
 
 
+def estimator_work(stage: Stage, spatial_dims: int) -> float:
+    """Work of one of the stage's steps relative to one global batch at its level (1 for the
+    single-level estimator)."""
+    t = stage.train
+    if t.estimator != "mge":
+        return 1.0
+    sizes = level_batch_sizes(t.global_batch, t.mge_levels, t.mge_growth)
+    return mge_step_cost(sizes, spatial_dims) / t.global_batch
+
+
+def stage_epochs(stage: Stage, train_samples: int | None) -> float:
+    """The stage's length in epochs: train.epochs, or train.steps over the steps per epoch
+    (train.epochs where the training set's size is not known)."""
+    t = stage.train
+    if not t.steps or not train_samples:
+        return float(t.epochs)
+    return t.steps / max(1, train_samples // t.global_batch)
+
+
 def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
               measured: Mapping[int, float] | None = None,
               shared: bool = False,
-              spatial: Mapping[int, Sequence[int]] | None = None
+              spatial: Mapping[int, Sequence[int]] | None = None,
+              train_samples: int | None = None
               ) -> tuple[list[StageCost], dict[int, float]]:
     """Each stage's cost and each wave's, in level-0 epochs on `world` ranks. `measured`
     maps levels to measured epoch-time ratios that replace 2^(-d L); `spatial` maps levels
-    to their sample size (for stages on windows, whose work is the windows' share).
+    to their sample size (for stages on windows, whose work is the windows' share);
+    `train_samples`, the training set's size (for stages sized in steps).
 
     Each rank on its own devices (`shared` false): a stage on n ranks takes world / n times
     as long per epoch, and a wave lasts as long as its longest stage. All ranks on the same
@@ -90,8 +117,9 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
     costs = []
     for s in stages:
         share = window_work(s.config.crop, (spatial or {}).get(s.level))
-        costs.append(StageCost(s.name, s.wave, s.train.epochs,
+        costs.append(StageCost(s.name, s.wave, stage_epochs(s, train_samples),
                                level_work(s.level, spatial_dims, measured) * share
+                               * estimator_work(s, spatial_dims)
                                * (1.0 if shared else world / len(s.ranks)),
                                bool(s.train.time_budget_s), share < 1.0))
     waves: dict[int, float] = {}
@@ -113,7 +141,7 @@ def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world:
              f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}{windows}; "
              f"{sharing}):"]
     for wave in sorted(waves):
-        parts = [f"{c.name} {c.epochs}{'(max)' if c.capped else ''} x {c.per_epoch:.3g} = "
+        parts = [f"{c.name} {c.epochs:g}{'(max)' if c.capped else ''} x {c.per_epoch:.3g} = "
                  f"{c.total:.2f}" for c in costs if c.wave == wave]
         lines.append(f"    wave {wave}  " + "; ".join(parts) + f"  -> {waves[wave]:.2f}")
     total = sum(waves.values())

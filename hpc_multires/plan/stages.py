@@ -129,6 +129,17 @@ def check_plan(cfg: Config) -> None:
                 raise ConfigError(f"stage {st.name!r}: fusion_weights = {list(weights)}; use "
                                   "one finite weight >= 0 per stage in fuse_from, not all 0 "
                                   "(e.g. [1, 1])")
+        if st.carry_optimizer:
+            giver = next((o for o in cfg.stages if st.fuse_from and o.name == st.fuse_from[0]),
+                         None)
+            if st.init != "fuse" or len(st.fuse_from) != 1 or giver is None:
+                raise ConfigError(f"stage {st.name!r}: carry_optimizer takes the optimizer of "
+                                  "the one stage it is fused from; set init = \"fuse\" and "
+                                  "fuse_from = [one stage]")
+            if giver.train.optimizer != st.train.optimizer:
+                raise ConfigError(f"stage {st.name!r}: carry_optimizer with train.optimizer = "
+                                  f"{st.train.optimizer!r}, but {giver.name!r} trains with "
+                                  f"{giver.train.optimizer!r}; use the same optimizer")
         if st.crop < 0:
             raise ConfigError(f"stage {st.name!r}: crop = {st.crop}; use a window size in "
                               "points per axis (e.g. 16), or 0 for whole samples")

@@ -88,7 +88,7 @@ class TrainConfig:
         require(t.schedule_offset >= 0 and (t.schedule_epochs > 0 or t.schedule_offset == 0),
                 f"{prefix}.schedule_offset", t.schedule_offset,
                 f"use 0, or set {prefix}.schedule_epochs to the schedule this offset is into")
-        require(t.schedule_epochs == 0
+        require(t.schedule_epochs == 0 or t.steps > 0  # steps: epochs known once data is
                 or t.schedule_offset + t.epochs <= t.schedule_epochs + 1e-9,
                 f"{prefix}.schedule_epochs", t.schedule_epochs,
                 f"use at least schedule_offset + epochs = {t.schedule_offset + t.epochs}")

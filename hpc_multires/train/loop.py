@@ -90,7 +90,11 @@ class Trainer:
                  log: MetricsLog,
                  progress: Progress, clock: Callable[[], float],
                  horovod: HorovodGroups | None = None,
-                 objective: Objective | None = None) -> None:
+                 objective: Objective | None = None,
+                 optimizer_state: dict[str, Any] | None = None) -> None:
+        """`train`: the stage level's training split, or every level's the objective reads;
+        `optimizer_state`: an earlier stage's optimizer to start from (a resumed stage's
+        checkpoint replaces it)."""
         self.stage = stage
         self.run = run
         self.tcfg = stage.train
@@ -110,6 +114,8 @@ class Trainer:
         check_requests(self.requests, stage.level, self.tcfg.global_batch,
                        list(self.train_levels), comm.world_size)
         self.optimizer = build_optimizer(self.tcfg, list(self.model.parameters()))
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
         # One sampler per request, each its own draw (stream); the first sets the epoch. At
         # least one step per epoch: driver.run.open_levels checked the training set against
         # the global batch before any stage ran.

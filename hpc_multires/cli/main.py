@@ -55,11 +55,29 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from hpc_multires.data.convert import convert
 
+    if args.x.is_dir():
+        return convert_folder(args)
     names = args.label_names.split(",") if args.label_names else None
     n = convert(args.x, args.y, args.out, samples_per_shard=args.samples_per_shard,
                 x_transform=args.transform, label_names=names,
                 scale_labels=not args.no_scale_labels, overwrite=args.overwrite,
                 compression=args.compression)
+    _say(f"wrote {n} shard(s) to {args.out}")
+    return 0
+
+
+def convert_folder(args: argparse.Namespace) -> int:
+    """`data convert --x FOLDER`: a folder of PNG/JPEG images."""
+    from hpc_multires.data.convert_images import convert_images
+
+    given = [flag for flag, value in (("--y", args.y), ("--label-names", args.label_names),
+                                      ("--transform log1p", args.transform != "none"),
+                                      ("--no-scale-labels", args.no_scale_labels)) if value]
+    if given:
+        raise UserError(f"{', '.join(given)} do(es) not apply to a folder of images "
+                        f"({args.x}): images are stored as values in [0, 1] with no labels")
+    n = convert_images(args.x, args.out, samples_per_shard=args.samples_per_shard,
+                       overwrite=args.overwrite, compression=args.compression)
     _say(f"wrote {n} shard(s) to {args.out}")
     return 0
 
@@ -117,11 +135,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     measured = parse_level_costs(args.level_cost or "")
     stages = resolve(cfg, args.ranks)
     # The checks `train` makes before it starts: every level on disk, a model for each.
-    shapes = {level: train.store.sample_shape
-              for level, (train, _) in open_levels(cfg, cfg.data, stages).items()}
+    splits = open_levels(cfg, cfg.data, stages)
+    shapes = {level: train.store.sample_shape for level, (train, _) in splits.items()}
     dims = len(shapes[min(shapes)]) - 1
     costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores,
-                             {level: shape[1:] for level, shape in shapes.items()})
+                             {level: shape[1:] for level, shape in shapes.items()},
+                             len(splits[min(splits)][0].indices))
     _say(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
          + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
     _say(describe_plan(stages))
@@ -222,9 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     synth.set_defaults(func=cmd_synth)
 
-    conv = dsub.add_parser("convert", help="turn .npy/.npz arrays into a dataset")
+    conv = dsub.add_parser("convert", help="turn .npy/.npz arrays, or a folder of PNG/JPEG "
+                                           "images, into a dataset")
     conv.add_argument("--x", type=Path, required=True,
-                      help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y")
+                      help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y; or "
+                           "a folder of .png/.jpg images of one size (values stored in [0, 1], "
+                           "for the image tasks)")
     conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
     conv.add_argument("--out", type=Path, required=True, help="output directory")
     conv.add_argument("--samples-per-shard", type=int, default=64, help="samples per file")

@@ -4,6 +4,7 @@ schedule across the stages; a stage sized in steps."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_each_finer_stage_starts_from_the_coarser_ones_weights(cli, images_confi
     # One cosine schedule across the stages: the rate only falls, from the peak on.
     rates = [s["lr"] for name in ("l2", "l1", "l0") for s in steps[name]]
     assert rates[0] == pytest.approx(3e-3, rel=1e-3)
-    assert all(b <= a + 1e-12 for a, b in zip(rates, rates[1:], strict=False))
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(rates))
     # A stage sized in steps: 5 steps of 4 per epoch, validated after its last one.
     epochs = [(r["epoch"], r["step"]) for r in recs if r["kind"] == "epoch"
               and r["stage"] == "l0"]
@@ -94,3 +95,30 @@ def test_carry_optimizer_needs_one_source_of_the_same_optimizer(images_config) -
         load_config(cfg, ["stages.l2.train.optimizer=sgd"])
     with pytest.raises(ConfigError, match="set init = \"fuse\""):
         load_config(images_config(extra='[[stages]]\nname = "a"\ncarry_optimizer = true\n'))
+
+
+def test_the_shipped_image_plans() -> None:
+    """The image configs train the baseline's network; the Full-Multiscale plan goes from the
+    coarsest level to level 0, each stage a transfer from the one before with its optimizer,
+    fewer epochs per finer level, at a lower cost than the
+    baseline, on one learning-rate schedule."""
+    from hpc_multires.plan.cost import plan_cost
+    from hpc_multires.plan.stages import resolve
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    base = load_config(root / "images-baseline.toml")
+    fms = load_config(root / "images-fullmultiscale.toml")
+    mge = load_config(root / "images-mge.toml")
+    assert base.model == fms.model == mge.model and base.model.name == "unet"
+    assert base.task == fms.task == mge.task and base.task.kind == "denoise"
+    assert mge.train.estimator == "mge" and mge.train.mge_levels == 3
+    stages = resolve(fms, 2)
+    assert [s.level for s in stages] == [2, 1, 0]
+    for coarse, fine in itertools.pairwise(stages):
+        assert fine.config.fuse_from == (coarse.name,) and fine.config.fusion == "transfer"
+        assert fine.config.carry_optimizer and fine.train.epochs < coarse.train.epochs
+        assert fine.train.schedule_offset == coarse.train.schedule_offset + coarse.train.epochs
+    assert stages[-1].train.schedule_offset + stages[-1].train.epochs \
+        == stages[-1].train.schedule_epochs
+    _, waves = plan_cost(stages, 2, 2)
+    assert sum(waves.values()) < base.train.epochs

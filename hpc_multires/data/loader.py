@@ -1,7 +1,10 @@
 """Batches from a `SampleStore`, read by background worker processes with prefetch.
 
 Reading overlaps compute: `num_workers` processes read and normalise the next batches
-while the training step runs. Each worker opens its own read-only HDF5 handles.
+while the training step runs. Each worker opens its own read-only HDF5 handles. A step
+that reads several pyramid levels (MGE) has its batches read together, one item per step
+(`iterate_steps`); for an image task the workers also corrupt the clean images they read
+(`ReadCorruption`), so the corruption overlaps compute too.
 
 Workers are started by a fork server, never forked from the training process itself. That
 process has threads (the queue feeders of the previous epoch's loader, the communication

@@ -43,7 +43,8 @@ class ResNet2d(nn.Module):
                  norm: Literal["group", "none"] = "group", groups: int = 8,
                  residual: bool = False) -> None:
         """`residual`: add the input to the output, so the network learns the correction of
-        its input (as many output channels as input channels)."""
+        its input (as many output channels as input channels); its last convolution starts
+        at 0, so the untrained network returns its input."""
         super().__init__()
         if kernel_size % 2 == 0:
             raise ConfigError(f"ResNet2d kernel_size = {kernel_size}: use an odd kernel such as "
@@ -65,6 +66,9 @@ class ResNet2d(nn.Module):
                                       for _ in range(blocks)))
         self.head = nn.Sequential(nn.SiLU(),
                                   nn.Conv2d(channels, out_channels, kernel_size, padding=pad))
+        if residual:  # the correction starts at 0: the untrained network changes nothing
+            nn.init.zeros_(self.head[1].weight)
+            nn.init.zeros_(self.head[1].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)

@@ -62,7 +62,8 @@ class UNet(nn.Module):
         """`spatial`: the (H, W) of the smallest images the network will see (its coarsest
         level), checked here so that a depth they cannot take fails before training.
         `residual`: add the input to the output, so the network learns the correction of
-        its input (as many output channels as input channels)."""
+        its input (as many output channels as input channels); its last convolution starts
+        at 0, so the untrained network returns its input."""
         super().__init__()
         if not multipliers or min(multipliers) < 1 or base_channels < 1:
             raise ConfigError(f"UNet base_channels = {base_channels}, multipliers = "
@@ -91,6 +92,9 @@ class UNet(nn.Module):
             self.decoder.append(ConvBlock(2 * width, width, groups))
             channels = width
         self.head = nn.Conv2d(channels, out_channels, 1)
+        if residual:  # the correction starts at 0: the untrained network changes nothing
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)

@@ -243,3 +243,18 @@ def test_task_and_model_that_do_not_fit_are_one_line(images_config, sets: list[s
 def test_image_tasks_refuse_windows(images_config) -> None:
     with pytest.raises(ConfigError, match="crop = 8 with task.kind = 'denoise'"):
         load_config(images_config(extra='[[stages]]\nname = "w"\ncrop = 8\n'))
+
+
+@pytest.mark.parametrize("name", ["unet", "resnet2d"])
+def test_an_untrained_residual_network_returns_its_input(name: str) -> None:
+    """model.residual (the default): the output is the input plus a correction that starts
+    at 0, so training starts from "change nothing"; without it, the image itself."""
+    from hpc_multires.models import build_model
+    from hpc_multires.models.config import ModelConfig
+
+    x = torch.rand(2, 1, 16, 16)
+    small = {"unet_base_channels": 4, "resnet_channels": 4}
+    model = build_model(ModelConfig(name=name, **small), (1, 16, 16), 5)
+    assert torch.equal(model(x), x)
+    plain = build_model(ModelConfig(name=name, residual=False, **small), (1, 16, 16), 5)
+    assert not torch.allclose(plain(x), x, atol=1e-2)

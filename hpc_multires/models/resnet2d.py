@@ -64,11 +64,11 @@ class ResNet2d(nn.Module):
         self.stem = nn.Conv2d(in_channels, channels, kernel_size, padding=pad)
         self.blocks = nn.Sequential(*(ResidualBlock(channels, kernel_size, norm, groups)
                                       for _ in range(blocks)))
-        self.head = nn.Sequential(nn.SiLU(),
-                                  nn.Conv2d(channels, out_channels, kernel_size, padding=pad))
+        last = nn.Conv2d(channels, out_channels, kernel_size, padding=pad)
         if residual:  # the correction starts at 0: the untrained network changes nothing
-            nn.init.zeros_(self.head[1].weight)
-            nn.init.zeros_(self.head[1].bias)
+            for param in last.parameters():
+                nn.init.zeros_(param)
+        self.head = nn.Sequential(nn.SiLU(), last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)

@@ -93,8 +93,8 @@ class UNet(nn.Module):
             channels = width
         self.head = nn.Conv2d(channels, out_channels, 1)
         if residual:  # the correction starts at 0: the untrained network changes nothing
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+            for param in self.head.parameters():
+                nn.init.zeros_(param)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)

@@ -7,7 +7,8 @@ shows each image with a fresh corruption, and the validation set's from a fixed 
 The batch's x is the corrupted image, its y the clean one.
 
 The loss is the MSE of the restored image, plus `ssim_weight` * (1 - SSIM) if asked. The
-validation reports, averaged over images: `val_psnr` (the headline, higher is better; each
+validation scores the restored image clipped to [0, 1] (the range of the images) and
+reports, averaged over images: `val_psnr` (the headline, higher is better; each
 image's PSNR is capped at `PSNR_CAP` dB so that one perfect image cannot make the mean
 infinite), `val_ssim`, `val_mse` (per pixel), and `val_psnr_input`, the PSNR of the
 corrupted input itself (brought to the target's size for a half-size super-resolution

@@ -184,7 +184,7 @@ def tiny_config(tmp_path: Path, tiny_cosmo: Path) -> Callable[..., Path]:
 @pytest.fixture(scope="session", autouse=True)
 def node_files_left_by_aborted_jobs() -> Iterator[None]:
     """Remove what the suite's aborted MPI jobs leave in /dev/shm and /tmp (node_files.py):
-    MPICH's node segments, hydra's topology files and the killed ranks' reader semaphores.
+    MPICH's node segments, hydra's topology files, multiprocessing's semaphores.
     An MPI abort kills every rank with SIGKILL, with no clean-up; many tests end a job that
     way on purpose, and on a machine that runs the suite again and again these would fill
     /dev/shm (the machine's memory). Only names that appeared during this session and that

@@ -7,8 +7,9 @@ SIGKILL, a collective's timeout), and nothing then reaches the clean-up of a nor
   ranks, more with more), and unlinks its name only in MPI_Finalize;
 - hydra's proxy writes the node's hwloc topology to `/tmp/hydra_hwloc_xmlfile_*` for its
   ranks' MPI_Init and removes it only when the job ends normally;
-- the named semaphores of the killed ranks' reader queues (`/dev/shm/sem.mp-*`) are
-  unlinked by Python's resource tracker, which the abort kills too.
+- the named semaphores of multiprocessing's queues and locks (`/dev/shm/sem.mp-*`; the
+  loader uses none, a library might) are unlinked by Python's resource tracker, which the
+  abort kills too.
 
 On a cluster the job's epilog clears /dev/shm, and `srun` starts no hydra proxy. This
 machine runs hundreds of such jobs per test session, so the suite removes what they leave

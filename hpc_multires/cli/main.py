@@ -386,9 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         failure = (lost, 1, False)
     # Out of the except clause the traceback is gone, and with it the frames that held the
-    # failed epoch's reader: collected now, it ends its worker processes and unlinks the
-    # named semaphores of its queues, which an MPI abort (it kills this process and its
-    # helpers at once) would leave behind in /dev/shm.
+    # failed epoch's reader: collected now, it ends its reader processes before the abort,
+    # rather than leaving them to find out on their own that this process is gone.
     gc.collect()
     return fail(*failure)
 

@@ -71,8 +71,8 @@ class _Crash:
 # costs a descriptor handshake with the reader (a socket connection and an authentication
 # round trip), which waits on the reader being scheduled: 4 Neuron ranks on 2 cores
 # trained an epoch in 7.4 s this way against 7.9 s with shared memory (interleaved runs),
-# and an idle process spends 0.36 ms of CPU on a batch of 8 Neuron samples this way
-# against 1.06 ms (benchmarks/step_cost.py).
+# and the training process spends 0.14-0.18 ms of CPU on a batch of 8 Neuron samples this
+# way against 0.63-0.70 ms (benchmarks/step_cost.py, docs/benchmarks.md).
 PIPE_BYTES = 4 * 2**20
 
 

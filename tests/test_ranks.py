@@ -215,3 +215,29 @@ def test_rank_and_size_for_messages_never_fails(monkeypatch) -> None:
     monkeypatch.setattr(ranks, "running_mpi", lambda: None)
     monkeypatch.setenv("PMI_RANK", "x")
     assert ranks.rank_and_size() == (0, 1)
+
+
+def test_data_commands_take_mpis_world_only_where_it_is_the_launchers(monkeypatch) -> None:
+    from hpc_multires.comm import ranks
+    from hpc_multires.data import parallel
+    from hpc_multires.errors import UserError
+
+    for key in [k for k in os.environ if k.startswith(("PMI_", "OMPI_", "SLURM_"))]:
+        monkeypatch.delenv(key)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+
+    def world(w: _FakeWorld | None) -> None:
+        monkeypatch.setattr(ranks, "mpi_world", lambda: w)
+        monkeypatch.setattr(parallel, "mpi_world", lambda: w)
+
+    world(_FakeWorld(1, 2))
+    assert (parallel.data_world().rank, parallel.data_world().size) == (1, 2)
+    for fake, message in [(None, "mpi4py is not available"),
+                          (_FakeWorld(0, 1), "started 2 ranks but MPI connects 1"),
+                          (_FakeWorld(0, 2), "calls this process rank 1 but MPI calls it rank 0")]:
+        world(fake)
+        with pytest.raises(UserError, match=message):
+            parallel.data_world()

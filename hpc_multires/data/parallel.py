@@ -48,6 +48,11 @@ def data_world() -> DataWorld:
             raise UserError(
                 f"{info.world_size} ranks but mpi4py is not available to coordinate them; "
                 "install it (pip install mpi4py mpich) or run the data command on one rank")
+        if int(world.Get_size()) == info.world_size:  # the same count, numbered otherwise
+            raise UserError(
+                f"the {info.launcher} launcher calls this process rank {info.rank} but MPI "
+                f"calls it rank {int(world.Get_rank())}; launch with mpiexec or "
+                "`srun --mpi=pmi2` (or pmix) alone, not one launcher inside another")
         raise UserError(
             f"the {info.launcher} launcher started {info.world_size} ranks but MPI connects "
             f"{int(world.Get_size())}; launch with `srun --mpi=pmi2` (or pmix) or with "

@@ -26,7 +26,9 @@ TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch pinned to 2.13.0 (a CPU wheel here); the project's range admits it and nothing newer.
+	# torch pinned to 2.13.0 (a CPU wheel here), installed first: the project's range
+	# (torch>=2.1) admits it, so the install of the package that follows keeps it (pip
+	# upgrades a dependency only when the installed version does not satisfy it).
 	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)))
 	$(PY) -m pip install --quiet -e '.[mpi,dev]'
 	touch $@

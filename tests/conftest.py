@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from node_files import leftover_candidates, remove_unused
 
-from hpc_multires.comm.node_shm import mapped_shm_files, open_files
 from hpc_multires.data.store import ShardWriter, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,35 +181,15 @@ def tiny_config(tmp_path: Path, tiny_cosmo: Path) -> Callable[..., Path]:
     return make
 
 
-SHM = Path("/dev/shm")
-SHM_LEFTOVERS = ("mpich_shm_", "sem.mp-")  # MPICH's node segments, multiprocessing's locks
-
-
-def _in_use_under_shm() -> set[str]:
-    """/dev/shm names some live process has mapped or open."""
-    names: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        names.update(Path(p).name for p in mapped_shm_files(proc / "maps", f"{SHM}/"))
-        names.update(Path(p).name for p in open_files(proc / "fd", f"{SHM}/"))
-    return names
-
-
 @pytest.fixture(scope="session", autouse=True)
-def shm_left_by_aborted_jobs() -> Iterator[None]:
-    """Remove what the suite's aborted MPI jobs leave in /dev/shm. An MPI abort kills every
-    rank with SIGKILL, with no clean-up: the named semaphores of the killed ranks' reader
-    queues stay behind, and so does MPICH's shared segment of the node when a job dies
-    before its ranks release it (comm/node_shm.py). Many tests end a job that way on
-    purpose, and on a machine that runs the suite again and again these would fill
-    /dev/shm. Only names that appeared during this session and that no live process still
-    uses are removed."""
-    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+def node_files_left_by_aborted_jobs() -> Iterator[None]:
+    """Remove what the suite's aborted MPI jobs leave in /dev/shm and /tmp (node_files.py):
+    MPICH's node segments, hydra's topology files, multiprocessing's semaphores.
+    An MPI abort kills every rank with SIGKILL, with no clean-up; many tests end a job that
+    way on purpose, and on a machine that runs the suite again and again these would fill
+    /dev/shm (the machine's memory). Only names that appeared during this session and that
+    no live process still uses are removed, waiting a few seconds for those in use (a
+    killed rank can outlive its launcher by a moment; another job keeps its own)."""
+    before = leftover_candidates()
     yield
-    if not SHM.is_dir():
-        return
-    new = {n for n in os.listdir(SHM) if n.startswith(SHM_LEFTOVERS)} - before
-    for name in new - _in_use_under_shm():
-        with contextlib.suppress(OSError):
-            (SHM / name).unlink()
+    remove_unused(leftover_candidates() - before, wait_s=10)

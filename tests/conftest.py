@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import selectors
@@ -109,6 +110,37 @@ def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
 
 
+@pytest.fixture
+def cli_in_process(monkeypatch: pytest.MonkeyPatch
+                   ) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`hpc-multires ARGS` as `main(ARGS)` in this process, one rank: the same exit status,
+    stdout and stderr as `run_cli` without starting Python and importing torch each time.
+    For commands that end early (bad input, plan, submit --dry-run, report); a training run
+    or anything under mpiexec goes through `run_cli`."""
+    from hpc_multires.cli.main import main
+
+    for key in [k for k in os.environ if k.startswith(("PMI_", "OMPI_", "SLURM_", "MASTER_"))]:
+        monkeypatch.delenv(key)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+    def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        out, err = io.StringIO(), io.StringIO()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        monkeypatch.chdir(cwd or ROOT)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main([str(a) for a in args])
+                except SystemExit as e:  # argparse's usage errors
+                    code = e.code if isinstance(e.code, int) else 2
+        finally:
+            for s, h in handlers.items():  # `train` installs the preemption handlers
+                signal.signal(s, h)
+        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return run
+
+
 def write_arrays_store(out: Path, x: np.ndarray, y: np.ndarray, per_shard: int = 8,
                        transform: str = "none") -> Path:
     """A store written straight from arrays (bypassing the CLI), for hand-made cases."""
@@ -179,6 +211,42 @@ def tiny_config(tmp_path: Path, tiny_cosmo: Path) -> Callable[..., Path]:
         p.write_text(TINY_CONFIG.format(data=data or tiny_cosmo, epochs=epochs, workers=workers))
         return p
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> dict[str, Path]:
+    """Trained once per session for the tests that start from a trained run: the tiny
+    2-epoch config ("config"), a run of it stopped after epoch 1 ("stopped") and the same
+    run resumed to its end ("done"). Use them through `stopped_run`/`done_run`, which copy
+    them: a test may change its copy."""
+    base = tmp_path_factory.mktemp("trained")
+    cfg = base / "tiny.toml"
+    cfg.write_text(TINY_CONFIG.format(data=tiny_cosmo, epochs=2, workers=0))
+    stopped, done = base / "stopped", base / "done"
+    r = run_cli(["train", str(cfg), "--run-dir", str(stopped), "--stop-after-epoch", "1"])
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(stopped, done)
+    r = run_cli(["train", str(cfg), "--run-dir", str(done), "--resume"])
+    assert r.returncode == 0, r.stderr
+    return {"config": cfg, "stopped": stopped, "done": done}
+
+
+@pytest.fixture
+def stopped_run(trained_runs: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the tiny run stopped after epoch 1 of 2 (its checkpoint epoch-0001.pt),
+    and the config it was trained with."""
+    run = tmp_path / "stopped"
+    shutil.copytree(trained_runs["stopped"], run)
+    return run, str(trained_runs["config"])
+
+
+@pytest.fixture
+def done_run(trained_runs: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the tiny run trained to its end (2 epochs), and its config."""
+    run = tmp_path / "done"
+    shutil.copytree(trained_runs["done"], run)
+    return run, str(trained_runs["config"])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -92,6 +92,7 @@ def test_a_loop_left_early_ends_its_readers_at_once(tmp_path: Path) -> None:
     assert len(workers) == 2 and all(_gone(p.pid) for p in workers), workers
 
 
+@pytest.mark.slow
 def test_a_read_stuck_in_the_kernel_ends_the_loop_after_the_read_timeout(
         tmp_path: Path) -> None:
     """A shard that became a FIFO after the store was opened: the worker's open() of it
@@ -146,6 +147,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_a_reader_killed_in_the_middle_of_a_batch_ends_the_loop(tmp_path: Path) -> None:
     """The OOM killer's SIGKILL while a reader is sending a batch larger than the pipe
     holds: the training process has half a batch and its own end of the pipe open, so
@@ -181,6 +183,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_reader_processes_end_when_the_training_process_is_killed(tmp_path: Path) -> None:
     """kill -9 (or the OOM killer) runs no clean-up in the training process. The workers'
     parent is the fork server, which stays up while they do: without a watch on the

@@ -255,3 +255,30 @@ def test_two_ranks_take_the_same_decisions_and_the_losses_of_one(cli, tiny_confi
     assert flags[2] == flags[1] == expected
     assert np.ptp(losses[1]) > 1e-3
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("app", ["cosmoflow", "neuron"])
+def test_shipped_configs_compare_like_with_like(app: str) -> None:
+    """The dynamic config is its baseline's run with train.downsample on, the same network
+    (gap head) and schedule; each mesh-free config is its standard plan with model.conv and
+    an odd kernel_size changed, nothing else."""
+    from dataclasses import replace
+
+    configs = ROOT / "configs"
+    base = load_config(configs / f"{app}-{'baseline' if app == 'cosmoflow' else 'baseline-gap'}"
+                       ".toml")
+    dynamic = load_config(configs / f"{app}-dynamic.toml")
+    assert dynamic.train.downsample.on and dynamic.model.head == "gap"
+    assert replace(dynamic, run=base.run,
+                   train=replace(dynamic.train, downsample=DownsampleConfig())) == base
+    if app == "neuron":  # the gap baseline is the reference one but for its head
+        reference = load_config(configs / "neuron-baseline.toml")
+        assert replace(base, run=reference.run,
+                       model=replace(base.model, head="flatten")) == reference
+    for plan in ("baseline", "mrt", "mrmf"):
+        standard = load_config(configs / f"{app}-{plan}.toml")
+        name = "meshfree" if plan == "baseline" else f"{plan}-meshfree"
+        mfc = load_config(configs / f"{app}-{name}.toml")
+        assert mfc.model.conv == "meshfree" and mfc.model.kernel_size == 5
+        assert replace(mfc, run=standard.run, model=replace(
+            mfc.model, conv="standard", kernel_size=standard.model.kernel_size)) == standard

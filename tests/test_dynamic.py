@@ -282,3 +282,13 @@ def test_shipped_configs_compare_like_with_like(app: str) -> None:
         assert mfc.model.conv == "meshfree" and mfc.model.kernel_size == 5
         assert replace(mfc, run=standard.run, model=replace(
             mfc.model, conv="standard", kernel_size=standard.model.kernel_size)) == standard
+
+
+def test_every_downsample_key_is_documented() -> None:
+    from dataclasses import fields
+
+    from test_config import field_docs
+
+    docs = field_docs(DownsampleConfig)
+    assert [f.name for f in fields(DownsampleConfig) if not docs.get(f.name)] == []
+    assert field_docs(ModelConfig).get("conv")

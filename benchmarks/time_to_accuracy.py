@@ -12,13 +12,26 @@ build plus its training run (all stages, evaluation included), as the MRMF paper
 it, each from process launch (the training's set-up before its own clock starts, printed
 as `set-up s`, counts for every method, the baseline included). The target is the
 baseline's final validation MAE plus 2%; a method's time to target is the first epoch end
-of a level-0 stage at or below it. The last line is `speedup mrmf/baseline = X.XX` (time
-to target of the baseline over that of mrmf).
+of a level-0 stage at or below it. The last lines are, per method M after the baseline (mrmf
+last), `speedup M/baseline = X.XX` (time to target of the baseline over that of M) and
+`final error M/baseline = Y.YYY` (M's final validation MAE over the baseline's).
 
 With --train-seeds, the whole comparison runs once per training seed (same data), each
-seed with its own baseline target, and the last lines give the median speedup. The first
-method is the baseline that sets the target: `baseline`, or a variant such as
-`baseline-long` (configs/cosmoflow-baseline-long.toml, trained to convergence).
+seed with its own baseline target, and the last lines give the median speedup and the
+median final-error ratio. The first method is the baseline that sets the target:
+`baseline`, or a variant such as `baseline-long` (configs/cosmoflow-baseline-long.toml,
+trained to convergence) or `baseline-gap`.
+
+A method is a config name, configs/<app>-<method>.toml. Besides the stage plans (mrt, mrmf):
+
+- dynamic: the baseline with dynamic downsampling (train.downsample). Its network needs the
+  gap head, so compare it with a baseline of the same network: for CosmoFlow the shipped
+  baseline (`--methods baseline,dynamic`), for the Neuron Inverter, whose reference network
+  has a flatten head, `--methods baseline-gap,dynamic`.
+- meshfree, mrt-meshfree, mrmf-meshfree: the baseline, MRT and MRMF plans with mesh-free
+  convolutions (model.conv), against the same plans with standard ones:
+  `--methods baseline,mrt,mrt-meshfree,mrmf,mrmf-meshfree` (and `meshfree` for the
+  one-level cost of the convolution itself).
 """
 
 from __future__ import annotations
@@ -26,11 +39,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -142,7 +157,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "import hpc_multires.driver.run"], check=True,
                    cwd=ROOT, env=env())
     seeds = [int(x) for x in args.train_seeds.split(",")] if args.train_seeds else [None]
-    per_seed: list[dict[str, float | None]] = []
+    per_seed: list[dict[str, Outcome]] = []
     for seed in seeds:
         seed_set = [] if seed is None else [f"--set=run.seed={seed}"]
         out = work if seed is None else work / f"seed-{seed}"
@@ -151,37 +166,52 @@ def main() -> None:
             print(f"\n== training seed {seed}")
         per_seed.append(compare(args.app, methods, data, out, args.ranks,
                                 [*seed_set, *(f"--set={s}" for s in args.set)], args.network))
-    speedups = per_seed[0] if len(seeds) == 1 else median_speedups(methods[1:], per_seed)
-    # mrmf's line last: scripts read the last line.
+    outcomes = per_seed[0] if len(seeds) == 1 else median_over_seeds(methods[1:], per_seed)
+    # mrmf's lines last: scripts read the last lines. Each method: its speedup, then the
+    # final error against the baseline's (a method may be faster and end less accurate).
     for m in sorted(methods[1:], key=lambda name: name == "mrmf"):
-        sp = speedups[m]
+        sp, err = outcomes[m].speedup, outcomes[m].error
         print(f"speedup {m}/{methods[0]} = {'not reached' if sp is None else f'{sp:.2f}'}")
+        print(f"final error {m}/{methods[0]} = {err:.3f}")
 
 
-def median_speedups(methods: list[str], per_seed: list[dict[str, float | None]]
-                    ) -> dict[str, float | None]:
-    """Each method's (lower) median speedup over seeds, printed with the per-seed values.
+@dataclass(frozen=True)
+class Outcome:
+    """A method against the baseline on one seed (or the medians over seeds)."""
+
+    speedup: float | None  # time to target of the baseline over the method's; None: missed
+    error: float  # the method's final validation MAE over the baseline's
+
+
+def median_over_seeds(methods: list[str], per_seed: list[dict[str, Outcome]]
+                      ) -> dict[str, Outcome]:
+    """Each method's (lower) median speedup over seeds and its median final-error ratio,
+    printed with the per-seed values.
 
     A seed where the method missed its target ranks below every seed where it reached it,
-    so the median exists only when more than half of the seeds reached the target.
+    so the median speedup exists only when more than half of the seeds reached the target.
     """
-    print("\nover the training seeds (speedup per seed, median):")
-    medians: dict[str, float | None] = {}
+    print("\nover the training seeds (speedup per seed, median; final error over the "
+          "baseline's per seed, median):")
+    medians: dict[str, Outcome] = {}
     for m in methods:
-        values = [r[m] for r in per_seed]
+        values = [r[m].speedup for r in per_seed]
         ranked = sorted(values, key=lambda v: -1.0 if v is None else v)
         median = ranked[(len(ranked) - 1) // 2]  # the lower median: the cautious one
         if sum(v is not None for v in values) * 2 <= len(values):
             median = None
-        medians[m] = median
         shown = ", ".join("-" if v is None else f"{v:.2f}" for v in values)
-        print(f"  {m}: {shown}; median {'not reached' if median is None else f'{median:.2f}'}")
+        ratios = [r[m].error for r in per_seed]
+        medians[m] = Outcome(median, float(statistics.median(ratios)))
+        print(f"  {m}: {shown}; median {'not reached' if median is None else f'{median:.2f}'}"
+              f"; final error {', '.join(f'{e:.3f}' for e in ratios)}; median "
+              f"{medians[m].error:.3f}")
     return medians
 
 
 def compare(app: str, methods: list[str], data: Path, work: Path, ranks: int,
-            extra: list[str], network: str = "reference") -> dict[str, float | None]:
-    """Run every method once on `data`; print the table; return each method's speedup."""
+            extra: list[str], network: str = "reference") -> dict[str, Outcome]:
+    """Run every method once on `data`; print the table; return each method's outcome."""
     results = []
     for method in methods:
         r = run_method(app, method, data, work, ranks, extra, network)
@@ -193,22 +223,24 @@ def compare(app: str, methods: list[str], data: Path, work: Path, ranks: int,
     base_t = time_to(results[0], target)
     assert base_t is not None
     print(f"\ntarget: val_mae <= {target:.4f} (baseline final {results[0]['final']:.4f} + 2%)")
-    print(f"{'method':<10} {'final MAE':>9} {'pyramid s':>9} {'set-up s':>8} {'total s':>8} "
-          f"{'to target s':>11} {'speedup':>8}")
-    speedups: dict[str, float | None] = {}
+    width = max(10, *(len(m) for m in methods))
+    print(f"{'method':<{width}} {'final MAE':>9} {'pyramid s':>9} {'set-up s':>8} "
+          f"{'total s':>8} {'to target s':>11} {'speedup':>8} {'error':>6}")
+    out: dict[str, Outcome] = {}
     for r in results:
         t = time_to(r, target)
-        speedups[r["method"]] = None if t is None else base_t / t
+        error = r["final"] / results[0]["final"]
+        out[r["method"]] = Outcome(None if t is None else base_t / t, error)
         total = r["pyramid_s"] + r["setup_s"] + r["train_s"]
-        print(f"{r['method']:<10} {r['final']:9.4f} {r['pyramid_s']:9.1f} {r['setup_s']:8.1f} "
-              f"{total:8.1f} "
+        print(f"{r['method']:<{width}} {r['final']:9.4f} {r['pyramid_s']:9.1f} "
+              f"{r['setup_s']:8.1f} {total:8.1f} "
               f"{'not reached' if t is None else f'{t:.1f}':>11} "
-              f"{'-' if t is None else f'{base_t / t:.2f}x':>8}")
+              f"{'-' if t is None else f'{base_t / t:.2f}x':>8} {error:6.3f}")
     runs = " ".join(str(r["run"]) for r in results)
     print(f"\nplot: hpc-multires report {runs} --out {work / 'time-to-accuracy.png'}")
     cli(["report", *[str(r["run"]) for r in results], "--out",
          str(work / "time-to-accuracy.png")])
-    return speedups
+    return out
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from hpc_multires.data.config import DataConfig
 from hpc_multires.data.store import SampleStore
 from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
+from hpc_multires.methods.dynamic import Downsampling
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
 from hpc_multires.models import build_model
 from hpc_multires.plan.config import Config
@@ -36,6 +37,7 @@ from hpc_multires.plan.stages import Stage, describe_plan, resolve
 from hpc_multires.train import preempt
 from hpc_multires.train.loop import Split, StopAt, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress
+from hpc_multires.train.objective import Objective, Regression
 from hpc_multires.train.spec import RunSettings, StageSpec
 
 
@@ -65,6 +67,17 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
     return (Split(store, np.arange(n_train)), Split(store, np.arange(n_train, len(store))))
 
 
+def stage_objective(stage: Stage, seed: int, train_samples: int) -> Objective:
+    """What the stage's steps compute: regression, with dynamic downsampling mixed in when
+    its train.downsample is on (decided from the run's seed and the step)."""
+    objective: Objective = Regression()
+    if stage.train.downsample.on:
+        # The sampler's steps per epoch: full global batches (data/sampler.py)
+        steps = stage.train.epochs * (train_samples // stage.train.global_batch)
+        objective = Downsampling(objective, stage.train.downsample, seed, steps)
+    return objective
+
+
 def open_levels(cfg: Config, data: DataConfig,
                 stages: list[Stage]) -> dict[int, tuple[Split, Split]]:
     """Every level the stages need, opened (and so checked) before anything runs, with a
@@ -90,11 +103,38 @@ def open_levels(cfg: Config, data: DataConfig,
             raise ConfigError(
                 f"stage {s.name!r}: crop = {s.config.crop} is larger than the samples at "
                 f"level {s.level}, {'x'.join(map(str, spatial))}; use crop <= {min(spatial)}")
+        check_downsample_fits(cfg, s, splits[s.level][0].store)
         if s.config.init == "fuse" and s.config.fusion == "bottom-top":
             bottom = by_name[s.config.fuse_from[0]]
             check_bottom_layers(models[bottom.level].state_dict(), models[s.level].state_dict(),
                                 s.config.bottom_layers, stage=s.name)
     return splits
+
+
+def check_downsample_fits(cfg: Config, stage: Stage, store: SampleStore) -> None:
+    """A stage's downsampled steps need its inputs (whole samples at its level, or its
+    windows) divisible by the factor, and a model that takes the smaller inputs."""
+    down = stage.train.downsample
+    if not down.on:
+        return
+    key = f"train.downsample.factor = {down.factor}"
+    spatial = tuple(stage.config.crop for _ in store.sample_shape[1:]) if stage.config.crop \
+        else store.sample_shape[1:]
+    shape = "x".join(map(str, spatial))
+    what = f"its windows, {shape}" if stage.config.crop else \
+        f"the samples at level {stage.level}, {shape}"
+    if any(n % down.factor for n in spatial):
+        divisors = [f for f in range(2, min(spatial) + 1) if all(n % f == 0 for n in spatial)]
+        raise ConfigError(
+            f"stage {stage.name!r}: {key} does not divide {what}; use a factor that divides "
+            f"them ({', '.join(map(str, divisors[:4])) or 'none does: set fraction = 0'})")
+    coarse = (store.sample_shape[0], *(n // down.factor for n in spatial))
+    try:
+        build_model(cfg.model, coarse, store.schema.num_labels, stage.level)
+    except ConfigError as e:
+        raise ConfigError(f"stage {stage.name!r}: {key} leaves inputs of "
+                          f"{'x'.join(map(str, coarse[1:]))}, too small for the model ({e}); "
+                          "use a smaller factor") from None
 
 
 class PlanRunner:
@@ -219,7 +259,8 @@ class PlanRunner:
                           dropout=cfg.model.dropout > 0,  # the only random layers
                           config_record=config_to_dict(cfg))
         trainer = Trainer(spec, run, comm, model, train, val, run_dir.checkpoint_dir(stage.name),
-                          log, progress, self.clock, self.horovod)
+                          log, progress, self.clock, self.horovod,
+                          objective=stage_objective(stage, cfg.run.seed, len(train.indices)))
         progress.total = stage.train.epochs * trainer.sampler.steps_per_epoch
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
         if result["done"] and comm.is_root:

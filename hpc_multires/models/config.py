@@ -21,8 +21,16 @@ class ModelConfig:
     """cosmoflow: conv blocks, each halving every axis (with the flatten head the input side
     must be >= 2^depth; the gap head takes any size)."""
     kernel_size: int = 3
-    """Convolution kernel size (odd for cosmoflow; the shipped Neuron configs use 4, the
-    reference network's)."""
+    """Convolution kernel size (odd for cosmoflow and for conv = "meshfree"; the shipped
+    Neuron configs use 4, the reference network's)."""
+    conv: Literal["standard", "meshfree"] = "standard"
+    """The convolutions of the conv blocks. standard: torch's Conv1d/Conv3d; meshfree:
+    mesh-free convolutions (docs/methods.md, "Mesh-free convolutions"), defined in physical
+    coordinates: each layer's scale is (kernel_size - 1) / 4 spacings of its input at level
+    0, and a stage runs it at its own level's spacing, so one set of weights computes the
+    same operators on every level that resolves that scale and a model moves between levels
+    by fusion without any kernel resampling. Needs an odd kernel_size; not with stem_level
+    or kernel_level (which resample standard kernels across levels instead)."""
     conv_channels: tuple[int, ...] = (30, 90, 180)
     """neuron_inverter: filters of its conv blocks (scaled by width)."""
     pool: int = 4
@@ -101,3 +109,13 @@ class ModelConfig:
                 "model.kernel_level", m.kernel_level,
                 "use model.kernel_level alone: model.stem_level and model.coarse_pools = "
                 "'drop' change the same layers in another way")
+        if m.conv == "meshfree":
+            require(m.kernel_size % 2 == 1, "model.kernel_size", m.kernel_size,
+                    "a mesh-free convolution (model.conv = 'meshfree') is centred: use an odd "
+                    f"size such as {m.kernel_size - 1} or {m.kernel_size + 1}")
+            require(m.stem_level == 0, "model.stem_level", m.stem_level,
+                    "use 0 with model.conv = 'meshfree': its layers already run at every "
+                    "level's spacing, a strided stem defined on a coarse grid is undefined")
+            require(m.kernel_level == 0, "model.kernel_level", m.kernel_level,
+                    "use 0 with model.conv = 'meshfree': its layers already run at every "
+                    "level's spacing, dilated kernels of a coarse grid are undefined")

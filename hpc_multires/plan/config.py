@@ -119,8 +119,27 @@ def _check_values(cfg: Config) -> None:
     cfg.train.check("train")
     for stage in cfg.stages:
         stage.train.check(f"stages.{stage.name}.train")
+    trains = [("train", cfg.train)] if not cfg.stages else \
+        [(f"stages.{s.name}.train", s.train) for s in cfg.stages]
+    for prefix, train in trains:
+        _check_downsample_model(prefix, train, cfg.model)
     cfg.comm.check()
     cfg.log.check()
+
+
+def _check_downsample_model(prefix: str, train: TrainConfig, model: ModelConfig) -> None:
+    """A downsampled step runs the model on smaller inputs through pooled kernels: the
+    dense layers must not depend on the map size, and no kernel may be dilated."""
+    down = train.downsample
+    if not down.on:
+        return
+    key = f"{prefix}.downsample.fraction"
+    require(model.head == "gap", key, down.fraction,
+            f"downsampled steps need a model that takes any input size: set model.head = "
+            f"'gap' (not {model.head!r}), or fraction = 0")
+    require(model.kernel_level == 0, key, down.fraction,
+            "downsampled steps cannot pool the dilated kernels of model.kernel_level = "
+            f"{model.kernel_level}: set model.kernel_level = 0, or fraction = 0")
 
 
 __all__ = ["FUSIONS", "CommConfig", "Config", "DataConfig", "LogConfig", "ModelConfig",

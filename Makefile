@@ -15,7 +15,7 @@ export MPIR_CVAR_CH4_PROGRESS_THROTTLE ?= 1
 
 MPIRUN := $(BIN)/mpiexec -n $(RANKS) $(PY) -m mpi4py -m hpc_multires
 
-.PHONY: setup demo test test-unit test-mpi test-slurm lint typecheck bench clean horovod
+.PHONY: setup demo test check test-unit test-mpi test-slurm lint typecheck bench clean horovod
 
 # Containers and sites override these: VENV_FLAGS=--system-site-packages with
 # TORCH_SPEC= keeps an image's own torch (containers/gpu.def); TORCH_INDEX picks a wheel index.
@@ -26,7 +26,9 @@ TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch pinned to 2.13.0 (a CPU wheel here); the project's range admits it and nothing newer.
+	# torch pinned to 2.13.0 (a CPU wheel here), installed first: the project's range
+	# (torch>=2.1) admits it, so the install of the package that follows keeps it (pip
+	# upgrades a dependency only when the installed version does not satisfy it).
 	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet '$(TORCH_SPEC)' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)))
 	$(PY) -m pip install --quiet -e '.[mpi,dev]'
 	touch $@
@@ -53,6 +55,11 @@ typecheck: setup
 
 test-unit: setup
 	$(BIN)/pytest -m "not mpi"
+
+# The quick loop while editing: lint, types and the one-process tests that take under a
+# few seconds each (no mpiexec, no Slurm, no `slow`). `make test` runs everything.
+check: lint typecheck
+	$(BIN)/pytest -q -m "not mpi and not slurm and not slow"
 
 test-mpi: setup
 	$(BIN)/pytest -m "mpi and not slurm"

@@ -21,7 +21,6 @@ Each line prints both and their ratio. Lower is better everywhere.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import subprocess
 import sys
@@ -33,7 +32,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BIN, ROOT, best_seconds, cli, env, machine
@@ -72,23 +70,13 @@ def reads(store: SampleStore, n: int) -> tuple[float, float]:
     return before * 1e6, after * 1e6
 
 
-def _set_pipe_bytes(pipe_bytes: int, _worker_id: int) -> None:
-    """The reader process's own `loader.PIPE_BYTES`: it starts from the forkserver, which
-    imported the loader module afresh, so a value set in this process does not reach it."""
-    loader.PIPE_BYTES = pipe_bytes
-
-
 def read_batches(store: SampleStore, idx: list[np.ndarray], pipe_bytes: int) -> bool:
     """Every batch through one reader process, as `loader.iterate_batches` reads them, with
-    the reader's PIPE_BYTES set to `pipe_bytes`; True if the batches came as shared-memory
-    tensors."""
-    batches = DataLoader(loader.BatchReader(store), sampler=list(idx), batch_size=None,
-                         collate_fn=loader._as_is, num_workers=1, prefetch_factor=4,
-                         persistent_workers=False,
-                         multiprocessing_context=loader.worker_context(),
-                         worker_init_fn=functools.partial(_set_pipe_bytes, pipe_bytes))
+    the reader's threshold for shared memory set to `pipe_bytes`; True if the batches came
+    as shared-memory tensors."""
+    reader = loader.BatchReader(store, pipe_bytes=pipe_bytes)
     shared = []
-    for x, y in batches:
+    for x, y in loader.read_ahead(reader, idx, num_workers=1, prefetch=4):
         shared.append(isinstance(x, torch.Tensor) and x.is_shared())
         torch.as_tensor(x), torch.as_tensor(y)
     return all(shared)

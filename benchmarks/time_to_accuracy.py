@@ -23,13 +23,27 @@ the first epoch end of a level-0 stage at or past it. Each method's fine-level-e
 work is the forward passes of its steps in level-0 epochs (each stage's steps times the
 level-0 samples' worth of work a step does, `step_work` in its start record, over the
 training set's size): what the method costs on a machine where work is time. The last
-lines are `speedup METHOD/baseline = X.XX` (time to target of the baseline over that of
-the method), in the order the methods were given, mrmf's last.
+lines are, per method M after the baseline (mrmf last), `speedup M/baseline = X.XX` (time
+to target of the baseline over that of M) and `final error M/baseline = Y.YYY` (M's final
+error over the baseline's: the ratio of the final MAEs, or for PSNR the ratio of the mean
+squared errors it stands for, 10^((baseline PSNR - M's PSNR) / 10); below 1 is better).
 
 With --train-seeds, the whole comparison runs once per training seed (same data), each
-seed with its own baseline target, and the last lines give the median speedup. The first
-method is the baseline that sets the target: `baseline`, or a variant such as
-`baseline-long` (configs/cosmoflow-baseline-long.toml, trained to convergence).
+seed with its own baseline target, and the last lines give the median speedup and the
+median final-error ratio. The first method is the baseline that sets the target:
+`baseline`, or a variant such as `baseline-long` (configs/cosmoflow-baseline-long.toml,
+trained to convergence) or `baseline-gap`.
+
+A method is a config name, configs/<app>-<method>.toml. Besides the stage plans (mrt, mrmf):
+
+- dynamic: the baseline with dynamic downsampling (train.downsample). Its network needs the
+  gap head, so compare it with a baseline of the same network: for CosmoFlow the shipped
+  baseline (`--methods baseline,dynamic`), for the Neuron Inverter, whose reference network
+  has a flatten head, `--methods baseline-gap,dynamic`.
+- meshfree, mrt-meshfree, mrmf-meshfree: the baseline, MRT and MRMF plans with mesh-free
+  convolutions (model.conv), against the same plans with standard ones:
+  `--methods baseline,mrt,mrt-meshfree,mrmf,mrmf-meshfree` (and `meshfree` for the
+  one-level cost of the convolution itself).
 """
 
 from __future__ import annotations
@@ -37,11 +51,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -199,7 +215,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "import hpc_multires.driver.run"], check=True,
                    cwd=ROOT, env=env())
     seeds = [int(x) for x in args.train_seeds.split(",")] if args.train_seeds else [None]
-    per_seed: list[dict[str, float | None]] = []
+    per_seed: list[dict[str, Outcome]] = []
     for seed in seeds:
         seed_set = [] if seed is None else [f"--set=run.seed={seed}"]
         out = work if seed is None else work / f"seed-{seed}"
@@ -210,37 +226,61 @@ def main() -> None:
         per_seed.append(compare(args.app, methods, data, out, args.ranks,
                                 [*seed_set, *task_set, *(f"--set={s}" for s in args.set)],
                                 args.network))
-    speedups = per_seed[0] if len(seeds) == 1 else median_speedups(methods[1:], per_seed)
-    # mrmf's line last: scripts read the last line.
+    outcomes = per_seed[0] if len(seeds) == 1 else median_over_seeds(methods[1:], per_seed)
+    # mrmf's lines last: scripts read the last lines. Each method: its speedup, then the
+    # final error against the baseline's (a method may be faster and end less accurate).
     for m in sorted(methods[1:], key=lambda name: name == "mrmf"):
-        sp = speedups[m]
+        sp, err = outcomes[m].speedup, outcomes[m].error
         print(f"speedup {m}/{methods[0]} = {'not reached' if sp is None else f'{sp:.2f}'}")
+        print(f"final error {m}/{methods[0]} = {err:.3f}")
 
 
-def median_speedups(methods: list[str], per_seed: list[dict[str, float | None]]
-                    ) -> dict[str, float | None]:
-    """Each method's (lower) median speedup over seeds, printed with the per-seed values.
+@dataclass(frozen=True)
+class Outcome:
+    """A method against the baseline on one seed (or the medians over seeds)."""
+
+    speedup: float | None  # time to target of the baseline over the method's; None: missed
+    error: float  # the method's final error over the baseline's (`error_ratio`)
+
+
+def error_ratio(result: dict, baseline: dict) -> float:
+    """The method's final error over the baseline's: the ratio of the final values of a
+    lower-is-better metric (MAE); for PSNR (higher is better, in dB) the ratio of the mean
+    squared errors it stands for."""
+    if baseline["higher_is_better"]:
+        return float(10 ** ((baseline["final"] - result["final"]) / 10))
+    return float(result["final"] / baseline["final"])
+
+
+def median_over_seeds(methods: list[str], per_seed: list[dict[str, Outcome]]
+                      ) -> dict[str, Outcome]:
+    """Each method's (lower) median speedup over seeds and its median final-error ratio,
+    printed with the per-seed values.
 
     A seed where the method missed its target ranks below every seed where it reached it,
-    so the median exists only when more than half of the seeds reached the target.
+    so the median speedup exists only when more than half of the seeds reached the target.
     """
-    print("\nover the training seeds (speedup per seed, median):")
-    medians: dict[str, float | None] = {}
+    print("\nover the training seeds (speedup per seed, median; final error over the "
+          "baseline's per seed, median):")
+    medians: dict[str, Outcome] = {}
     for m in methods:
-        values = [r[m] for r in per_seed]
+        values = [r[m].speedup for r in per_seed]
         ranked = sorted(values, key=lambda v: -1.0 if v is None else v)
         median = ranked[(len(ranked) - 1) // 2]  # the lower median: the cautious one
         if sum(v is not None for v in values) * 2 <= len(values):
             median = None
-        medians[m] = median
         shown = ", ".join("-" if v is None else f"{v:.2f}" for v in values)
-        print(f"  {m}: {shown}; median {'not reached' if median is None else f'{median:.2f}'}")
+        ratios = [r[m].error for r in per_seed]
+        medians[m] = Outcome(median, float(statistics.median(ratios)))
+        print(f"  {m}: {shown}; median {'not reached' if median is None else f'{median:.2f}'}"
+              f"; final error {', '.join(f'{e:.3f}' for e in ratios)}; median "
+              f"{medians[m].error:.3f}")
     return medians
 
 
 def compare(app: str, methods: list[str], data: Path, work: Path, ranks: int,
-            extra: list[str], network: str = "reference") -> dict[str, float | None]:
-    """Run every method once on `data`; print the table; return each method's speedup."""
+            extra: list[str], network: str = "reference") -> dict[str, Outcome]:
+    """Run every method once on `data`; print the table; return each method's outcome."""
     results = []
     for method in methods:
         r = run_method(app, method, data, work, ranks, extra, network)
@@ -253,24 +293,27 @@ def compare(app: str, methods: list[str], data: Path, work: Path, ranks: int,
     assert base_t is not None
     name = results[0]["metric"].removeprefix("val_").upper()
     print(f"\ntarget: {how}")
-    print(f"{'method':<14} {'final ' + name:>10} {'pyramid s':>9} {'set-up s':>8} "
-          f"{'total s':>8} {'work':>6} {'to target s':>11} {'speedup':>8}")
-    speedups: dict[str, float | None] = {}
+    width = max(10, *(len(m) for m in methods))
+    print(f"{'method':<{width}} {'final ' + name:>10} {'pyramid s':>9} {'set-up s':>8} "
+          f"{'total s':>8} {'work':>6} {'to target s':>11} {'speedup':>8} {'error':>6}")
+    out: dict[str, Outcome] = {}
     for r in results:
         t = time_to(r, target)
-        speedups[r["method"]] = None if t is None else base_t / t
+        error = error_ratio(r, results[0])
+        out[r["method"]] = Outcome(None if t is None else base_t / t, error)
         total = r["pyramid_s"] + r["setup_s"] + r["train_s"]
         cost = "-" if r["work"] is None else f"{r['work']:.2f}"
-        print(f"{r['method']:<14} {r['final']:10.4f} {r['pyramid_s']:9.1f} {r['setup_s']:8.1f} "
-              f"{total:8.1f} {cost:>6} "
+        print(f"{r['method']:<{width}} {r['final']:10.4f} {r['pyramid_s']:9.1f} "
+              f"{r['setup_s']:8.1f} {total:8.1f} {cost:>6} "
               f"{'not reached' if t is None else f'{t:.1f}':>11} "
-              f"{'-' if t is None else f'{base_t / t:.2f}x':>8}")
-    print("(work: forward passes in level-0 epochs of the training set)")
+              f"{'-' if t is None else f'{base_t / t:.2f}x':>8} {error:6.3f}")
+    print("(work: forward passes in level-0 epochs of the training set; error: final error "
+          "over the baseline's)")
     runs = " ".join(str(r["run"]) for r in results)
     print(f"\nplot: hpc-multires report {runs} --out {work / 'time-to-accuracy.png'}")
     cli(["report", *[str(r["run"]) for r in results], "--out",
          str(work / "time-to-accuracy.png")])
-    return speedups
+    return out
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import selectors
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from node_files import leftover_candidates, remove_unused
 
-from hpc_multires.comm.node_shm import mapped_shm_files, open_files
 from hpc_multires.data.store import ShardWriter, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,37 @@ def steps(run: Path) -> list[dict]:
 @pytest.fixture
 def cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     return run_cli
+
+
+@pytest.fixture
+def cli_in_process(monkeypatch: pytest.MonkeyPatch
+                   ) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """`hpc-multires ARGS` as `main(ARGS)` in this process, one rank: the same exit status,
+    stdout and stderr as `run_cli` without starting Python and importing torch each time.
+    For commands that end early (bad input, plan, submit --dry-run, report); a training run
+    or anything under mpiexec goes through `run_cli`."""
+    from hpc_multires.cli.main import main
+
+    for key in [k for k in os.environ if k.startswith(("PMI_", "OMPI_", "SLURM_", "MASTER_"))]:
+        monkeypatch.delenv(key)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+    def run(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        out, err = io.StringIO(), io.StringIO()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+        monkeypatch.chdir(cwd or ROOT)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main([str(a) for a in args])
+                except SystemExit as e:  # argparse's usage errors
+                    code = e.code if isinstance(e.code, int) else 2
+        finally:
+            for s, h in handlers.items():  # `train` installs the preemption handlers
+                signal.signal(s, h)
+        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return run
 
 
 def write_arrays_store(out: Path, x: np.ndarray, y: np.ndarray, per_shard: int = 8,
@@ -233,35 +265,52 @@ def images_config(tmp_path: Path, tiny_images: Path) -> Callable[..., Path]:
     return make
 
 
-SHM = Path("/dev/shm")
-SHM_LEFTOVERS = ("mpich_shm_", "sem.mp-")  # MPICH's node segments, multiprocessing's locks
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> dict[str, Path]:
+    """Trained once per session for the tests that start from a trained run: the tiny
+    2-epoch config ("config"), a run of it stopped after epoch 1 ("stopped") and the same
+    run resumed to its end ("done"). Use them through `stopped_run`/`done_run`, which copy
+    them: a test may change its copy."""
+    base = tmp_path_factory.mktemp("trained")
+    cfg = base / "tiny.toml"
+    cfg.write_text(TINY_CONFIG.format(data=tiny_cosmo, epochs=2, workers=0))
+    stopped, done = base / "stopped", base / "done"
+    r = run_cli(["train", str(cfg), "--run-dir", str(stopped), "--stop-after-epoch", "1"])
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(stopped, done)
+    r = run_cli(["train", str(cfg), "--run-dir", str(done), "--resume"])
+    assert r.returncode == 0, r.stderr
+    return {"config": cfg, "stopped": stopped, "done": done}
 
 
-def _in_use_under_shm() -> set[str]:
-    """/dev/shm names some live process has mapped or open."""
-    names: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        names.update(Path(p).name for p in mapped_shm_files(proc / "maps", f"{SHM}/"))
-        names.update(Path(p).name for p in open_files(proc / "fd", f"{SHM}/"))
-    return names
+@pytest.fixture
+def stopped_run(trained_runs: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the tiny run stopped after epoch 1 of 2 (its checkpoint epoch-0001.pt),
+    and the config it was trained with."""
+    run = tmp_path / "stopped"
+    shutil.copytree(trained_runs["stopped"], run)
+    return run, str(trained_runs["config"])
+
+
+@pytest.fixture
+def done_run(trained_runs: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the tiny run trained to its end (2 epochs), and its config."""
+    run = tmp_path / "done"
+    shutil.copytree(trained_runs["done"], run)
+    return run, str(trained_runs["config"])
 
 
 @pytest.fixture(scope="session", autouse=True)
-def shm_left_by_aborted_jobs() -> Iterator[None]:
-    """Remove what the suite's aborted MPI jobs leave in /dev/shm. An MPI abort kills every
-    rank with SIGKILL, with no clean-up: the named semaphores of the killed ranks' reader
-    queues stay behind, and so does MPICH's shared segment of the node when a job dies
-    before its ranks release it (comm/node_shm.py). Many tests end a job that way on
-    purpose, and on a machine that runs the suite again and again these would fill
-    /dev/shm. Only names that appeared during this session and that no live process still
-    uses are removed."""
-    before = set(os.listdir(SHM)) if SHM.is_dir() else set()
+def node_files_left_by_aborted_jobs() -> Iterator[None]:
+    """Remove what the suite's aborted MPI jobs leave in /dev/shm and /tmp (node_files.py):
+    MPICH's node segments, hydra's topology files, multiprocessing's semaphores.
+    An MPI abort kills every rank with SIGKILL, with no clean-up; many tests end a job that
+    way on purpose, and on a machine that runs the suite again and again these would fill
+    /dev/shm (the machine's memory). Only names that appeared during this session and that
+    no live process still uses are removed, waiting a few seconds for those in use (a
+    killed rank can outlive its launcher by a moment; another job keeps its own)."""
+    before = leftover_candidates()
     yield
-    if not SHM.is_dir():
-        return
-    new = {n for n in os.listdir(SHM) if n.startswith(SHM_LEFTOVERS)} - before
-    for name in new - _in_use_under_shm():
-        with contextlib.suppress(OSError):
-            (SHM / name).unlink()
+    remove_unused(leftover_candidates() - before, wait_s=10)

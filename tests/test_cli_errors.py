@@ -6,7 +6,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from conftest import write_arrays_store
+
+
+@pytest.fixture
+def cli(cli_in_process):  # type: ignore[no-untyped-def]
+    """Every command here ends early: run it in this process (conftest.cli_in_process)."""
+    return cli_in_process
 
 
 def one_error(result) -> str:  # type: ignore[no-untyped-def]
@@ -52,6 +59,7 @@ def test_wrong_sample_shape_for_the_model(cli, tiny_config, tmp_path: Path) -> N
     assert "takes 3D samples" in one_error(cli(["train", str(tiny_config(data=data))]))
 
 
+@pytest.mark.slow
 def test_nan_in_a_sample(cli, tiny_config, tmp_path: Path) -> None:
     x = np.random.default_rng(0).normal(size=(32, 1, 8, 8, 8)).astype(np.float32)
     data = write_arrays_store(tmp_path / "nan", x, np.zeros((32, 1), np.float32), per_shard=16)

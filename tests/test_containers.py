@@ -160,3 +160,18 @@ def test_base_image_python_meets_requires_python(name: str) -> None:
         python = ngc_pytorch_python(tag)
     assert python >= required, f"{name}: {header['From']} has Python {python}, needs {spec}"
     assert ngc_pytorch_python("24.10-py3") < required  # the check would have caught it
+
+
+def test_setup_installs_the_pinned_torch_first_and_the_package_keeps_it() -> None:
+    """`make setup` installs torch==2.13.0 before the package, and the package's torch
+    range admits that version: pip then keeps it rather than download a newer torch."""
+    from packaging.requirements import Requirement
+
+    plan = subprocess.run(["make", "-n", "-B", "setup"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60).stdout.splitlines()
+    torch_at = [i for i, ln in enumerate(plan) if "pip install --quiet 'torch==2.13.0'" in ln]
+    package_at = [i for i, ln in enumerate(plan) if "pip install --quiet -e '.[mpi,dev]'" in ln]
+    assert len(torch_at) == 1 and len(package_at) == 1 and torch_at[0] < package_at[0], plan
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_spec,) = [Requirement(d) for d in deps if Requirement(d).name == "torch"]
+    assert torch_spec.specifier.contains("2.13.0"), torch_spec

@@ -181,6 +181,7 @@ schedule_offset = 2
 """
 
 
+@pytest.mark.slow
 def test_train_moves_a_level_consistent_model_exactly(cli, tmp_path) -> None:
     # Traces constant over each pair of bins: level 1 (the pair averages) holds the same
     # values, so both levels are normalised alike and, with no pooling, the model moved to

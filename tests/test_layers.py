@@ -61,6 +61,7 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     assert "hpc_multires.plan.compat" in modules
 
 
+@pytest.mark.slow
 def test_the_driver_refuses_a_checkpoint_of_another_config(cli, tiny_config,
                                                            tmp_path: Path) -> None:
     """Where the run's config.toml does not read, the stage's checkpoint still holds the

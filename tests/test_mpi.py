@@ -14,13 +14,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import ROOT, end_tree, mpiexec_path, rank_processes, run_env, stderr_of
-
-from hpc_multires.comm.node_shm import (
-    HYDRA_TOPOLOGY_PREFIX,
-    MPICH_SEGMENT_PREFIX,
-    hydra_topology_files,
-    mapped_shm_files,
-)
+from node_files import HYDRA_TOPOLOGY_PREFIX, MPICH_SEGMENT_PREFIX, job_files, remove_unused
 
 pytestmark = pytest.mark.mpi
 
@@ -143,8 +137,7 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
             time.sleep(0.2)
         ranks = rank_processes(proc.pid)
         assert len(ranks) == 2, [p.cmdline() for p in ranks]
-        segments = {s for r in ranks for s in mapped_shm_files(Path(f"/proc/{r.pid}/maps"))}
-        topology = {t for r in ranks for t in hydra_topology_files(r.pid)}
+        left = job_files(r.pid for r in ranks)  # what the abort will leave behind
         victim = ranks[1]
         t0 = time.monotonic()
         os.kill(victim.pid, signal.SIGKILL)
@@ -154,12 +147,14 @@ def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -
         end_tree(proc)
     assert proc.returncode != 0
     assert elapsed < 60
-    # The job ended by an abort, so MPICH never reached MPI_Finalize; the node's shared
-    # segment must not stay behind in /dev/shm (the node's memory) all the same, nor
-    # hydra's topology file in /tmp.
-    assert segments, "the ranks map no MPICH node segment: is mpiexec MPICH's?"
-    assert topology, "no hydra proxy holds a topology file: is mpiexec MPICH's hydra?"
-    assert not [s for s in segments | topology if os.path.exists(s)], segments | topology
+    # The job ended by an abort, so neither MPICH nor hydra reached its normal end: the
+    # node's segment in /dev/shm and the topology file in /tmp are left for the job's
+    # epilog, here for node_files, which removes them once no process holds them: none of
+    # the job's may be left running.
+    assert [f for f in left if f.startswith(MPICH_SEGMENT_PREFIX)], left
+    assert [f for f in left if f.startswith(HYDRA_TOPOLOGY_PREFIX)], left
+    remove_unused(left, wait_s=30)
+    assert not [f for f in left if os.path.exists(f)], left
     import torch
 
     state = torch.load(ckpt, weights_only=False)  # the last checkpoint still loads
@@ -264,64 +259,74 @@ def test_every_rank_resumes_from_the_checkpoint_the_stages_first_rank_chose(
     assert val(run) == pytest.approx(val(whole), abs=1e-6) and len(val(run)) == 4
 
 
-NODE_SEGMENT_PROBE = """
+# Installed in every Python process of a job (ranks, reader processes, the fork server):
+# writes a line for each access to another process's /proc entries, and for each access of
+# the product's own code to /proc or removal of a name in /dev/shm or of a hydra file.
+AUDIT_HOOK = """
 import os
 import sys
-from mpi4py import MPI
-from hpc_multires.comm.node_shm import hydra_topology_files, mapped_shm_files
-from hpc_multires.data.parallel import data_world
-mapped = mapped_shm_files() + hydra_topology_files()
-named_before = [p for p in mapped if os.path.exists(p)]
-world = data_world()
-named_after = [p for p in mapped if os.path.exists(p)]
-with open(f"{sys.argv[1]}/rank-{world.rank}", "w") as out:  # launcher output interleaves
-    print(world.rank, len(named_before), len(named_after), *mapped, file=out)
-MPI.COMM_WORLD.Barrier()
-if world.rank == 1:
-    MPI.COMM_WORLD.Abort(3)  # as after an error: no MPI_Finalize
+import sysconfig
+
+_log = os.open(os.environ["HPCMR_AUDIT_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+_stdlib = sysconfig.get_paths()["stdlib"]
+
+
+def _caller():
+    # The first frame outside the standard library (pathlib, os, importlib): whose access
+    # this is, the product's own or a library's (torch reads /proc/self/maps on import).
+    f = sys._getframe(2)
+    while f is not None and (f.f_code.co_filename.startswith((_stdlib, "<"))):
+        f = f.f_back
+    return "?" if f is None else f"{f.f_code.co_filename}:{f.f_lineno}"
+
+
+def _other_process(path):
+    parts = path.split("/")
+    return len(parts) > 2 and parts[2].isdigit() and int(parts[2]) != os.getpid()
+
+
+def _hook(event, args):
+    if event not in ("open", "os.listdir", "os.scandir", "os.remove") or not args:
+        return
+    path = args[0]
+    if isinstance(path, bytes):
+        path = path.decode(errors="replace")
+    if not isinstance(path, str):
+        return
+    path = os.path.abspath(path)
+    caller = _caller()
+    product = "/hpc_multires/" in caller
+    proc = path.startswith("/proc/")
+    unlink = event == "os.remove" and path.startswith(("/dev/shm/", "/tmp/hydra"))
+    if (proc and (product or _other_process(path))) or (unlink and product):
+        os.write(_log, f"{os.getpid()} {event} {path} from {caller}\\n".encode())
+
+
+sys.addaudithook(_hook)
 """
 
 
-def test_a_data_command_gives_up_the_node_segment_name_before_it_can_abort(
-        tmp_path: Path) -> None:
-    """The data commands' world releases MPICH's /dev/shm name and hydra's topology file as
-    training does: named before, unnamed after (the segment still mapped), and nothing left
-    once the job is aborted."""
-    r = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", NODE_SEGMENT_PROBE,
-                        str(tmp_path)],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=run_env())
-    assert r.returncode != 0  # the abort
-    rows = sorted(f.read_text().split() for f in tmp_path.glob("rank-*"))
-    assert [row[:3] for row in rows] == [["0", "2", "0"], ["1", "2", "0"]], r.stdout + r.stderr
-    files = {path for row in rows for path in row[3:]}
-    assert sorted(f.startswith(MPICH_SEGMENT_PREFIX) for f in files) == [False, True], files
-    assert [f for f in files if f.startswith(HYDRA_TOPOLOGY_PREFIX)], files
-    assert not [f for f in files if os.path.exists(f)], files
-
-
-MAPPED_THEN_CLI = """
-import sys
-from mpi4py import MPI
-from hpc_multires.cli.main import main
-from hpc_multires.comm.node_shm import hydra_topology_files, mapped_shm_files
-with open(f"{sys.argv[1]}/rank-{MPI.COMM_WORLD.Get_rank()}", "w") as out:
-    print(*mapped_shm_files(), *hydra_topology_files(), file=out)
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def test_an_error_before_the_ranks_talk_leaves_no_node_segment(tiny_config,
-                                                              tmp_path: Path) -> None:
-    """A config mistake aborts the job before the ranks release MPICH's segment and hydra's
-    topology file together; the aborting rank gives their names up, so they do not outlive
-    the job."""
-    out = tmp_path / "mapped"
-    out.mkdir()
-    r = subprocess.run([mpiexec_path(), "-n", "2", sys.executable, "-c", MAPPED_THEN_CLI,
-                        str(out), "train", str(tiny_config()), "--set", "train.epoch=3",
-                        "--run-dir", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=60, cwd=ROOT, env=run_env())
-    assert r.returncode != 0 and "unknown config key 'train.epoch'" in r.stderr, r.stderr
-    files = {p for f in out.glob("rank-*") for p in f.read_text().split()}
-    assert sorted(f.startswith(MPICH_SEGMENT_PREFIX) for f in files) == [False, True], files
-    assert not [f for f in files if os.path.exists(f)], files
+def test_the_product_leaves_other_processes_and_mpichs_files_alone(cli, tiny_config,
+                                                                   tmp_path: Path) -> None:
+    """With default settings a 2-rank job (a data command, training with a reader process,
+    an error's abort) reads no other process's /proc entries, touches /proc from none of
+    its own code, and unlinks nothing in /dev/shm or of hydra's: MPICH's and hydra's files
+    are the job epilog's (on this machine the test suite's, node_files.py)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(AUDIT_HOOK)
+    log = tmp_path / "audit.log"
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "HPCMR_AUDIT_LOG": str(log)}
+    data = tmp_path / "data"
+    r = cli(["data", "synth", "neuron", "--out", str(data), "--samples", "8", "--bins", "64",
+             "--samples-per-shard", "4"],
+            ranks=2, **env)
+    assert r.returncode == 0, r.stderr
+    cfg = tiny_config(epochs=1, workers=1)
+    r = cli(["train", str(cfg), "--run-dir", str(tmp_path / "run")], ranks=2, **env)
+    assert r.returncode == 0, r.stderr
+    r = cli(["train", str(cfg), "--set", "train.epoch=3"], ranks=2, **env)
+    assert r.returncode == 2 and "unknown config key 'train.epoch'" in r.stderr, r.stderr
+    assert log.exists(), "the audit hook was not installed"  # its own opening of the log
+    assert not log.read_text(), log.read_text()

@@ -114,6 +114,7 @@ def test_killed_build_leaves_shards_intact_and_is_redone(store3d: Path, tmp_path
     assert len(SampleStore(store3d, level=1)) == 12
 
 
+@pytest.mark.slow
 def test_two_builds_of_one_shard_at_once(store3d: Path, tmp_path: Path) -> None:
     """Two jobs building the same directory (one with --levels 2, one with --levels 2 but
     level 1 done): the second must not write into the first one's copy, which the first

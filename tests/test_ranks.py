@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,9 +146,10 @@ def test_slurm_rendezvous_is_on_the_steps_first_node(monkeypatch) -> None:
     """Without MPI to ask, rank 0's host is the first node of the step (not of the job,
     whose first node a step may not use), and two steps of a job get different ports."""
     from hpc_multires.comm import dist as comm_dist
+    from hpc_multires.comm import ranks
     from hpc_multires.comm.ranks import RankInfo
 
-    monkeypatch.setattr(comm_dist, "mpi_world", lambda: None)
+    monkeypatch.setattr(ranks, "mpi_world", lambda: None)
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n[01-04]")
@@ -163,43 +165,79 @@ def test_slurm_rendezvous_is_on_the_steps_first_node(monkeypatch) -> None:
     assert comm_dist.rendezvous_address(info)[0] == "n01"
 
 
-def test_mapped_shm_files_reads_names_named_or_unlinked(tmp_path: Path) -> None:
-    from hpc_multires.comm.node_shm import mapped_shm_files
+class _FakeWorld:
+    """What `mpi_world` returns, reduced to rank and size."""
 
-    maps = tmp_path / "maps"
-    maps.write_text(
-        "7f00-7f20 rw-s 00000000 00:1a 12 /dev/shm/mpich_shm_1c9557b2_0\n"
-        "7f20-7f40 rw-s 00000000 00:1a 13 /dev/shm/mpich_shm_ff7ddfdf_0 (deleted)\n"
-        "7f40-7f60 rw-s 00000000 00:1a 14 /dev/shm/sem.mp-0s98fbnz\n"
-        "7f60-7f80 r-xp 00000000 08:01 15 /usr/lib/libmpi.so.12\n"
-        "7f80-7fa0 rw-p 00000000 00:00 0 \n")
-    assert mapped_shm_files(maps) == ["/dev/shm/mpich_shm_1c9557b2_0",
-                                           "/dev/shm/mpich_shm_ff7ddfdf_0"]
-    assert mapped_shm_files(maps, "/dev/shm/") == ["/dev/shm/mpich_shm_1c9557b2_0",
-                                                  "/dev/shm/mpich_shm_ff7ddfdf_0",
-                                                  "/dev/shm/sem.mp-0s98fbnz"]
-    assert mapped_shm_files(tmp_path / "gone") == []
+    def __init__(self, rank: int, size: int) -> None:
+        self.rank, self.size = rank, size
+
+    def Get_rank(self) -> int:
+        return self.rank
+
+    def Get_size(self) -> int:
+        return self.size
 
 
-def test_hydra_topology_files_come_from_the_proxy_that_started_the_rank(tmp_path: Path) -> None:
-    """The rank's ancestors are searched for hydra's proxy (a wrapper shell in between is
-    passed over), and only its topology files are taken from its open files."""
-    from hpc_multires.comm.node_shm import hydra_topology_files
+def test_the_mpi_world_counts_only_where_it_connects_the_launchers_ranks(monkeypatch) -> None:
+    from hpc_multires.comm import ranks
 
-    def process(pid: int, comm: str, ppid: int, fds: dict[str, str] | None = None) -> None:
-        d = tmp_path / str(pid)
-        (d / "fd").mkdir(parents=True)
-        (d / "comm").write_text(comm + "\n")
-        (d / "stat").write_text(f"{pid} ({comm}) S {ppid} {pid} {pid} 0 -1\n")
-        for fd, target in (fds or {}).items():
-            (d / "fd" / fd).symlink_to(target)
+    two = RankInfo(1, 2, 1, 2, 0, 1, "mpich")
+    monkeypatch.setattr(ranks, "mpi_world", lambda: _FakeWorld(1, 2))
+    assert ranks.mpi_of(two) is not None
+    assert ranks.with_mpi_world(two) == two
+    monkeypatch.setattr(ranks, "mpi_world", lambda: _FakeWorld(0, 1))  # srun without --mpi
+    assert ranks.mpi_of(two) is None
+    monkeypatch.setattr(ranks, "mpi_world", lambda: None)  # no mpi4py
+    assert ranks.mpi_of(two) is None
+    # A launcher outside the table (PMIx only): the environment says 0 of 1, MPI knows.
+    single = RankInfo(0, 1, 0, 1, 0, 1, "single")
+    monkeypatch.setattr(ranks, "mpi_world", lambda: _FakeWorld(3, 4))
+    assert ranks.with_mpi_world(single) == RankInfo(3, 4, 0, 1, 0, 1, "mpi")
+    assert ranks.mpi_of(single) is None and ranks.mpi_of(ranks.with_mpi_world(single))
 
-    process(40, "hydra_pmi_proxy", 30, {"3": "/dev/null", "11": "/tmp/hydra_hwloc_xmlfile_uRN87d",
-                                        "12": "/tmp/other"})
-    process(50, "sh (wrapper) x", 40)  # comm with spaces and parentheses
-    process(100, "python", 50)
-    process(200, "python", 60)
-    process(60, "slurmstepd", 1)  # srun: no hydra proxy above the rank
-    assert hydra_topology_files(100, tmp_path) == ["/tmp/hydra_hwloc_xmlfile_uRN87d"]
-    assert hydra_topology_files(200, tmp_path) == []
-    assert hydra_topology_files(999, tmp_path) == []  # no such process
+
+def test_rank_and_size_for_messages_never_fails(monkeypatch) -> None:
+    """The error path asks it: launcher variables when MPI is not running, and rank 0 of 1
+    when they make no sense (the error being reported may be about them)."""
+    from hpc_multires.comm import ranks
+
+    monkeypatch.setattr(ranks, "running_mpi", lambda: None)
+    for key in [k for k in os.environ if k.startswith(("PMI_", "OMPI_", "SLURM_"))]:
+        monkeypatch.delenv(key)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert ranks.rank_and_size() == (0, 1)
+    monkeypatch.setenv("PMI_RANK", "3")
+    monkeypatch.setenv("PMI_SIZE", "4")
+    assert ranks.rank_and_size() == (3, 4)
+    monkeypatch.setattr(ranks, "running_mpi", lambda: _FakeWorld(1, 2))
+    assert ranks.rank_and_size() == (1, 2)  # MPI, when running, is the truth
+    monkeypatch.setattr(ranks, "running_mpi", lambda: None)
+    monkeypatch.setenv("PMI_RANK", "x")
+    assert ranks.rank_and_size() == (0, 1)
+
+
+def test_data_commands_take_mpis_world_only_where_it_is_the_launchers(monkeypatch) -> None:
+    from hpc_multires.comm import ranks
+    from hpc_multires.data import parallel
+    from hpc_multires.errors import UserError
+
+    for key in [k for k in os.environ if k.startswith(("PMI_", "OMPI_", "SLURM_"))]:
+        monkeypatch.delenv(key)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PMI_RANK", "1")
+    monkeypatch.setenv("PMI_SIZE", "2")
+
+    def world(w: _FakeWorld | None) -> None:
+        monkeypatch.setattr(ranks, "mpi_world", lambda: w)
+        monkeypatch.setattr(parallel, "mpi_world", lambda: w)
+
+    world(_FakeWorld(1, 2))
+    assert (parallel.data_world().rank, parallel.data_world().size) == (1, 2)
+    for fake, message in [(None, "mpi4py is not available"),
+                          (_FakeWorld(0, 1), "started 2 ranks but MPI connects 1"),
+                          (_FakeWorld(0, 2), "calls this process rank 1 but MPI calls it rank 0")]:
+        world(fake)
+        with pytest.raises(UserError, match=message):
+            parallel.data_world()

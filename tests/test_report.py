@@ -56,8 +56,8 @@ def test_bad_out_is_a_user_error(run: Path, tmp_path: Path, out: str, fix: str) 
     assert "\n" not in str(err.value)
 
 
-def test_bad_out_through_the_cli_is_one_line(cli, run: Path, tmp_path: Path) -> None:
-    r = cli(["report", str(run), "--out", str(tmp_path / "x.pnx")])
+def test_bad_out_through_the_cli_is_one_line(cli_in_process, run: Path, tmp_path: Path) -> None:
+    r = cli_in_process(["report", str(run), "--out", str(tmp_path / "x.pnx")])
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     [line] = r.stderr.strip().splitlines()
     assert line.startswith(f"hpc-multires: error: --out '{tmp_path / 'x.pnx'}': '.pnx' is not")
@@ -65,14 +65,11 @@ def test_bad_out_through_the_cli_is_one_line(cli, run: Path, tmp_path: Path) -> 
     assert not (tmp_path / "x.pnx").exists()
 
 
-def test_the_table_says_which_runs_are_finished(cli, tiny_config, run: Path,
+@pytest.mark.slow
+def test_the_table_says_which_runs_are_finished(cli, stopped_run, done_run, run: Path,
                                                 tmp_path: Path) -> None:
     """A run stopped part way, or one that died, must not read like a finished one."""
-    cfg = str(tiny_config(epochs=2))
-    done, stopped = tmp_path / "done", tmp_path / "stopped"
-    assert cli(["train", cfg, "--run-dir", str(done)]).returncode == 0
-    assert cli(["train", cfg, "--run-dir", str(stopped), "--stop-after-epoch", "1"]
-               ).returncode == 0
+    (done, cfg), (stopped, _) = done_run, stopped_run
     text = report([done, stopped, run], tmp_path / "r.png")
     status = {ln.split()[0]: ln.split()[1] for ln in text.splitlines()[1:-1]}
     assert status == {"done": "done", "stopped": "stopped", "run": "unfinished"}, text

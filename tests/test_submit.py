@@ -87,6 +87,7 @@ def _launch(tmp_path: Path, body: str,
     return out, calls
 
 
+@pytest.mark.slow
 def test_launch_starts_a_step_again_after_slurms_pmi2_garbled_the_start(tmp_path: Path) -> None:
     """Slurm's pmi2 plugin cuts PMI-1 requests longer than 1024 bytes, and the step dies in
     MPI_Init; hpcmr_launch starts it again, and the second step's result is the job's."""
@@ -98,6 +99,7 @@ def test_launch_starts_a_step_again_after_slurms_pmi2_garbled_the_start(tmp_path
     assert "value not properly terminated" in out.stderr  # the original error is still shown
 
 
+@pytest.mark.slow
 def test_launch_gives_up_after_the_retries(tmp_path: Path) -> None:
     out, calls = _launch(tmp_path, f'printf "{GARBLED}" >&2; exit 7\n', retries=2)
     assert calls == 3 and out.stdout.strip() == "rc=7", out.stderr
@@ -108,6 +110,12 @@ def test_launch_does_not_repeat_other_failures(tmp_path: Path) -> None:
     out, calls = _launch(tmp_path, 'echo "error: data path not found" >&2; exit 2\n')
     assert calls == 1 and out.stdout.strip() == "rc=2", out.stderr
     assert "garbled" not in out.stderr
+
+
+@pytest.fixture
+def cli(cli_in_process):  # type: ignore[no-untyped-def]
+    """`submit --dry-run` ends before any job: run it in this process."""
+    return cli_in_process
 
 
 def test_dry_run_cli_prints_the_script(cli, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ def records(run: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_config_and_checkpoints(cli, tiny_config, tmp_path: Path) -> None:
     cfg_path = tiny_config(epochs=2, workers=1)
     run = tmp_path / "run"
@@ -44,30 +45,29 @@ def test_train_writes_metrics_config_and_checkpoints(cli, tiny_config, tmp_path:
     assert f"{epochs[-1]['val_mae']:.4f}" in rep.stdout  # the run's own final figure
 
 
-def test_same_run_dir_is_not_overwritten(cli, tiny_config, tmp_path: Path) -> None:
-    cfg_path = tiny_config(epochs=1)
-    run = tmp_path / "run"
-    assert cli(["train", str(cfg_path), "--run-dir", str(run)]).returncode == 0
+@pytest.mark.slow
+def test_same_run_dir_is_not_overwritten(cli_in_process, stopped_run) -> None:
+    cli = cli_in_process  # every command here is refused before it trains
+    run, cfg_path = stopped_run
     before = (run / "stages" / "main" / "checkpoints" / "epoch-0001.pt").read_bytes()
-    again = cli(["train", str(cfg_path), "--run-dir", str(run)])
+    again = cli(["train", cfg_path, "--run-dir", str(run)])
     assert again.returncode == 2 and "pass --resume" in again.stderr
     assert (run / "stages" / "main" / "checkpoints" / "epoch-0001.pt").read_bytes() == before
-    changed = cli(["train", str(cfg_path), "--run-dir", str(run), "--resume",
-                   "--set", "train.lr=0.1", "--set", "train.epochs=2"])
+    changed = cli(["train", cfg_path, "--run-dir", str(run), "--resume",
+                   "--set", "train.lr=0.1", "--set", "train.epochs=3"])
     assert changed.returncode == 2 and "['train.lr']" in changed.stderr, changed.stderr
 
 
-def test_a_refused_resume_changes_nothing_and_its_advice_works(cli, tiny_config,
+@pytest.mark.slow
+def test_a_refused_resume_changes_nothing_and_its_advice_works(cli, cli_in_process, stopped_run,
                                                               tmp_path: Path) -> None:
     """A resume refused for a changed config must leave config.toml as the run wrote it
     (the message tells the user to resume with that file); a resume with another plan is
     refused too, instead of starting its stages beside the old ones."""
-    cfg = str(tiny_config(epochs=2))
-    run = tmp_path / "run"
-    assert cli(["train", cfg, "--run-dir", str(run), "--stop-after-epoch", "1"]).returncode == 0
+    run, cfg = stopped_run
     saved = (run / "config.toml").read_text()
     log = (run / "metrics.jsonl").read_text()
-    bad = cli(["train", cfg, "--run-dir", str(run), "--resume", "--set", "train.lr=0.5"])
+    bad = cli_in_process(["train", cfg, "--run-dir", str(run), "--resume", "--set", "train.lr=0.5"])
     assert bad.returncode == 2 and "in ['train.lr']" in bad.stderr, bad.stderr
     assert f"train {run / 'config.toml'} --resume" in bad.stderr
     assert (run / "config.toml").read_text() == saved
@@ -77,19 +77,20 @@ def test_a_refused_resume_changes_nothing_and_its_advice_works(cli, tiny_config,
 name = "other"
 level = 0
 ''')
-    other = cli(["train", str(plan), "--run-dir", str(run), "--resume"])
+    other = cli_in_process(["train", str(plan), "--run-dir", str(run), "--resume"])
     assert other.returncode == 2 and "stages" in other.stderr, other.stderr
     assert (run / "metrics.jsonl").read_text() == log and not (run / "stages" / "other").exists()
     ok = cli(["train", str(run / "config.toml"), "--run-dir", str(run), "--resume"])
     assert ok.returncode == 0 and "resumed from epoch-0001.pt" in ok.stderr, ok.stderr
 
 
-def test_resume_on_data_of_another_shape_is_one_line(cli, tiny_config, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_resume_on_data_of_another_shape_is_one_line(cli_in_process, stopped_run,
+                                                     tmp_path: Path) -> None:
     """data.path may change on resume (the data moved), but not to samples of another
     shape: the checkpoint's weights do not fit the model built for them."""
-    cfg = str(tiny_config(epochs=2))
-    run = tmp_path / "run"
-    assert cli(["train", cfg, "--run-dir", str(run), "--stop-after-epoch", "1"]).returncode == 0
+    cli = cli_in_process
+    run, cfg = stopped_run
     rng = np.random.default_rng(0)
     other = write_arrays_store(tmp_path / "two-channels",
                                rng.normal(size=(32, 2, 16, 16, 16)).astype(np.float32),
@@ -173,17 +174,15 @@ sys.exit(rc)
 """
 
 
-def test_resume_loads_the_checkpoint_once(tiny_config, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_resume_loads_the_checkpoint_once(stopped_run) -> None:
     """Trimming the metrics log and resuming the stage read the same checkpoint: once."""
     import ast
     import subprocess
     import sys
 
-    from conftest import ROOT, run_cli, run_env
-    cfg_path = str(tiny_config(epochs=2))
-    run = tmp_path / "run"
-    first = run_cli(["train", cfg_path, "--run-dir", str(run), "--stop-after-epoch", "1"])
-    assert first.returncode == 0, first.stderr
+    from conftest import ROOT, run_env
+    run, cfg_path = stopped_run
     r = subprocess.run([sys.executable, "-c", COUNT_LOADS, "train", cfg_path, "--run-dir",
                         str(run), "--resume"], capture_output=True, text=True, timeout=180,
                        cwd=ROOT, env=run_env())
@@ -194,6 +193,7 @@ def test_resume_loads_the_checkpoint_once(tiny_config, tmp_path: Path) -> None:
     assert loads.get(ckpt) == 1, loads
 
 
+@pytest.mark.slow
 def test_resume_inside_an_epoch_with_dropout_is_exact(cli, tiny_config, tmp_path: Path) -> None:
     """A run that lost everything after a checkpoint inside an epoch resumes from it and
     ends as the straight run does, dropout masks included (they follow the step)."""
@@ -222,6 +222,7 @@ def test_resume_inside_an_epoch_with_dropout_is_exact(cli, tiny_config, tmp_path
         assert torch.equal(fa[k], fb[k]), k
 
 
+@pytest.mark.slow
 def test_a_stage_ended_on_its_time_budget_stays_ended_on_resume(cli, tiny_config,
                                                               tmp_path: Path) -> None:
     """--resume of a stage that ended on its budget trains no further, whether its final.pt
@@ -247,8 +248,9 @@ def test_a_stage_ended_on_its_time_budget_stays_ended_on_resume(cli, tiny_config
     assert "done: val_mae" in third.stdout
 
 
-def test_resume_needs_a_checkpoint_and_stop_stage_a_stage(cli, tiny_config,
+def test_resume_needs_a_checkpoint_and_stop_stage_a_stage(cli_in_process, tiny_config,
                                                          tmp_path: Path) -> None:
+    cli = cli_in_process  # every command here is refused before it trains
     cfg = str(tiny_config(epochs=1))
     r = cli(["train", cfg, "--run-dir", str(tmp_path / "typo"), "--resume"])
     assert r.returncode == 2 and "holds no checkpoint" in r.stderr, r.stderr
@@ -263,10 +265,9 @@ def test_resume_needs_a_checkpoint_and_stop_stage_a_stage(cli, tiny_config,
     assert not (tmp_path / "c").exists()
 
 
-def test_a_torn_metrics_line_does_not_block_resume(cli, tiny_config, tmp_path: Path) -> None:
-    cfg = str(tiny_config(epochs=2))
-    run = tmp_path / "run"
-    assert cli(["train", cfg, "--run-dir", str(run), "--stop-after-epoch", "1"]).returncode == 0
+@pytest.mark.slow
+def test_a_torn_metrics_line_does_not_block_resume(cli, stopped_run) -> None:
+    run, cfg = stopped_run
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"kind": "step", "stage": "ma')  # a write cut short
     r = cli(["train", cfg, "--run-dir", str(run), "--resume"])
@@ -275,6 +276,7 @@ def test_a_torn_metrics_line_does_not_block_resume(cli, tiny_config, tmp_path: P
     assert [s["step"] for s in records(run, "step")] == list(range(1, 19))
 
 
+@pytest.mark.slow
 def test_a_new_run_sets_an_earlier_attempts_log_aside(cli, tiny_config, tmp_path: Path) -> None:
     """An attempt that failed before its first checkpoint left a log: the next run starts
     its own and keeps the old one beside it."""
@@ -322,6 +324,7 @@ def test_metrics_appends_wait_for_a_writer_holding_the_lock(tmp_path: Path) -> N
     assert read_metrics(path) == [{"kind": "step", "step": 1}]
 
 
+@pytest.mark.slow
 def test_a_second_training_into_a_busy_run_dir_is_refused(tiny_config, tmp_path: Path,
                                                           cli) -> None:
     """A requeued job and a manual resubmission, or a double submission: the second must

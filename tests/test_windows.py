@@ -75,12 +75,12 @@ def test_bad_windows_fail_at_load() -> None:
         config_from_dict(plan({"name": "a", "crop": 8}, head="flatten"))
 
 
-def test_a_window_larger_than_the_samples_is_refused_by_plan(cli, tiny_config) -> None:
+def test_a_window_larger_than_the_samples_is_refused_by_plan(cli_in_process, tiny_config) -> None:
     base = tiny_config()
     cfg = base.with_name("w.toml")
     cfg.write_text(base.read_text().replace("[model]", '[model]\nhead = "gap"')
                    + '\n[[stages]]\nname = "w"\ncrop = 17\n')
-    r = cli(["plan", str(cfg), "--ranks", "1"])
+    r = cli_in_process(["plan", str(cfg), "--ranks", "1"])
     assert r.returncode != 0
     assert "stage 'w': crop = 17 is larger than the samples at level 0, 16x16x16; use " \
         "crop <= 16" in r.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_multires import __version__
+from hpc_multires.comm.ranks import mpi_world, rank_and_size, running_mpi
 from hpc_multires.errors import UserError
 from hpc_multires.train.preempt import PREEMPTED_EXIT, Preempted
 
@@ -333,42 +334,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rank_and_size() -> tuple[int, int]:
-    """This process's rank and the job's size: MPI's when it is running (the truth under
-    any launcher, one that publishes only PMIx included), else the launcher's variables."""
-    mpi_mod = sys.modules.get("mpi4py.MPI")
-    if mpi_mod is not None and mpi_mod.Is_initialized() and not mpi_mod.Is_finalized():
-        world = mpi_mod.COMM_WORLD
-        if int(world.Get_size()) > 1:  # a world of 1 under srun --mpi=none: ask the launcher
-            return int(world.Get_rank()), int(world.Get_size())
-    try:
-        from hpc_multires.comm.ranks import rank_info_from_env
-
-        info = rank_info_from_env()
-        return info.rank, info.world_size
-    except ValueError:
-        return 0, 1
-
-
 def _say(text: str) -> None:
     """Print on rank 0 only."""
-    if _rank_and_size()[0] == 0:
+    if rank_and_size()[0] == 0:
         print(text, flush=True)
 
 
 def _abort_job(code: int) -> None:
     """End every rank of an MPI job now, so that none waits forever in a collective."""
-    mpi_mod = sys.modules.get("mpi4py.MPI")
-    if mpi_mod is None:
-        return
-    mpi = mpi_mod.COMM_WORLD
-    if mpi_mod.Is_initialized() and not mpi_mod.Is_finalized() and mpi.Get_size() > 1:
-        # MPICH's node segment and hydra's topology file would outlive the job if the ranks
-        # never released them (an error before they talked); the abort is about to end
-        # every user of the names.
-        from hpc_multires.comm.node_shm import unlink_node_files
-
-        unlink_node_files()
+    mpi = running_mpi()
+    if mpi is not None and mpi.Get_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         # The launcher forwards each rank's output through a pipe and stops reading it
@@ -379,16 +354,14 @@ def _abort_job(code: int) -> None:
 
 
 def fail(message: str | None, code: int, all_ranks: bool) -> int:
-    if ("mpi4py.MPI" not in sys.modules and _rank_and_size()[1] > 1
+    if ("mpi4py.MPI" not in sys.modules and rank_and_size()[1] > 1
             and "MASTER_ADDR" not in os.environ):  # torchrun-style: the others may not start MPI
         # The error came before the ranks had talked (a config or command-line mistake,
         # which every rank makes): start MPI now, so that rank 0 can end the job with one
         # message and one abort instead of every rank printing after its grace period.
-        from hpc_multires.comm.ranks import mpi_world
-
         with contextlib.suppress(Exception):
             mpi_world()
-    rank, size = _rank_and_size()
+    rank, size = rank_and_size()
     if size > 1 and all_ranks and rank != 0:
         # Rank 0 hit the same error and is aborting the job; give it the time to print
         # the one message the user needs, and speak up only if it did not.
@@ -431,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = (str(e), 2, e.all_ranks)
     except Preempted as e:
         # Every rank stops here together: a clean exit, no MPI abort.
-        if _rank_and_size()[0] == 0:
+        if rank_and_size()[0] == 0:
             print(f"hpc-multires: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     except BrokenPipeError:
@@ -439,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # do, and keep Python from failing again when it flushes stdout at exit.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return fail(None, 141, all_ranks=False) if _rank_and_size()[1] > 1 else 141
+        return fail(None, 141, all_ranks=False) if rank_and_size()[1] > 1 else 141
     except KeyboardInterrupt:
         failure = ("interrupted", 130, False)
     except Exception as e:
@@ -448,9 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         failure = (lost, 1, False)
     # Out of the except clause the traceback is gone, and with it the frames that held the
-    # failed epoch's reader: collected now, it ends its worker processes and unlinks the
-    # named semaphores of its queues, which an MPI abort (it kills this process and its
-    # helpers at once) would leave behind in /dev/shm.
+    # failed epoch's reader: collected now, it ends its reader processes before the abort,
+    # rather than leaving them to find out on their own that this process is gone.
     gc.collect()
     return fail(*failure)
 

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpc_multires.comm.node_shm import release_node_files
-from hpc_multires.comm.ranks import RankInfo, discover, expand_nodelist, mpi_world
+from hpc_multires.comm.ranks import RankInfo, discover, expand_nodelist, mpi_of
 
 
 def _free_port() -> int:
@@ -39,8 +38,8 @@ def rendezvous_address(info: RankInfo) -> tuple[str, int]:
     """
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    mpi = mpi_world()
-    if mpi is not None and mpi.Get_size() == info.world_size:
+    mpi = mpi_of(info)
+    if mpi is not None:
         address = (socket.gethostname(), _free_port()) if info.rank == 0 else None
         host, port = mpi.bcast(address, root=0)
         return str(host), int(port)
@@ -194,9 +193,6 @@ def init(timeout_s: float = 300.0) -> Comm:
     if info.world_size == 1:
         return Comm(info, device)
     host, port = rendezvous_address(info)
-    mpi = mpi_world()
-    if mpi is not None and mpi.Get_size() == info.world_size:
-        release_node_files(mpi)  # collective, as the rendezvous's broadcast was
     timeout = datetime.timedelta(seconds=timeout_s)
     # Our own TCP store (rather than init_method=tcp://) so that the driver can use it for
     # barriers without timeout between plan waves and for job-wide flags.

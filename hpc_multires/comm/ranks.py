@@ -7,6 +7,11 @@ script's shell (no step id) and under mpiexec inside an allocation (an MPI row d
 with it). The node index is not published by every launcher (Open MPI and MPICH do not);
 `discover` fills it in from an mpi4py hostname exchange when mpi4py is loaded, and takes
 rank and size from MPI under a launcher that matches no row (PMIx only).
+
+Everything else that asks where this process stands asks here: `rank_and_size` (cheap,
+for the command line's messages, never starts MPI), `mpi_of` (the MPI communicator that
+connects the job's ranks, or None), `with_mpi_world` (MPI's world where the environment
+names none) and `node_barrier` (a wait for the other ranks of this node).
 """
 
 from __future__ import annotations
@@ -185,21 +190,90 @@ def discover(env: Mapping[str, str] | None = None) -> RankInfo:
     info = rank_info_from_env(env)
     if info.launcher in ("slurm", "torchrun"):
         return info  # they publish the node layout; host names may not tell nodes apart
-    mpi = mpi_world()
+    info = with_mpi_world(info)
+    mpi = mpi_of(info)
     if mpi is None:
-        return info
-    if info.launcher == "single" and mpi.Get_size() > 1:
-        info = RankInfo(mpi.Get_rank(), mpi.Get_size(), 0, 1, 0, 1, "mpi")
-    if info.world_size == 1:
-        return info
-    if mpi.Get_size() != info.world_size or mpi.Get_rank() != info.rank:
-        return info  # MPI is a singleton here (e.g. torchrun); the environment is right
+        return info  # one rank, or MPI a singleton here (e.g. torchrun): the environment is right
     import socket
 
     hosts: list[str] = mpi.allgather(socket.gethostname())
     local_rank, local_size, node_index, node_count = node_layout(hosts, info.rank)
     return replace(info, local_rank=local_rank, local_size=local_size,
                    node_index=node_index, node_count=node_count)
+
+
+def with_mpi_world(info: RankInfo) -> RankInfo:
+    """`info`, or MPI's world when the environment names one rank and MPI connects more.
+
+    A launcher outside the table (PMIx only) leaves every process looking like rank 0 of
+    1; MPI's world is then the truth (launcher "mpi", one node until `discover` looks).
+    """
+    if info.world_size > 1:
+        return info
+    mpi = mpi_world()
+    if mpi is None or int(mpi.Get_size()) == 1:
+        return info
+    return RankInfo(int(mpi.Get_rank()), int(mpi.Get_size()), 0, 1, 0, 1, "mpi")
+
+
+def mpi_of(info: RankInfo) -> Any:
+    """MPI.COMM_WORLD when it connects the ranks of `info` as `info` numbers them, else None:
+    with one rank, without MPI, or where each process is an MPI world of its own (torchrun,
+    `srun` without `--mpi=pmi2`/`pmix`). Starts MPI when an MPI launcher started us."""
+    if info.world_size == 1:
+        return None
+    mpi = mpi_world()
+    if mpi is None or (int(mpi.Get_size()), int(mpi.Get_rank())) != (info.world_size,
+                                                                     info.rank):
+        return None
+    return mpi
+
+
+def node_barrier(info: RankInfo) -> bool:
+    """Wait for the other ranks of this node (MPI's shared-memory split of the world).
+
+    Collective over every rank of `info`'s job. False, having waited for nobody, when MPI
+    does not connect them (`mpi_of`): the caller then waits for the whole job instead.
+    """
+    mpi = mpi_of(info)
+    if mpi is None:
+        return False
+    from mpi4py import MPI
+
+    node = mpi.Split_type(MPI.COMM_TYPE_SHARED, key=info.rank)
+    try:
+        node.Barrier()
+    finally:
+        node.Free()
+    return True
+
+
+def running_mpi() -> Any:
+    """MPI.COMM_WORLD when this process has initialised MPI and not finalised it, else None.
+
+    Never starts MPI: for the error path, which must not begin MPI's start-up where it
+    has not happened (a torchrun job's ranks do not all start it)."""
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    return mpi.COMM_WORLD
+
+
+def rank_and_size() -> tuple[int, int]:
+    """This process's rank and the job's size, cheaply and without failing: MPI's when MPI
+    is running with more than one rank (the truth under any launcher, one that publishes
+    only PMIx included), else the launcher's variables, else rank 0 of 1. Never starts MPI.
+    """
+    mpi = running_mpi()
+    if mpi is not None and int(mpi.Get_size()) > 1:  # a world of 1 under srun --mpi=none:
+        return int(mpi.Get_rank()), int(mpi.Get_size())  # the launcher knows better
+    try:
+        info = rank_info_from_env()
+    except ValueError:
+        return 0, 1
+    return info.rank, info.world_size
 
 
 def mpi_world() -> Any:

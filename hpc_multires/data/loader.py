@@ -1,42 +1,55 @@
-"""Batches from a `SampleStore`, read by background worker processes with prefetch.
+"""Batches from a `SampleStore`, read by background reader processes with prefetch.
 
 Reading overlaps compute: `num_workers` processes read and normalise the next batches
-while the training step runs. Each worker opens its own read-only HDF5 handles. A step
-that reads several pyramid levels (MGE) has its batches read together, one item per step
-(`iterate_steps`); for an image task the workers also corrupt the clean images they read
-(`ReadCorruption`), so the corruption overlaps compute too.
+while the training step runs, each up to `prefetch` batches ahead. Each reader opens its
+own read-only HDF5 handles. The pool is our own, on `multiprocessing` alone (no private
+torch API): per reader one pipe for its batch indices and one for its batches, batch k
+read by reader k mod num_workers, so the batches arrive in order without reordering.
 
-Workers are started by a fork server, never forked from the training process itself. That
-process has threads (the queue feeders of the previous epoch's loader, the communication
-backend's), and a fork that lands while one of them holds an interpreter lock leaves the
-child waiting on it forever (seen here: a worker stuck in CPython's after-fork cleanup, its
-rank stuck waiting for the worker, the other ranks in an allreduce, the job hung). The fork
-server is a single-threaded process started once per training process, with the reading
-modules already imported, so a worker still starts in milliseconds.
+A training step that reads several pyramid levels (MGE) has its batches read together:
+one task per step names a batch of each level, and the reader sends them back as one
+item (`iterate_steps`), so a step's batches arrive together and in order like single
+batches. For an image task the readers read the clean images unnormalised and corrupt
+them (`ReadCorruption`), so the corruption overlaps compute too.
 
-A worker's parent is therefore the fork server, which torch's own check ("is my parent
-still there?") watches instead of the training process; and the fork server lives as long
-as any worker does. So each worker watches the training process itself and ends when it is
-gone (killed by the OOM killer or `kill -9`, which runs no clean-up): otherwise the workers
-and the fork server would run on forever, holding memory and open shards.
+Readers are started by a fork server, never forked from the training process itself. That
+process has threads (the communication backend's, the previous epoch's), and a fork that
+lands while one of them holds an interpreter lock leaves the child waiting on it forever
+(seen here: a worker stuck in CPython's after-fork cleanup, its rank stuck waiting for the
+worker, the other ranks in an allreduce, the job hung). The fork server is a
+single-threaded process started once per training process, with the reading modules
+already imported, so a reader still starts in milliseconds. A reader therefore holds only
+the pipe ends it was given: the training process keeps no copy of a reader's sending end,
+so a reader that dies, even in the middle of a batch larger than the pipe holds, is an
+end of file at once, never a read that waits forever.
+
+A reader's parent is the fork server, which lives as long as any reader does. So each
+reader watches the training process itself and ends when it is gone (killed by the OOM
+killer or `kill -9`, which runs no clean-up): otherwise the readers and the fork server
+would run on forever, holding memory and open shards.
 """
 
 from __future__ import annotations
 
-import functools
+import atexit
+import contextlib
 import multiprocessing
+import multiprocessing.util  # its exit handler must be registered before ours (_end_all)
 import os
+import queue
 import select
 import signal
 import threading
 import time
+import traceback
+import weakref
 from collections.abc import Iterator, Sequence
-from multiprocessing.context import BaseContext
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from hpc_multires.data.corrupt import Corruption, corrupt
 from hpc_multires.data.crop import region
@@ -45,23 +58,28 @@ from hpc_multires.errors import DataError, SampleError
 
 
 class _Failure:
-    """A read error carried from a worker to the training process as a value.
-
-    Raising in a worker would reach us wrapped in DataLoader's traceback text; a value
-    keeps the one-line message intact.
-    """
+    """A read error carried from a reader to the training process as a value, so that its
+    one-line message arrives intact."""
 
     def __init__(self, message: str) -> None:
         self.message = message
 
 
+class _Crash:
+    """An unexpected exception in a reader (a bug, not bad data): its traceback's text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
 # Batches up to this size cross from the reader process as pickled arrays through its pipe;
-# larger ones as tensors in shared memory (torch's way), where not copying pays. Each
-# shared-memory tensor costs a descriptor handshake with the reader (a socket connection and
-# an authentication round trip), which waits on the reader being scheduled: 4 Neuron ranks
-# on 2 cores trained an epoch in 7.4 s this way against 7.9 s with shared memory
-# (interleaved runs), and an idle process spends 0.36 ms of CPU on a batch of 8 Neuron
-# samples this way against 1.06 ms (benchmarks/step_cost.py).
+# larger ones as tensors in shared memory (torch's pickling of tensors, registered with
+# multiprocessing by `import torch`), where not copying pays. Each shared-memory tensor
+# costs a descriptor handshake with the reader (a socket connection and an authentication
+# round trip), which waits on the reader being scheduled: 4 Neuron ranks on 2 cores
+# trained an epoch in 7.4 s this way against 7.9 s with shared memory (interleaved runs),
+# and the training process spends 0.14-0.18 ms of CPU on a batch of 8 Neuron samples this
+# way against 0.63-0.70 ms (benchmarks/step_cost.py, docs/benchmarks.md).
 PIPE_BYTES = 4 * 2**20
 
 
@@ -84,35 +102,37 @@ class ReadCorruption(NamedTuple):
     seed: int
 
 
-Item = np.ndarray | WindowedBatch
+Task = np.ndarray | WindowedBatch  # one batch to read
 Arrays = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]
+Item = Arrays | _Failure
+StepItem = list[Arrays] | _Failure
 
 
-class BatchReader(Dataset):
-    """Item i of the dataset is a whole batch: an array of sample indices (or a
-    WindowedBatch) -> (x, y); with `corruption`, (corrupted x, clean x)."""
+class BatchReader:
+    """Reads one batch: an array of sample indices (or a WindowedBatch) -> (x, y), as
+    arrays up to `pipe_bytes` of x and y, as tensors (shared memory once sent) above.
+    With `corruption`, (corrupted x, clean x) of the unnormalised samples."""
 
-    def __init__(self, store: SampleStore, corruption: ReadCorruption | None = None) -> None:
+    def __init__(self, store: SampleStore, pipe_bytes: int | None = None,
+                 corruption: ReadCorruption | None = None) -> None:
         self.store = store
+        self.pipe_bytes = PIPE_BYTES if pipe_bytes is None else pipe_bytes
         self.corruption = corruption
 
-    def __len__(self) -> int:
-        return len(self.store)
-
-    def __getitem__(self, item: Item) -> Arrays | _Failure:
+    def read(self, item: Task) -> Item:
         if isinstance(item, WindowedBatch):
             batch, regions = item.indices, [region(s, item.size) for s in item.starts]
         else:
             batch, regions = item, [()] * len(item)
-        clean = self.corruption is not None
         try:
             # Reading in file order is kinder to the file system than permutation order.
             order = np.argsort(batch, kind="stable")
+            normalise = self.corruption is None  # an image task reads the clean images
             xs: list[np.ndarray] = [np.empty(0)] * len(batch)
             ys: list[np.ndarray] = [np.empty(0)] * len(batch)
             for i in order:
                 index = int(batch[i])
-                xs[i], ys[i] = self.store.read(index, regions[i], normalise=not clean)
+                xs[i], ys[i] = self.store.read(index, regions[i], normalise=normalise)
         except SampleError as e:  # its message names the sample and its shard
             return _Failure(str(e))
         except DataError as e:
@@ -126,39 +146,36 @@ class BatchReader(Dataset):
                                spec=self.corruption.spec), x  # (b, C, H, W) each
             except ValueError as e:  # the driver checks the sizes first; say it in one line
                 return _Failure(f"cannot corrupt samples {batch[:4].tolist()}...: {e}")
-        if x.nbytes + y.nbytes <= PIPE_BYTES:
+        if x.nbytes + y.nbytes <= self.pipe_bytes:
             return x, y
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class StepReader(Dataset):
-    """Item i is one step's batches, one per store (a training step that reads several
-    pyramid levels): a tuple of items -> a list of (x, y), in the same order."""
+class StepReader:
+    """Reads one step's batches, one per store (a training step that reads several pyramid
+    levels): a tuple of tasks -> a list of (x, y), in the same order. Each batch crosses
+    by pipe or shared memory by its own size, as `BatchReader` decides."""
 
     def __init__(self, readers: Sequence[BatchReader]) -> None:
         self.readers = list(readers)
+        self.store = self.readers[0].store  # named in the timeout message
 
-    def __len__(self) -> int:
-        return len(self.readers[0])
-
-    def __getitem__(self, items: tuple[Item, ...]) -> list[Arrays] | _Failure:
-        out = []
+    def read(self, items: tuple[Task, ...]) -> StepItem:
+        out: list[Arrays] = []
         for reader, item in zip(self.readers, items, strict=True):
-            got = reader[item]
+            got = reader.read(item)
             if isinstance(got, _Failure):
                 return got
             out.append(got)
         return out
 
 
-def _as_is(item: object) -> object:
-    """The DataLoader's collate step, done nowhere: a reader item is already a batch."""
-    return item
+AnyReader = BatchReader | StepReader
 
 
-def _end_with_trainer(trainer_pid: int, worker_id: int) -> None:
-    """Worker start-up (DataLoader's worker_init_fn): end this worker once the training
-    process `trainer_pid` has exited (see the module docstring)."""
+def _end_with_trainer(trainer_pid: int) -> None:
+    """End this reader once the training process `trainer_pid` has exited (see the module
+    docstring)."""
     try:
         pidfd: int | None = os.pidfd_open(trainer_pid)
     except ProcessLookupError:
@@ -183,7 +200,48 @@ def _end_with_trainer(trainer_pid: int, worker_id: int) -> None:
     threading.Thread(target=watch, name="watch-trainer", daemon=True).start()
 
 
-_CONTEXT: BaseContext | None = None
+_END = None  # end of the tasks, and of a reader's batches
+
+
+def _reader_main(reader: AnyReader, tasks: Connection, results: Connection,
+                 trainer_pid: int) -> None:
+    """A reader process: read the batches `tasks` names, in order, and send them on
+    `results`. A thread sends, so the next read starts while a batch is still being
+    written to the pipe (the training process reads it when its step is done)."""
+    _end_with_trainer(trainer_pid)
+    torch.set_num_threads(1)  # one core per reader; the training process has its own
+    outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    stopped = threading.Event()  # the training process has stopped reading
+
+    def send() -> None:
+        while (item := outbox.get()) is not _END:
+            try:
+                results.send(item)
+            except OSError:  # closed by the training process: it wants no more
+                stopped.set()
+                return
+
+    sender = threading.Thread(target=send, name="send-batches", daemon=True)
+    sender.start()
+    try:
+        while not stopped.is_set():
+            try:
+                task = tasks.recv()
+            except (EOFError, OSError):
+                break
+            if task is _END:
+                break
+            try:
+                outbox.put(reader.read(task))
+            except Exception:
+                outbox.put(_Crash(traceback.format_exc()))
+                break
+    finally:
+        outbox.put(_END)
+        sender.join()
+
+
+_CONTEXT: ForkServerContext | None = None
 
 # What Slurm sends every process of a job step (scancel, preemption, --signal=USR1@T),
 # and a terminal's ^C sends the whole process group.
@@ -195,12 +253,11 @@ def _start_helpers_deaf_to_job_signals() -> None:
 
     Those signals are for the training process, which checkpoints on them and ends its
     readers itself. Delivered to its helpers too, as Slurm and a terminal do, they would
-    kill a reader in the middle of a batch (the training process then waits forever for the
-    rest of a message: its own end of the queue keeps the pipe open) or the fork server
-    just before the next epoch's readers start. A blocked signal stays blocked across the
-    helpers' fork and exec, in every reader too; SIGKILL still ends them. The training
-    process blocks the signals only while it starts the helpers, so none is lost: one
-    that arrives meanwhile is delivered when they are unblocked."""
+    kill a reader in the middle of a batch or the fork server just before the next
+    epoch's readers start. A blocked signal stays blocked across the helpers' fork and
+    exec, in every reader too; SIGKILL still ends them. The training process blocks the
+    signals only while it starts the helpers, so none is lost: one that arrives meanwhile
+    is delivered when they are unblocked."""
     from multiprocessing import forkserver, resource_tracker
 
     old = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
@@ -212,8 +269,8 @@ def _start_helpers_deaf_to_job_signals() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def worker_context() -> BaseContext:
-    """The multiprocessing context reader workers start from (see the module docstring)."""
+def worker_context() -> ForkServerContext:
+    """The multiprocessing context reader processes start from (see the module docstring)."""
     global _CONTEXT
     if _CONTEXT is None:
         ctx = multiprocessing.get_context("forkserver")
@@ -223,7 +280,150 @@ def worker_context() -> BaseContext:
     return _CONTEXT
 
 
-def iterate_batches(store: SampleStore, batches: Sequence[Item], num_workers: int,
+LEAVE_S = 5.0  # how long the readers get to leave when asked, before SIGKILL
+
+
+class _Readers:
+    """`num_workers` reader processes and their pipes. Batch k goes to reader k mod n."""
+
+    def __init__(self, reader: AnyReader, num_workers: int) -> None:
+        ctx = worker_context()
+        self.processes: list[Any] = []
+        self.tasks: list[Connection] = []
+        self.results: list[Connection] = []
+        _LIVE.add(self)
+        try:
+            for w in range(num_workers):
+                tasks_out, tasks_in = ctx.Pipe(duplex=False)  # (receiving end, sending end)
+                results_out, results_in = ctx.Pipe(duplex=False)
+                self.tasks.append(tasks_in)
+                self.results.append(results_out)
+                process = ctx.Process(target=_reader_main, name=f"reader-{w}", daemon=True,
+                                      args=(reader, tasks_out, results_in, os.getpid()))
+                try:
+                    process.start()
+                finally:
+                    # The reader's ends live in the reader alone: its death closes its
+                    # sending end, and this process sees an end of file, not a wait.
+                    tasks_out.close()
+                    results_in.close()
+                self.processes.append(process)
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, k: int, task: Task | tuple[Task, ...]) -> None:
+        self.tasks[k % len(self.tasks)].send(task)
+
+    def receive(self, k: int, total: int, timeout_s: float, path: str
+                ) -> Item | StepItem | _Crash:
+        """Batch k; SampleError when its reader died or `timeout_s` (> 0) passed first."""
+        w = k % len(self.results)
+        if not self.results[w].poll(timeout_s if timeout_s > 0 else None):
+            raise SampleError(
+                f"no batch from this rank's reader processes in {timeout_s:g} s (batch "
+                f"{k + 1} of {total}, dataset {path!r}): a read is stuck, most often on "
+                "a file system that stopped answering; check that the dataset's file "
+                "system responds, stage the data node-locally (data.stage_to), or raise "
+                "data.read_timeout_s if reads are this slow")
+        try:
+            item: Item | StepItem | _Crash = self.results[w].recv()
+            return item
+        except Exception as e:
+            # An end of file, or half a batch and then one (the reader killed, e.g. by the
+            # OOM killer, while it sent), or a shared-memory tensor whose reader has gone.
+            process = self.processes[w]
+            process.join(timeout=LEAVE_S)
+            if process.exitcode is None:
+                raise
+            raise SampleError(
+                f"a reader process of this rank (pid {process.pid}) ended unexpectedly "
+                f"({_exit_text(process.exitcode)}) before batch {k + 1} of {total} "
+                "arrived; if it ran out of memory, lower data.prefetch or data.num_workers "
+                "(data.num_workers = 0 reads in the training process)") from e
+
+    def close(self) -> None:
+        """End the readers: asked first (they may be inside a read, which finishes), then
+        SIGKILL. They block SIGTERM (see _start_helpers_deaf_to_job_signals), and one stuck
+        in a read would otherwise outlive this loop until the training process ends."""
+        for conn in self.results:  # a reader's next send fails: it stops reading
+            conn.close()
+        for conn in self.tasks:
+            with contextlib.suppress(OSError):  # the reader has gone
+                conn.send(_END)
+            conn.close()
+        deadline = time.monotonic() + LEAVE_S
+        for process in self.processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        left = [p for p in self.processes if p.is_alive()]
+        for process in left:
+            process.kill()
+        deadline = time.monotonic() + LEAVE_S  # one wait for all (a read stuck in the
+        for process in left:  # kernel delays even SIGKILL until it returns)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        _LIVE.discard(self)
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+
+
+_LIVE: weakref.WeakSet[_Readers] = weakref.WeakSet()
+
+
+@atexit.register
+def _end_all() -> None:
+    """At exit, kill the readers of a loop that was never closed: multiprocessing's own
+    exit handler (which runs after this one) asks them with SIGTERM, which they block, and
+    then waits for them."""
+    for readers in list(_LIVE):
+        readers.kill()
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def read_ahead(reader: AnyReader, batches: Sequence[Any], num_workers: int, prefetch: int,
+               timeout_s: float = 0.0) -> Iterator[Any]:
+    """`reader`'s batches in order (a BatchReader's (x, y), a StepReader's list of them),
+    read ahead by `num_workers` processes, each at most `prefetch` batches (steps) ahead
+    (with 0 workers, read here when asked). A read error is a one-line SampleError; so is a
+    wait of more than `timeout_s` (> 0) for the next batch and the death of a reader."""
+    if num_workers == 0 or not batches:
+        for task in batches:
+            yield _checked(reader.read(task))
+        return
+    readers = _Readers(reader, min(num_workers, len(batches)))
+    ahead = max(1, prefetch) * len(readers.processes)  # batches asked for, not yet received
+    path = str(reader.store.path)
+    try:
+        for k in range(min(ahead, len(batches))):
+            readers.send(k, batches[k])
+        for k in range(len(batches)):
+            item = readers.receive(k, len(batches), timeout_s, path)
+            if k + ahead < len(batches):  # the same reader's next: it reads during our step
+                readers.send(k + ahead, batches[k + ahead])
+            if isinstance(item, _Crash):
+                raise RuntimeError(f"a reader process of this rank failed:\n{item.text}")
+            yield _checked(item)
+    finally:
+        readers.close()
+
+
+def _checked(item: Item | StepItem) -> Arrays | list[Arrays]:
+    if isinstance(item, _Failure):
+        raise SampleError(item.message)
+    return item
+
+
+def iterate_batches(store: SampleStore, batches: Sequence[Task], num_workers: int,
                     prefetch: int, timeout_s: float = 0.0,
                     corruption: ReadCorruption | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -235,147 +435,20 @@ def iterate_batches(store: SampleStore, batches: Sequence[Item], num_workers: in
     with it every rank, until the job's time limit. With `corruption`, x is the corrupted
     image and y the clean one (`ReadCorruption`).
     """
-    for (step,) in iterate_steps([store], [(b,) for b in batches], num_workers, prefetch,
-                                 timeout_s, [corruption]):
-        yield step
+    reader = BatchReader(store, corruption=corruption)
+    for x, y in read_ahead(reader, batches, num_workers, prefetch, timeout_s):
+        yield torch.as_tensor(x), torch.as_tensor(y)
 
 
-def iterate_steps(stores: Sequence[SampleStore], steps: Sequence[tuple[Item, ...]],
+def iterate_steps(stores: Sequence[SampleStore], steps: Sequence[tuple[Task, ...]],
                   num_workers: int, prefetch: int, timeout_s: float = 0.0,
                   corruptions: Sequence[ReadCorruption | None] | None = None
                   ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Yield, for each step, [(x, y) of its batch from stores[0], from stores[1], ...]: the
-    batches of one step that reads several stores (pyramid levels) come together, read
-    ahead by one pool of `num_workers` processes. As `iterate_batches` otherwise."""
-    if not steps:
-        return
+    batches of one step that reads several stores (pyramid levels) come together, one task
+    per step, read ahead by the same reader processes. As `iterate_batches` otherwise."""
     corruptions = list(corruptions) if corruptions is not None else [None] * len(stores)
-    loader = DataLoader(
-        StepReader([BatchReader(s, c) for s, c in zip(stores, corruptions, strict=True)]),
-        sampler=list(steps),
-        batch_size=None,
-        collate_fn=_as_is,  # the default would turn small arrays into shared-memory tensors
-        num_workers=num_workers,
-        prefetch_factor=prefetch if num_workers > 0 else None,
-        persistent_workers=False,
-        multiprocessing_context=worker_context() if num_workers > 0 else None,
-        # Waits in slices: after each, torch checks that the readers are alive (a dead one
-        # is named within seconds, not after the whole timeout); _batches adds them up.
-        timeout=min(timeout_s, POLL_S) if num_workers > 0 and timeout_s > 0 else 0,
-        worker_init_fn=functools.partial(_end_with_trainer, os.getpid()) if num_workers > 0
-        else None,
-    )
-    items = iter(loader)
-    watch = _ReaderWatch(items)
-    try:
-        yield from _batches(items, stores[0], steps, timeout_s)
-    finally:
-        watch.stop()  # before the readers are ended on purpose
-        # torch ends its readers with SIGTERM when they do not stop in time, but they
-        # block it (see _start_helpers_deaf_to_job_signals): one stuck in a read would
-        # outlive this loader until the training process ends. SIGKILL what is left.
-        shutdown = getattr(items, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-        left = [w for w in getattr(items, "_workers", []) if w.is_alive()]
-        for worker in left:
-            worker.kill()
-        deadline = time.monotonic() + 5  # one wait for all (a read stuck in the kernel
-        for worker in left:  # delays even SIGKILL until it returns)
-            worker.join(timeout=max(0.0, deadline - time.monotonic()))
-
-
-POLL_S = 5.0  # how often a wait for a batch checks that the readers are alive
-
-
-class _ReaderWatch:
-    """Ends this rank's wait for a batch when one of its readers is killed.
-
-    torch notices a dead reader only between batches. One killed while it sends a batch
-    larger than the pipe holds (the OOM killer picks the process with the most memory)
-    leaves the training process reading the rest of that batch forever: its own end of
-    the queue keeps the pipe open, so no end-of-file comes. A thread waits on the readers'
-    exit and, for one that ends while the loader still expects batches from it, interrupts
-    the main thread with SIGUSR2, whose handler raises the SampleError that names it. (It
-    does not read the exit status: a process started by the fork server has its status
-    read once, from its sentinel, and torch reads it.)
-    """
-
-    def __init__(self, items: Any) -> None:
-        self.items = items
-        self.workers = list(getattr(items, "_workers", []))
-        self.message = ""
-        self._stop_r, self._stop_w = os.pipe()
-        self._old: Any = None
-        self._thread: threading.Thread | None = None
-        self._main = threading.main_thread().ident or 0
-        if not self.workers or threading.current_thread() is not threading.main_thread():
-            return
-        self._old = signal.signal(signal.SIGUSR2, self._interrupted)
-        self._thread = threading.Thread(target=self._watch, name="watch-readers", daemon=True)
-        self._thread.start()
-
-    def _interrupted(self, signum: int, frame: Any) -> None:
-        raise SampleError(self.message)
-
-    def _watch(self) -> None:
-        from multiprocessing.connection import wait
-
-        live = {w.sentinel: w for w in self.workers}
-        ready = wait([*live, self._stop_r])
-        if self._stop_r not in ready:
-            if getattr(self.items, "_shutdown", False):
-                return  # the loader is ending its readers: they leave as told
-            worker = live[ready[0]]
-            self.message = (
-                f"a reader process of this rank (pid {worker.pid}) ended while batches were "
-                "still due (killed, e.g. by the OOM killer); if it ran out of memory, lower "
-                "data.prefetch or data.num_workers (data.num_workers = 0 reads in the "
-                "training process)")
-            signal.pthread_kill(self._main, signal.SIGUSR2)
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            os.write(self._stop_w, b"x")
-            self._thread.join()
-            signal.signal(signal.SIGUSR2, signal.SIG_DFL if self._old is None else self._old)
-        os.close(self._stop_r)
-        os.close(self._stop_w)
-
-
-def _batches(items: Iterator[Any], store: SampleStore, batches: Sequence[object],
-             timeout_s: float) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The loader's items as tensors, its failures as one-line SampleErrors."""
-    done = 0
-    waited = 0.0
-    while True:
-        try:
-            item = next(items)
-        except StopIteration:
-            return
-        except RuntimeError as e:
-            if "timed out after" in str(e):
-                if waited + POLL_S < timeout_s:  # every reader alive: wait another slice
-                    waited += POLL_S
-                    continue
-                raise SampleError(
-                    f"no batch from this rank's reader processes in {timeout_s:g} s (batch "
-                    f"{done + 1} of {len(batches)}, dataset {str(store.path)!r}): a read is "
-                    "stuck, most often on a file system that stopped answering; check that "
-                    "the dataset's file system responds, stage the data node-locally "
-                    "(data.stage_to), or raise data.read_timeout_s if reads are this slow"
-                    ) from None
-            if "exited unexpectedly" not in str(e):
-                raise
-            # A worker died without a word (killed, e.g. by the OOM killer, or crashed in
-            # the HDF5 library): torch says so as a bare RuntimeError.
-            raise SampleError(
-                f"a reader process of this rank ended unexpectedly ({e}) before batch "
-                f"{done + 1} of {len(batches)} arrived; if it ran out of memory, lower "
-                "data.prefetch or data.num_workers (data.num_workers = 0 reads in the "
-                "training process)") from None
-        if isinstance(item, _Failure):
-            raise SampleError(item.message)
-        done += 1
-        waited = 0.0
-        yield [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in item]
+    reader = StepReader([BatchReader(s, corruption=c)
+                         for s, c in zip(stores, corruptions, strict=True)])
+    for step in read_ahead(reader, steps, num_workers, prefetch, timeout_s):
+        yield [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in step]

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hpc_multires.comm.node_shm import release_node_files
-from hpc_multires.comm.ranks import mpi_world, rank_info_from_env
+from hpc_multires.comm.ranks import mpi_of, mpi_world, rank_info_from_env, with_mpi_world
 from hpc_multires.errors import UserError
 
 
@@ -40,20 +39,24 @@ def data_world() -> DataWorld:
     is an MPI world of its own, and taking that for the truth would have each of them
     write (and delete) every shard at once.
     """
-    info = rank_info_from_env()
-    mpi = mpi_world()
-    mpi_size = 1 if mpi is None else int(mpi.Get_size())
-    if info.world_size > 1 and mpi_size != info.world_size:
-        if mpi is None:
+    # A launcher the environment table does not know (PMIx only) still gives MPI's world.
+    info = with_mpi_world(rank_info_from_env())
+    mpi = mpi_of(info)
+    if info.world_size > 1 and mpi is None:
+        world = mpi_world()
+        if world is None:
             raise UserError(
                 f"{info.world_size} ranks but mpi4py is not available to coordinate them; "
                 "install it (pip install mpi4py mpich) or run the data command on one rank")
+        if int(world.Get_size()) == info.world_size:  # the same count, numbered otherwise
+            raise UserError(
+                f"the {info.launcher} launcher calls this process rank {info.rank} but MPI "
+                f"calls it rank {int(world.Get_rank())}; launch with mpiexec or "
+                "`srun --mpi=pmi2` (or pmix) alone, not one launcher inside another")
         raise UserError(
             f"the {info.launcher} launcher started {info.world_size} ranks but MPI connects "
-            f"{mpi_size}; launch with `srun --mpi=pmi2` (or pmix) or with mpiexec, and run "
-            "`python -m mpi4py -m hpc_multires`")
-    if mpi is None or mpi_size == 1:
+            f"{int(world.Get_size())}; launch with `srun --mpi=pmi2` (or pmix) or with "
+            "mpiexec, and run `python -m mpi4py -m hpc_multires`")
+    if mpi is None:
         return DataWorld(0, 1)
-    release_node_files(mpi)
-    # A launcher the environment table does not know (PMIx only) still gives MPI's world.
-    return DataWorld(int(mpi.Get_rank()), mpi_size, mpi)
+    return DataWorld(info.rank, info.world_size, mpi)

@@ -17,10 +17,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from hpc_multires.comm.dist import Comm
-from hpc_multires.comm.ranks import mpi_world
+from hpc_multires.comm.ranks import node_barrier
 from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, checksum_shard
 from hpc_multires.errors import DataError
 
@@ -34,16 +33,9 @@ def stage_root(stage_to: str, comm: Comm) -> Path:
     return base / f"hpc-multires-{job}-node{comm.info.node_index}"
 
 
-def _node_barrier(comm: Comm) -> Any:
-    """Barrier among the ranks of this node (MPI shared-memory split), else the world's."""
-    mpi = mpi_world()
-    if mpi is not None and mpi.Get_size() == comm.world_size > 1:
-        from mpi4py import MPI
-
-        node = mpi.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
-        node.Barrier()
-        node.Free()
-    else:
+def _node_barrier(comm: Comm) -> None:
+    """Barrier among the ranks of this node, else (MPI does not connect them) the world's."""
+    if not node_barrier(comm.info):
         comm.barrier()
 
 

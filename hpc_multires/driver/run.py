@@ -28,6 +28,7 @@ from hpc_multires.data.config import DataConfig
 from hpc_multires.data.store import SampleStore
 from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
+from hpc_multires.methods.dynamic import Downsampling
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
 from hpc_multires.methods.mge import MultiscaleGradient, level_batch_sizes
 from hpc_multires.models import build_model
@@ -68,17 +69,19 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
     return (Split(store, np.arange(n_train)), Split(store, np.arange(n_train, len(store))))
 
 
-def build_objective(cfg: Config, stage: Stage) -> Objective:
+def build_objective(cfg: Config, stage: Stage, train_samples: int = 0) -> Objective:
     """What the stage's steps compute: the task's objective (regression, or an image task),
-    under the stage's gradient estimator."""
+    under the stage's gradient estimator, with dynamic downsampling mixed in when its
+    train.downsample is on (`train_samples`, the training split's size, sizes its
+    schedule; 0 where only the objective's requests are asked for)."""
     task = cfg.task
     base: Objective = Regression() if not task.restoration else Restoration(
         task.corruption(), seed=cfg.run.seed, val_seed=task.val_seed,
         ssim_weight=task.ssim_weight)
     t = stage.train
     if t.estimator == "mge":
-        return MultiscaleGradient(base, t.mge_levels, t.mge_growth, t.restriction)
-    return base
+        base = MultiscaleGradient(base, t.mge_levels, t.mge_growth, t.restriction)
+    return stage_objective(stage, cfg.run.seed, train_samples, base)
 
 
 def stage_levels(cfg: Config, stage: Stage) -> list[int]:
@@ -126,6 +129,19 @@ def check_mge(stage: Stage, spatial: tuple[int, ...], n_train: int) -> None:
             "divisible by the ranks)")
 
 
+def stage_objective(stage: Stage, seed: int, train_samples: int,
+                    inner: Objective | None = None) -> Objective:
+    """`inner` (default: regression), with dynamic downsampling mixed in when the stage's
+    train.downsample is on (decided from the run's seed and the step)."""
+    objective: Objective = Regression() if inner is None else inner
+    t = stage.train
+    if t.downsample.on:
+        # The trainer's steps: train.steps, or epochs of full global batches (data/sampler.py)
+        steps = t.steps or t.epochs * (train_samples // t.global_batch)
+        objective = Downsampling(objective, t.downsample, seed, steps)
+    return objective
+
+
 def open_levels(cfg: Config, data: DataConfig,
                 stages: list[Stage]) -> dict[int, tuple[Split, Split]]:
     """Every level the stages need, opened (and so checked) before anything runs, with a
@@ -170,11 +186,38 @@ def open_levels(cfg: Config, data: DataConfig,
             raise ConfigError(
                 f"stage {s.name!r}: crop = {s.config.crop} is larger than the samples at "
                 f"level {s.level}, {'x'.join(map(str, spatial))}; use crop <= {min(spatial)}")
+        check_downsample_fits(cfg, s, splits[s.level][0].store)
         if s.config.init == "fuse" and s.config.fusion == "bottom-top":
             bottom = by_name[s.config.fuse_from[0]]
             check_bottom_layers(models[bottom.level].state_dict(), models[s.level].state_dict(),
                                 s.config.bottom_layers, stage=s.name)
     return splits
+
+
+def check_downsample_fits(cfg: Config, stage: Stage, store: SampleStore) -> None:
+    """A stage's downsampled steps need its inputs (whole samples at its level, or its
+    windows) divisible by the factor, and a model that takes the smaller inputs."""
+    down = stage.train.downsample
+    if not down.on:
+        return
+    key = f"train.downsample.factor = {down.factor}"
+    spatial = tuple(stage.config.crop for _ in store.sample_shape[1:]) if stage.config.crop \
+        else store.sample_shape[1:]
+    shape = "x".join(map(str, spatial))
+    what = f"its windows, {shape}" if stage.config.crop else \
+        f"the samples at level {stage.level}, {shape}"
+    if any(n % down.factor for n in spatial):
+        divisors = [f for f in range(2, min(spatial) + 1) if all(n % f == 0 for n in spatial)]
+        raise ConfigError(
+            f"stage {stage.name!r}: {key} does not divide {what}; use a factor that divides "
+            f"them ({', '.join(map(str, divisors[:4])) or 'none does: set fraction = 0'})")
+    coarse = (store.sample_shape[0], *(n // down.factor for n in spatial))
+    try:
+        build_model(cfg.model, coarse, store.schema.num_labels, stage.level)
+    except ConfigError as e:
+        raise ConfigError(f"stage {stage.name!r}: {key} leaves inputs of "
+                          f"{'x'.join(map(str, coarse[1:]))}, too small for the model ({e}); "
+                          "use a smaller factor") from None
 
 
 class PlanRunner:
@@ -281,7 +324,7 @@ class PlanRunner:
         resume_from = value if kind == "checkpoint" else None
         resuming = resume_from is not None
         train, val = self.splits[stage.level]
-        objective = build_objective(cfg, stage)
+        objective = build_objective(cfg, stage, len(train.indices))
         levels = {level: self.splits[level][0] for level in stage_levels(cfg, stage)}
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
         model = build_model(cfg.model, train.store.sample_shape, self.num_outputs, stage.level)

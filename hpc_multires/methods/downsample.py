@@ -16,13 +16,12 @@ run took. The derivations are in docs/methods.md, "Dynamic downsampling".
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from hpc_multires.errors import ConfigError
 from hpc_multires.methods.coarse_steps import KERNEL_POOLS, check_downsample, downsample_decision
@@ -106,18 +105,20 @@ def pool_kernel(weight: torch.Tensor, factor: int, mode: str = "avg",
     return out
 
 
-class _PooledKernel(nn.Module):
-    """The parametrisation that `downsampled` puts on a convolution's weight."""
-
-    def __init__(self, factor: int, mode: str) -> None:
-        super().__init__()
-        self.factor, self.mode = factor, mode
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return pool_kernel(weight, self.factor, self.mode, keep_size=True)
-
-
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _pooled_conv_forward(conv: nn.Module, factor: int,
+                         mode: str) -> Callable[..., torch.Tensor]:
+    """`conv`'s own `_conv_forward` (what its forward calls with its weight and bias), with
+    the weight pooled on the way: `pool_kernel` of the layer's weight as it is at the call."""
+    plain: Callable[..., torch.Tensor] = type(conv)._conv_forward  # type: ignore[attr-defined]
+
+    def forward(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        return plain(conv, x, pool_kernel(weight, factor, mode, keep_size=True), bias)
+
+    return forward
 
 
 @contextmanager
@@ -125,10 +126,15 @@ def downsampled(model: nn.Module, factor: int, mode: str = "avg") -> Iterator[nn
     """Within the block, `model` runs on inputs `factor` times coarser (`restrict_input`):
     every Conv1d/2d/3d computes with its kernel pooled by `pool_kernel` (same shape, so
     padding and strides are unchanged) and every MeshFreeConv with its spacing times
-    `factor`. The pooled kernels are computed from the layers' own parameters on every
-    forward (torch's parametrize), so backward reaches the full-size kernels, and the
-    optimizer and DDP see the same parameter objects. Other layers run unchanged.
-    Do not save a state dict inside the block: the parametrised names differ.
+    `factor`. The pooled kernels are computed from the layers' own weights on every
+    forward, so backward (inside the block or after it) reaches the full-size kernels.
+    Other layers run unchanged.
+
+    The parameters themselves are never touched, not even re-registered: each layer's
+    `_conv_forward` is wrapped for the block's duration instead. An optimizer, DDP's
+    gradient hooks and Horovod's hold the parameters and the autograd nodes that accumulate
+    their gradients; torch's parametrize would re-set each weight (`set_`), which gives it a
+    new such node, and DDP would then never see the gradients of the pooled layers again.
 
     A dilated convolution (model.kernel_level) is refused: its taps are already spread
     over a coarser grid, and pooling them densely would change the layer's reach."""
@@ -139,18 +145,18 @@ def downsampled(model: nn.Module, factor: int, mode: str = "avg") -> Iterator[nn
         if any(d != 1 for d in conv.dilation):
             raise ConfigError(f"train.downsample cannot pool the dilated convolution {name!r} "
                               f"(dilation {conv.dilation}); use model.kernel_level = 0")
-        if parametrize.is_parametrized(conv, "weight"):
-            raise ConfigError(f"train.downsample cannot pool {name!r}: its weight is already "
-                              "parametrised")
+        if "_conv_forward" in vars(conv):
+            raise ConfigError(f"train.downsample cannot pool {name!r}: it is already inside "
+                              "a downsampled block")
     if factor == 1:
         yield model
         return
-    done: list[nn.Conv1d | nn.Conv2d | nn.Conv3d] = []
-    order = {conv: list(conv._parameters) for _, conv in convs}
+    done: list[nn.Module] = []
     spacings = [layer.spacing for layer in meshfree]
     try:
         for _, conv in convs:
-            parametrize.register_parametrization(conv, "weight", _PooledKernel(factor, mode))
+            # an instance attribute: found before the class's method
+            object.__setattr__(conv, "_conv_forward", _pooled_conv_forward(conv, factor, mode))
             done.append(conv)
         for layer in meshfree:
             layer.spacing *= factor
@@ -158,10 +164,5 @@ def downsampled(model: nn.Module, factor: int, mode: str = "avg") -> Iterator[nn
     finally:
         for layer, spacing in zip(meshfree, spacings, strict=True):
             layer.spacing = spacing
-        for conv in done:
-            parametrize.remove_parametrizations(conv, "weight", leave_parametrized=False)
-            # removal registers the weight again after the bias; put it back in its place,
-            # so parameters() and state_dict() list the model as before
-            names = [n for n in order[conv] if n in conv._parameters]
-            kept = [(n, conv._parameters.pop(n)) for n in names]
-            conv._parameters.update(kept)
+        for pooled in done:
+            del vars(pooled)["_conv_forward"]

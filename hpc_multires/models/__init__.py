@@ -6,8 +6,10 @@ from torch import nn
 
 from hpc_multires.errors import ConfigError
 from hpc_multires.models.config import ModelConfig
+from hpc_multires.models.conv import CONV_KINDS, conv_layer
 from hpc_multires.models.cosmoflow import CosmoFlow
 from hpc_multires.models.espcn import ESPCN
+from hpc_multires.models.meshfree import level_spacing, set_spacing
 from hpc_multires.models.neuron_inverter import NeuronInverter
 from hpc_multires.models.resnet2d import ResNet2d
 from hpc_multires.models.scale import block_pools, grid_factor
@@ -18,9 +20,18 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
                 level: int = 0) -> nn.Module:
     """The network named by `cfg`, sized for samples of `sample_shape` (C, *spatial) at
     pyramid `level` (which sets the poolings when cfg.coarse_pools is "drop", the first
-    convolution's stride when cfg.stem_level is set, and the kernels and pooling windows
-    when cfg.kernel_level is set). The image-to-image networks (unet, resnet2d, espcn) give
-    as many channels as they take, and ignore `num_outputs` (the labels)."""
+    convolution's stride when cfg.stem_level is set, the kernels and pooling windows
+    when cfg.kernel_level is set, and the grid spacing mesh-free convolutions run at).
+    The image-to-image networks (unet, resnet2d, espcn) give as many channels as they
+    take, and ignore `num_outputs` (the labels); they take standard convolutions only."""
+    model = _build(cfg, sample_shape, num_outputs, level)
+    if cfg.conv == "meshfree":
+        set_spacing(model, level_spacing(level))  # the layers' scales stay those of level 0
+    return model
+
+
+def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
+           level: int) -> nn.Module:
     if cfg.image_to_image:
         return _image_model(cfg, sample_shape)
     stride = grid_factor(level, cfg.stem_level)
@@ -37,7 +48,7 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
             fc_sizes=cfg.fc_sizes, dropout=cfg.dropout,
             pools=block_pools(2, cfg.depth, level, cfg.coarse_pools, cfg.stem_level),
             stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
-            grid_factor=factor, norm=cfg.norm)
+            grid_factor=factor, norm=cfg.norm, conv=cfg.conv)
     if cfg.name == "neuron_inverter":
         if len(sample_shape) != 2:
             raise ConfigError(
@@ -50,7 +61,7 @@ def build_model(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: in
             pools=block_pools(cfg.pool, len(cfg.conv_channels), level, cfg.coarse_pools,
                               cfg.stem_level),
             stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
-            grid_factor=factor, norm=cfg.norm)
+            grid_factor=factor, norm=cfg.norm, conv=cfg.conv)
     raise ConfigError(f"unknown model.name {cfg.name!r}")
 
 
@@ -77,4 +88,5 @@ def _image_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> nn.Module:
     return ESPCN(in_channels=channels, channels=cfg.espcn_channels)
 
 
-__all__ = ["ESPCN", "CosmoFlow", "NeuronInverter", "ResNet2d", "UNet", "build_model"]
+__all__ = ["CONV_KINDS", "ESPCN", "CosmoFlow", "NeuronInverter", "ResNet2d", "UNet",
+           "build_model", "conv_layer"]

@@ -25,8 +25,17 @@ class ModelConfig:
     """cosmoflow: conv blocks, each halving every axis (with the flatten head the input side
     must be >= 2^depth; the gap head takes any size)."""
     kernel_size: int = 3
-    """Convolution kernel size (odd for cosmoflow; the shipped Neuron configs use 4, the
-    reference network's)."""
+    """Convolution kernel size (odd for cosmoflow and for conv = "meshfree"; the shipped
+    Neuron configs use 4, the reference network's)."""
+    conv: Literal["standard", "meshfree"] = "standard"
+    """The convolutions of the conv blocks. standard: torch's Conv1d/Conv3d; meshfree:
+    mesh-free convolutions (docs/methods.md, "Mesh-free convolutions"), defined in physical
+    coordinates: each layer's scale is (kernel_size - 1) / 4 spacings of its input at level
+    0, and a stage runs it at its own level's spacing, so one set of weights computes the
+    same operators on every level that resolves that scale and a model moves between levels
+    by fusion without any kernel resampling. Needs an odd kernel_size; not with stem_level
+    or kernel_level (which resample standard kernels across levels instead), nor with
+    the 2D image networks (unet, resnet2d, espcn: standard only)."""
     conv_channels: tuple[int, ...] = (30, 90, 180)
     """neuron_inverter: filters of its conv blocks (scaled by width)."""
     pool: int = 4
@@ -137,3 +146,16 @@ class ModelConfig:
         require(len(m.espcn_channels) == 2 and min(m.espcn_channels) >= 1,
                 "model.espcn_channels", m.espcn_channels, "give the two hidden widths, e.g. "
                 "[64, 32]")
+        require(not (m.image_to_image and m.conv == "meshfree"), "model.conv", m.conv,
+                f"model.name = {m.name!r} (a 2D image network) has standard convolutions "
+                "only: use model.conv = 'standard'")
+        if m.conv == "meshfree":
+            require(m.kernel_size % 2 == 1, "model.kernel_size", m.kernel_size,
+                    "a mesh-free convolution (model.conv = 'meshfree') is centred: use an odd "
+                    f"size such as {m.kernel_size - 1} or {m.kernel_size + 1}")
+            require(m.stem_level == 0, "model.stem_level", m.stem_level,
+                    "use 0 with model.conv = 'meshfree': its layers already run at every "
+                    "level's spacing, a strided stem defined on a coarse grid is undefined")
+            require(m.kernel_level == 0, "model.kernel_level", m.kernel_level,
+                    "use 0 with model.conv = 'meshfree': its layers already run at every "
+                    "level's spacing, dilated kernels of a coarse grid are undefined")

@@ -2,7 +2,8 @@
 
 Each conv block is Conv3d -> LeakyReLU -> MaxPool3d(2) (or average pooling, and in a
 level-consistent network wider pooling windows and dilated kernels; see
-`hpc_multires.models.scale`), with the number of filters doubling from block to block.
+`hpc_multires.models.scale`; or a mesh-free convolution instead of Conv3d, `conv.py`),
+with the number of filters doubling from block to block.
 The head is either the original flatten + dense layers, or global average pooling (which
 makes the dense layers independent of the input size, useful when one model sees several
 resolutions). The output is tanh scaled by 1.2, so
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.models.conv import ConvKind, conv_layer
 from hpc_multires.models.scale import (
     DetailBranch,
     PaddedConv3d,
@@ -44,13 +46,17 @@ class CosmoFlow(nn.Module):
                  fc_sizes: tuple[int, ...] = (128, 64), dropout: float = 0.0,
                  pools: list[int] | None = None, stem_stride: int = 1,
                  stem_detail: bool = False, pool_type: Literal["max", "avg"] = "max",
-                 grid_factor: int = 1, norm: Literal["none", "batch"] = "none") -> None:
+                 grid_factor: int = 1, norm: Literal["none", "batch"] = "none",
+                 conv: ConvKind = "standard") -> None:
         super().__init__()
         pools = [2] * depth if pools is None else list(pools)  # per block; 1 = no pooling
         shrink = math.prod(pools) * stem_stride
         if kernel_size % 2 == 0:
             raise ConfigError(f"model.kernel_size = {kernel_size}: CosmoFlow keeps sizes with "
                               "padding kernel_size // 2, which needs an odd kernel such as 3")
+        if conv == "meshfree" and (stem_stride > 1 or grid_factor > 1):
+            raise ConfigError("model.conv = 'meshfree' runs at every level's own spacing: "
+                              "use it without model.stem_level and model.kernel_level")
         smallest = min(spatial)
         if head == "flatten" and smallest // shrink < 1:
             raise ConfigError(
@@ -67,14 +73,16 @@ class CosmoFlow(nn.Module):
             # A mesh-free stem (stem_stride s > 1) samples a kernel of kernel_size taps on a
             # grid s times coarser: s * kernel_size taps here, applied every s voxels.
             s = stem_stride if i == 0 else 1
-            conv: nn.Module = nn.Conv3d(channels, out, kernel_size * s, stride=s,
-                                        padding=s * half)
+            # step: this block's input spacing in input spacings (a mesh-free layer's scale)
+            step = math.prod(pools[:i]) * (stem_stride if i > 0 else 1)
+            layer = conv_layer(3, conv, channels, out, kernel_size * s, stride=s,
+                               padding=s * half, step=step)
             if f > 1:  # level-consistent: see grid_conv
                 taps, dilation, pad = grid_conv(kernel_size, f, first=i == 0)
-                conv = (nn.Conv3d(channels, out, taps, dilation=dilation, padding=pad[0])
-                        if pad[0] == pad[1] else  # the even first kernel pads unevenly
-                        PaddedConv3d(channels, out, taps, pad))
-            blocks += [conv, *([nn.BatchNorm3d(out)] if norm == "batch" else []),
+                layer = (nn.Conv3d(channels, out, taps, dilation=dilation, padding=pad[0])
+                         if pad[0] == pad[1] else  # the even first kernel pads unevenly
+                         PaddedConv3d(channels, out, taps, pad))
+            blocks += [layer, *([nn.BatchNorm3d(out)] if norm == "batch" else []),
                        nn.LeakyReLU(0.3),
                        # gap head, ceil_mode: a 1-voxel map stays 1 voxel, so the same
                        # network runs on every pyramid level, however coarse. The flatten

@@ -2,13 +2,14 @@
 
 Each conv block is Conv1d -> LeakyReLU -> MaxPool1d(pool) (or average pooling, and in a
 level-consistent network wider pooling windows and dilated kernels; see
-`hpc_multires.models.scale`), three blocks with (30, 90, 180) filters by default, scaled by
-``width``. Convolutions keep the length ("same" padding), so only
-the pooling shortens the trace: 1,600 bins become 1600 // 4**3 = 25. The head is either the
-reference's flatten + dense layers (512, 256, 128, ReLU), whose first layer is sized for one
-input length, or global average pooling, which makes the dense layers independent of the
-length (useful when one model sees several time resolutions). The output is tanh scaled by 1.2,
-as in CosmoFlow, so labels in [-1, 1] are reachable without saturating.
+`hpc_multires.models.scale`; or a mesh-free convolution instead of Conv1d, `conv.py`),
+three blocks with (30, 90, 180) filters by default, scaled by ``width``. Convolutions keep
+the length ("same" padding), so only the pooling shortens the trace: 1,600 bins become
+1600 // 4**3 = 25. The head is either the reference's flatten + dense layers (512, 256,
+128, ReLU), whose first layer is sized for one input length, or global average pooling,
+which makes the dense layers independent of the length (useful when one model sees
+several time resolutions). The output is tanh scaled by 1.2, as in CosmoFlow, so labels in
+[-1, 1] are reachable without saturating.
 
 At the defaults on 4 probes x 1,600 bins with 6 outputs the model has 2,545,890 parameters,
 90% of them in the first dense layer (4,500 -> 512).
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.models.conv import ConvKind, conv_layer
 from hpc_multires.models.scale import (
     DetailBranch,
     dense_head,
@@ -43,7 +45,8 @@ class NeuronInverter(nn.Module):
     ``grid_factor`` f > 1 makes it the level-consistent network of a grid f times coarser
     (`hpc_multires.models.scale`): f * kernel_size taps in the first convolution, the later
     ones dilated by f, pooling windows of f * (pool - 1) + 1 bins. ``fc_sizes`` are the
-    hidden dense layers; ``dropout`` > 0 puts a dropout layer before each of them.
+    hidden dense layers; ``dropout`` > 0 puts a dropout layer before each of them. ``conv``
+    "meshfree" makes every convolution a mesh-free one (an odd ``kernel_size``).
     """
 
     def __init__(self, *, in_channels: int, length: int, num_outputs: int, width: float = 1.0,
@@ -52,8 +55,13 @@ class NeuronInverter(nn.Module):
                  dropout: float = 0.0, head: Literal["flatten", "gap"] = "flatten",
                  pools: list[int] | None = None, stem_stride: int = 1,
                  stem_detail: bool = False, pool_type: Literal["max", "avg"] = "max",
-                 grid_factor: int = 1, norm: Literal["none", "batch"] = "none") -> None:
+                 grid_factor: int = 1, norm: Literal["none", "batch"] = "none",
+                 conv: ConvKind = "standard") -> None:
         super().__init__()
+        if conv == "meshfree" and (kernel_size % 2 == 0 or stem_stride > 1 or grid_factor > 1):
+            raise ConfigError(f"model.conv = 'meshfree' needs an odd model.kernel_size (not "
+                              f"{kernel_size}) and runs at every level's own spacing: use it "
+                              "without model.stem_level and model.kernel_level")
         if pool < 1 or kernel_size < 1 or length < 1:
             raise ConfigError(f"model.pool = {pool}, model.kernel_size = {kernel_size} and the "
                               f"sample length {length} must all be >= 1")
@@ -88,11 +96,17 @@ class NeuronInverter(nn.Module):
             # check above is exact. Done by an explicit pad because Conv1d(padding="same")
             # warns and copies the input for the default even kernel.
             pad: tuple[int, int] = (s * left, s * (kernel_size // 2))
-            conv = nn.Conv1d(channels, out, kernel_size * s, stride=s)
+            # step: this block's input spacing in input spacings (a mesh-free layer's scale);
+            # a mesh-free layer pads itself ("same"), the pad module then pads nothing
+            step = math.prod(pools[:i]) * (stem_stride if i > 0 else 1)
+            layer = conv_layer(1, conv, channels, out, kernel_size * s, stride=s,
+                               padding=0 if conv == "standard" else left, step=step)
+            if conv == "meshfree":
+                pad = (0, 0)
             if f > 1:  # level-consistent: see grid_conv
                 taps, dilation, pad = grid_conv(kernel_size, f, first=i == 0)
-                conv = nn.Conv1d(channels, out, taps, dilation=dilation)
-            blocks += [nn.ConstantPad1d(pad, 0.0), conv,
+                layer = nn.Conv1d(channels, out, taps, dilation=dilation)
+            blocks += [nn.ConstantPad1d(pad, 0.0), layer,
                        *([nn.BatchNorm1d(out)] if norm == "batch" else []), nn.LeakyReLU(0.01),
                        grid_pool(1, pool_type, factor, f, ceil_mode=False)]
             if i == 0:

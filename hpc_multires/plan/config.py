@@ -128,6 +128,10 @@ def _check_values(cfg: Config) -> None:
     cfg.train.check("train")
     for stage in cfg.stages:
         stage.train.check(f"stages.{stage.name}.train")
+    trains = [("train", cfg.train)] if not cfg.stages else \
+        [(f"stages.{s.name}.train", s.train) for s in cfg.stages]
+    for prefix, train in trains:
+        _check_downsample_model(prefix, train, cfg.model)
     cfg.comm.check()
     cfg.log.check()
 
@@ -153,6 +157,24 @@ def _check_task_and_model(cfg: Config) -> None:
             "task.sr_input = \"half\" gives the model a half-size image to upscale, which "
             "only model.name = \"espcn\" does; use sr_input = \"prolonged\" with a unet or "
             "resnet2d")
+
+
+def _check_downsample_model(prefix: str, train: TrainConfig, model: ModelConfig) -> None:
+    """A downsampled step runs the model on smaller inputs through pooled kernels: the
+    dense layers must not depend on the map size, and no kernel may be dilated."""
+    down = train.downsample
+    if not down.on:
+        return
+    key = f"{prefix}.downsample.fraction"
+    require(train.estimator != "mge", key, down.fraction,
+            f"{prefix}.estimator = 'mge' already trains on coarser levels by its own "
+            "corrections; use either mge or dynamic downsampling, not both (fraction = 0)")
+    require(model.head == "gap" or model.image_to_image, key, down.fraction,
+            f"downsampled steps need a model that takes any input size: set model.head = "
+            f"'gap' (not {model.head!r}), or fraction = 0")
+    require(model.kernel_level == 0, key, down.fraction,
+            "downsampled steps cannot pool the dilated kernels of model.kernel_level = "
+            f"{model.kernel_level}: set model.kernel_level = 0, or fraction = 0")
 
 
 __all__ = ["FUSIONS", "CommConfig", "Config", "DataConfig", "LogConfig", "ModelConfig",

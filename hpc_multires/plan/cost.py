@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from hpc_multires.errors import ConfigError
 from hpc_multires.methods.mge import level_batch_sizes, mge_step_cost
 from hpc_multires.plan.stages import Stage
+from hpc_multires.train.config import DownsampleConfig
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class StageCost:
     per_epoch: float
     capped: bool  # the stage has a time budget: its epochs are an upper bound
     windowed: bool = False  # the stage trains on windows smaller than its samples
+    downsampled: bool = False  # some of its steps train on downsampled inputs
 
     @property
     def total(self) -> float:
@@ -97,6 +99,18 @@ def stage_epochs(stage: Stage, train_samples: int | None) -> float:
     return t.steps / max(1, train_samples // t.global_batch)
 
 
+def downsample_work(down: DownsampleConfig, spatial_dims: int) -> float:
+    """Work of an epoch with dynamic downsampling relative to one without: its share of
+    downsampled steps at 1/factor^d of a step's work (the "every" schedule's share is 1/n;
+    the others average `fraction`)."""
+    if not down.on:
+        return 1.0
+    share = down.fraction
+    if down.schedule == "every":
+        share = 1 / (down.every or max(1, math.floor(1 / down.fraction + 0.5)))
+    return 1 - share + share * float(down.factor) ** -spatial_dims
+
+
 def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
               measured: Mapping[int, float] | None = None,
               shared: bool = False,
@@ -117,11 +131,12 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
     costs = []
     for s in stages:
         share = window_work(s.config.crop, (spatial or {}).get(s.level))
+        coarse = downsample_work(s.train.downsample, spatial_dims)
         costs.append(StageCost(s.name, s.wave, stage_epochs(s, train_samples),
-                               level_work(s.level, spatial_dims, measured) * share
+                               level_work(s.level, spatial_dims, measured) * share * coarse
                                * estimator_work(s, spatial_dims)
                                * (1.0 if shared else world / len(s.ranks)),
-                               bool(s.train.time_budget_s), share < 1.0))
+                               bool(s.train.time_budget_s), share < 1.0, coarse < 1.0))
     waves: dict[int, float] = {}
     for c in costs:
         waves[c.wave] = waves.get(c.wave, 0.0) + c.total if shared else \
@@ -137,6 +152,8 @@ def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world:
         "concurrent stages on their own devices"
     windows = ", an epoch on windows their share of a sample" \
         if any(c.windowed for c in costs) else ""
+    if any(c.downsampled for c in costs):
+        windows += ", a step downsampled by f 1/f^d of a step"
     lines = [f"estimated cost in level-0 epochs on all {world} rank(s) (an epoch at level L is "
              f"1/{2 ** spatial_dims}^L of the work for {spatial_dims}D samples{given}{windows}; "
              f"{sharing}):"]

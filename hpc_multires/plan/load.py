@@ -95,12 +95,20 @@ def _build(cls: type, table: dict[str, Any], prefix: str) -> Any:
 def config_from_dict(table: dict[str, Any]) -> Config:
     stages = table.get("stages")
     if isinstance(stages, list):
-        # Each stage's [stages.train] overrides the run's [train] key by key.
+        # Each stage's [stages.train] overrides the run's [train] key by key, sub-tables
+        # ([stages.train.downsample]) too.
         base = table.get("train", {})
         table = {**table, "stages": [
-            {**st, "train": {**base, **st.get("train", {})}} if isinstance(st, dict) else st
+            {**st, "train": _merged(base, st.get("train", {}))} if isinstance(st, dict) else st
             for st in stages]}
     return typing.cast(Config, _build(Config, table, ""))
+
+
+def _merged(base: Any, own: Any) -> Any:
+    """`own` over `base`, key by key, into sub-tables (what is not a table: `own`)."""
+    if not isinstance(base, dict) or not isinstance(own, dict):
+        return own
+    return {**base, **{k: _merged(base[k], v) if k in base else v for k, v in own.items()}}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -137,8 +145,8 @@ def _set(table: dict[str, Any], item: str, resolved: bool = False) -> None:
     node = table
     if parents[0] == "stages":
         node, parents, leaf = _stage_table(table, item, key)
-    elif parents == ["train"] and isinstance(table.get("stages"), list) and table["stages"]:
-        _set_run_train(table, item, leaf, value, raw.strip(), resolved)
+    elif parents[0] == "train" and isinstance(table.get("stages"), list) and table["stages"]:
+        _set_run_train(table, item, [*parents[1:], leaf], value, raw.strip(), resolved)
         return
     for part in parents:
         node = node.setdefault(part, {})
@@ -173,36 +181,56 @@ def _stage_table(table: dict[str, Any], item: str,
     return stages[i], parents, leaf
 
 
-def _set_run_train(table: dict[str, Any], item: str, leaf: str, value: Any, raw: str,
+def _set_run_train(table: dict[str, Any], item: str, path: list[str], value: Any, raw: str,
                    resolved: bool) -> None:
-    """`--set train.KEY=VALUE` on a staged config: the run's [train], which each stage
-    inherits unless it sets KEY itself; an error when every stage does, since the
-    override would then change nothing."""
+    """`--set train.KEY=VALUE` on a staged config (KEY a `path` such as ["epochs"] or
+    ["downsample", "fraction"]): the run's [train], which each stage inherits unless it
+    sets KEY itself; an error when every stage does, since the override would then change
+    nothing."""
     base = table.setdefault("train", {})
     if not isinstance(base, dict):
         raise ConfigError(f"--set {item!r}: 'train' is not a section")
     stages = [st for st in table["stages"] if isinstance(st, dict)]
     missing = object()
-    old = base.get(leaf, missing)
+    old = _get(base, path, missing)
+    dotted = ".".join(path)
 
     def sets_own(stage: dict[str, Any]) -> bool:
-        own = stage.get("train")
-        if not isinstance(own, dict) or leaf not in own:
+        own = _get(stage.get("train"), path, missing)
+        if own is missing:
             return False
-        return not resolved or own[leaf] != old
+        return not resolved or own != old
 
     shadowed = [sets_own(st) for st in stages]
     if stages and all(shadowed):
         names = [str(st.get("name", "")) for st in stages]
         raise ConfigError(
-            f"--set {item!r} changes nothing: every stage sets its own train.{leaf} "
+            f"--set {item!r} changes nothing: every stage sets its own train.{dotted} "
             f"({', '.join(names)}); set it per stage, e.g. --set stages.{names[0]}.train."
-            f"{leaf}={raw}")
-    base[leaf] = value
+            f"{dotted}={raw}")
+    _put(base, path, value, item)
     if resolved:  # inheriting stages hold a copy of the old value: update it
         for st, own in zip(stages, shadowed, strict=True):
-            if not own and isinstance(st.get("train"), dict) and leaf in st["train"]:
-                st["train"][leaf] = value
+            if not own and _get(st.get("train"), path, missing) is not missing:
+                _put(st["train"], path, value, item)
+
+
+def _get(table: Any, path: list[str], default: Any) -> Any:
+    """table[path[0]][path[1]]..., or `default` where a step is missing or not a table."""
+    for part in path:
+        if not isinstance(table, dict) or part not in table:
+            return default
+        table = table[part]
+    return table
+
+
+def _put(table: dict[str, Any], path: list[str], value: Any, item: str) -> None:
+    *parents, leaf = path
+    for part in parents:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+    table[leaf] = value
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -245,6 +245,9 @@ def describe_plan(stages: list[Stage]) -> str:
                        f"{t.restriction})")
         ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
         where = f"level {s.level}" + (f" windows {s.config.crop}" if s.config.crop else "")
+        down = s.train.downsample
+        if down.on:  # dynamic downsampling: a share of the steps on coarser inputs
+            where += f" ({down.fraction:g} of steps /{down.factor}, {down.schedule})"
         rows.append(f"    wave {s.wave}  {s.name:<12} {where}  ranks {ranks:<7} "
                     f"({s.group}) batch {s.train.global_batch} {length}, {start}")
     return "\n".join(rows)

@@ -2,10 +2,52 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from hpc_multires.errors import require
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownsampleConfig:
+    """Dynamic downsampling: a share of a stage's steps train on inputs averaged down by
+    `factor` per axis, through kernels pooled from the full-size ones, so every step
+    updates the same weights (docs/methods.md, "Dynamic downsampling"). Which steps is a
+    function of (run seed, step) alone. Needs model.head = "gap"."""
+
+    fraction: float = 0.0
+    """Share of the stage's steps that train on downsampled inputs, in [0, 1] (0: off)."""
+    factor: int = 2
+    """Points averaged per axis on a downsampled step (2: the next pyramid level's grid);
+    it must divide the samples' axes at the stage's level (its crop, for windows)."""
+    schedule: Literal["random", "every", "decay"] = "random"
+    """Which steps: random (each with probability fraction, drawn from the seed and the
+    step), every (every n-th step, n = every or round(1/fraction)), decay (the share falls
+    linearly over the stage from min(1, 2 fraction), averaging fraction: coarse steps
+    first)."""
+    kernel_pool: Literal["avg", "bilinear"] = "avg"
+    """How a kernel is pooled onto the coarse grid: avg (each coarse tap sums the fine taps
+    of its cell) or bilinear (hat weights; also keeps the first moment). The same for
+    factor 2."""
+    every: int = 0
+    """For schedule = "every": the period n (0: round(1/fraction))."""
+
+    def check(self, prefix: str = "train.downsample") -> None:
+        """Raise ConfigError naming the key (under `prefix`) and the fix."""
+        d = self
+        require(0.0 <= d.fraction <= 1.0, f"{prefix}.fraction", d.fraction,
+                "use a number in [0, 1], the share of steps that train on downsampled inputs "
+                "(0: off)")
+        require(d.factor >= 1, f"{prefix}.factor", d.factor,
+                "use an integer >= 1, the points averaged per axis on a downsampled step "
+                "(2: one pyramid level)")
+        require(d.every >= 0, f"{prefix}.every", d.every,
+                "use 0 (every round(1/fraction)-th step) or a period of 1 or more steps")
+
+    @property
+    def on(self) -> bool:
+        """Some steps are downsampled (factor 1 would change nothing)."""
+        return self.fraction > 0 and self.factor > 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +111,9 @@ class TrainConfig:
     block means, what the pyramid holds, so each level's batch is read from the pyramid;
     nearest or bilinear (antialiased, images only): every batch is read at the stage's
     level and restricted on the fly, so the coarse terms see the same restriction."""
+    downsample: DownsampleConfig = field(default_factory=DownsampleConfig)
+    """Dynamic downsampling ([train.downsample]; a stage's [stages.train.downsample]
+    overrides it key by key): fraction, factor, schedule, kernel_pool, every."""
 
     def check(self, prefix: str = "train") -> None:
         """Raise ConfigError naming the key (under `prefix`: "train" or a stage's
@@ -107,6 +152,7 @@ class TrainConfig:
         require(t.mge_growth >= 1.0, f"{prefix}.mge_growth", t.mge_growth,
                 "use a factor >= 1 (coarser levels are cheaper, so they take batches at "
                 "least as large)")
+        t.downsample.check(f"{prefix}.downsample")
 
 
 @dataclass(frozen=True, kw_only=True)

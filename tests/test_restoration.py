@@ -232,12 +232,32 @@ fuse_from = ["coarse"]
     (["task.kind=sr", "task.sr_input=half"], "only model.name = \"espcn\""),
     (["task.t_range=[0.5, 2.0]"], "task.t_range = (0.5, 2.0): use 0 <= low <= high <= 1"),
     (["task.box_align=6"], "task.box_align = 6: use a power of 2"),
+    (["model.conv=meshfree"], "model.name = 'unet' (a 2D image network) has standard "
+                              "convolutions only"),
+    (["train.estimator=mge", "train.downsample.fraction=0.5"],
+     "use either mge or dynamic downsampling, not both"),
 ])
 def test_task_and_model_that_do_not_fit_are_one_line(images_config, sets: list[str],
                                                      fix: str) -> None:
     with pytest.raises(ConfigError, match=fix.replace("(", r"\(").replace(")", r"\)")) as e:
         load_config(images_config(), sets)
     assert "\n" not in str(e.value)
+
+
+def test_a_denoising_run_with_dynamic_downsampling(cli, images_config, tmp_path: Path
+                                                   ) -> None:
+    """Downsampling wraps Restoration: the downsampled steps restrict the clean target with
+    the corrupted input, and the run keeps the image task's headline."""
+    run = tmp_path / "run"
+    r = cli(["train", str(images_config(epochs=1)), "--run-dir", str(run),
+             "--set", "train.downsample.fraction=0.5", "--set",
+             "train.downsample.schedule=every"])
+    assert r.returncode == 0, r.stderr
+    (start,) = records(run, "start")
+    assert start["headline"] == "val_psnr" and start["higher_is_better"] is True
+    steps = records(run, "step")
+    assert [s["downsampled"] for s in steps[:4]] == [1.0, 0.0, 1.0, 0.0]
+    assert "val_psnr" in records(run, "epoch")[-1]
 
 
 def test_image_tasks_refuse_windows(images_config) -> None:

@@ -13,7 +13,9 @@ class DownsampleConfig:
     """Dynamic downsampling: a share of a stage's steps train on inputs averaged down by
     `factor` per axis, through kernels pooled from the full-size ones, so every step
     updates the same weights (docs/methods.md, "Dynamic downsampling"). Which steps is a
-    function of (run seed, step) alone. Needs model.head = "gap"."""
+    function of (run seed, step) alone. Needs model.head = "gap" (the image networks take
+    any size as they are; an image task's clean target is averaged down with its input);
+    not with train.estimator = "mge"."""
 
     fraction: float = 0.0
     """Share of the stage's steps that train on downsampled inputs, in [0, 1] (0: off)."""

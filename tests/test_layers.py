@@ -5,6 +5,7 @@ no longer checks for lack of the plan, the driver checks."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,17 @@ def test_the_driver_refuses_a_checkpoint_of_another_config(cli, tiny_config,
     assert f"the config differs from the one {ckpt} was trained with, in ['train.lr']" \
         in r.stderr, r.stderr
     assert not (run / "stages" / "main" / "checkpoints" / "epoch-0002.pt").exists()
+
+
+def test_the_design_pages_layer_map_names_every_module() -> None:
+    """docs/design.md's layer map is how a newcomer finds a file: each module of the
+    package is named there (by file name, under its folder's line)."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    start = design.index("```\ncli/")
+    layer_map = design[start:design.index("```", start + 4)]
+    modules = [p for p in (ROOT / "hpc_multires").rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")]
+    assert len(modules) > 40
+    missing = [str(p.relative_to(ROOT)) for p in modules
+               if not re.search(rf"\b{re.escape(p.stem)}\b", layer_map)]
+    assert not missing, f"docs/design.md's layer map does not name {missing}"

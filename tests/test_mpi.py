@@ -185,7 +185,7 @@ def test_a_stalled_rank_ends_the_job_after_the_timeout_with_one_line(tiny_config
     assert "comm.timeout_s" in lines[0] and "Traceback" not in err
 
 
-def _rank_1_with_its_own_mount(mount: str, args: list[str], timeout: float = 120
+def _rank_1_with_its_own_mount(mount: str, args: list[str], timeout: float = 120, **env: str
                                ) -> subprocess.CompletedProcess[str]:
     """`hpc-multires ARGS` on 2 ranks, rank 1 in its own mount namespace where the shell
     command `mount` has run first: rank 1 sees the file system as another node would."""
@@ -200,19 +200,22 @@ def _rank_1_with_its_own_mount(mount: str, args: list[str], timeout: float = 120
     own = ["unshare", "--mount", "sh", "-c", f'{mount} && exec "$0" "$@"', *cmd]
     return subprocess.run([mpiexec_path(), "-n", "1", *cmd, ":", "-n", "1", *own],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=run_env())
+                          env=run_env(**env))
 
 
 def test_a_run_dir_one_rank_cannot_see_is_refused_before_training(tiny_config,
                                                                    tmp_path: Path) -> None:
     """A node-local --run-dir on a two-node job: rank 1 runs in its own mount namespace
     with an empty tmpfs over the run directory's parent, as a second node sees its own
-    $TMPDIR. The job must stop before training, with one line that names the rank."""
+    $TMPDIR. The job must stop before training, with one line that names the rank.
+    Rank 1 waits 1 s for the file rank 0 wrote instead of the 15 s given to a slow
+    network file system: it can never appear on rank 1's tmpfs."""
     local = tmp_path / "node-local"
     local.mkdir()
     run = local / "run"
     result = _rank_1_with_its_own_mount(f'mount -t tmpfs tmpfs "{local}"',
-                                        ["train", str(tiny_config()), "--run-dir", str(run)])
+                                        ["train", str(tiny_config()), "--run-dir", str(run)],
+                                        HPC_MULTIRES_SHARED_WAIT_S="1")
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("hpc-multires: error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert "is not shared by all ranks: 1 of 2" in errors[0] and "rank 1 on" in errors[0]

@@ -285,6 +285,104 @@ def trained_runs(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory
     return {"config": cfg, "stopped": stopped, "done": done}
 
 
+class TrainedOnce:
+    """One config's training runs, each trained under mpiexec the first time a test asks for
+    it and kept for the rest of the session: the uninterrupted runs that several multi-rank
+    tests compare against, and the stopped runs they resume. Each launch costs every rank a
+    Python start and a torch import, on a machine whose ranks share few cores; a run several
+    tests need is trained once. Tests read these runs; one that trains on in a run trains in
+    its own copy."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self._runs: dict[tuple[int, int | None], Path] = {}
+
+    def run(self, ranks: int, stop_after_epoch: int | None = None) -> Path:
+        """The config trained on `ranks` ranks: to its end, or stopped after that epoch."""
+        key = (ranks, stop_after_epoch)
+        if key not in self._runs:
+            run = self.config.parent / (f"ranks-{ranks}" if stop_after_epoch is None
+                                        else f"ranks-{ranks}-stopped-{stop_after_epoch}")
+            args = ["train", str(self.config), "--run-dir", str(run)]
+            if stop_after_epoch is not None:
+                args += ["--stop-after-epoch", str(stop_after_epoch)]
+            r = run_cli(args, ranks=ranks, timeout=300)
+            assert r.returncode == 0, r.stderr
+            self._runs[key] = run
+        return self._runs[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_1_epoch(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedOnce:
+    """The tiny config for 1 epoch (9 steps), on DDP: the same losses on 1, 2 and 4 ranks
+    (test_parity_1_2_4_ranks), and the runs Horovod must match on 2 and 4."""
+    config = tmp_path_factory.mktemp("tiny-1-epoch") / "tiny.toml"
+    config.write_text(TINY_CONFIG.format(data=tiny_cosmo, epochs=1, workers=0))
+    return TrainedOnce(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_3_epochs(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedOnce:
+    """The tiny config for 3 epochs (27 steps), on 2 ranks: the uninterrupted run that a run
+    stopped by a signal, one stopped after epoch 2 and one resumed from a stale view of its
+    checkpoints must each end equal to, and the run stopped after epoch 2 (copied) that
+    the latter two resume."""
+    config = tmp_path_factory.mktemp("tiny-3-epochs") / "tiny.toml"
+    config.write_text(TINY_CONFIG.format(data=tiny_cosmo, epochs=3, workers=0))
+    return TrainedOnce(config)
+
+
+MRMF = """
+[run]
+seed = 2
+[data]
+path = "{data}"
+val_fraction = 0.25
+num_workers = 0
+[model]
+width = 0.125
+depth = 3
+head = "gap"
+fc_sizes = [16]
+[train]
+epochs = 2
+global_batch = 8
+lr = 2e-3
+[log]
+every_steps = 1
+[groups]
+half_a = "0:1/2"
+half_b = "1/2:end"
+[[stages]]
+name = "coarse2"
+level = 2
+group = "half_a"
+[stages.train]
+epochs = 3
+[[stages]]
+name = "coarse1"
+level = 1
+group = "half_b"
+[[stages]]
+name = "fine"
+level = 0
+init = "fuse"
+fuse_from = ["coarse1", "coarse2"]
+fusion = "average"
+"""
+
+
+@pytest.fixture(scope="session")
+def mrmf_4_ranks(pyramid_data: Path, tmp_path_factory: pytest.TempPathFactory
+                 ) -> TrainedOnce:
+    """MRMF's plan on pyramid_data: two coarse stages at once on ranks {0,1} and {2,3},
+    fused into the fine stage on all four. Its 4-rank DDP run is examined stage by stage
+    (test_stages_mpi), and it is what a resumed run and Horovod must end equal to."""
+    config = tmp_path_factory.mktemp("mrmf") / "mrmf.toml"
+    config.write_text(MRMF.format(data=pyramid_data))
+    return TrainedOnce(config)
+
+
 @pytest.fixture
 def stopped_run(trained_runs: dict[str, Path], tmp_path: Path) -> tuple[Path, str]:
     """A copy of the tiny run stopped after epoch 1 of 2 (its checkpoint epoch-0001.pt),

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 CONF = """\
 ClusterName=hpcmrtest
 SlurmctldHost={host}(127.0.0.1)
@@ -41,7 +43,13 @@ MpiDefault=none
 ReturnToService=2
 SlurmUser=root
 SlurmdUser=root
-KillWait=10
+# When srun ends a step (a rank died, or a rank exited with the requeue code and mpi4py
+# aborted the job), the other ranks get SIGTERM and, KillWait later, SIGKILL. In the tests
+# they have nothing left to do by then: after a rank died they end by their own MPI abort
+# within a second or two, and a preempted run's ranks leave only once every checkpoint and
+# the requeue marker are written. No test relies on SIGTERM handling under Slurm (the
+# preemption test signals USR1).
+KillWait=3
 MinJobAge=600
 NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={n1_port} CPUs=2 RealMemory=1000
 NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={n2_port} CPUs=2 RealMemory=1000
@@ -137,13 +145,34 @@ def cluster(workdir: Path) -> Iterator[dict[str, str]]:
                     os.kill(int(p.read_text().strip()), signal.SIGTERM)
 
 
+# Seconds between a requeued job's first sight as pending and its release (wait_gone): two
+# whole seconds past its credential's revocation, with a second to spare.
+REQUEUE_MARGIN_S = 3.0
+
+
+def job_processes(job: str, env: dict[str, str]) -> list[psutil.Process]:
+    """The processes of this cluster's job `job` still on the machine: its batch script,
+    srun and the ranks, which all carry the job's id and this cluster's SLURM_CONF (another
+    cluster on the machine numbers its jobs alike)."""
+    found = []
+    for p in psutil.process_iter(["environ"]):
+        job_env = p.info["environ"] or {}
+        if (job_env.get("SLURM_JOB_ID") == job
+                and job_env.get("SLURM_CONF") == env["SLURM_CONF"]):
+            found.append(p)
+    return found
+
+
 def wait_gone(job: str, env: dict[str, str], timeout: float,
               release_requeued: bool = False) -> list[str]:
     """Poll squeue until the job has left the queue; returns the states it was seen in.
 
     With `release_requeued`, a requeued job held by Slurm's requeue delay (BeginTime) is
-    released after `KillWait` and a margin (the old step must be gone first, or the new
-    step's PMI exchange fails), so the test does not wait the whole delay out.
+    released, so that the test does not wait the whole delay out, once no process of its
+    earlier run is left and `REQUEUE_MARGIN_S` after it was first seen pending: a slurmd
+    refuses ("Job credential revoked") a job credential issued in the same second as, or
+    before, the one in which the earlier run's was revoked (Slurm compares whole seconds),
+    and the revocation comes with the requeue.
     """
     seen: list[str] = []
     pending_since: float | None = None
@@ -157,7 +186,8 @@ def wait_gone(job: str, env: dict[str, str], timeout: float,
             seen.append(state)
         if release_requeued and state.startswith("PENDING") and "BeginTime" in state:
             pending_since = pending_since or time.monotonic()
-            if time.monotonic() - pending_since > 20:
+            if (time.monotonic() - pending_since > REQUEUE_MARGIN_S
+                    and not job_processes(job, env)):
                 _run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env)
         else:
             pending_since = None

@@ -9,13 +9,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_stages_mpi import MRMF
 
 pytestmark = pytest.mark.mpi
 
@@ -32,53 +30,45 @@ def step_losses(run: Path) -> np.ndarray:
 
 @needs_horovod
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_horovod_matches_ddp(cli, tiny_config, tmp_path: Path, ranks: int) -> None:
+def test_horovod_matches_ddp(cli, tiny_1_epoch, tmp_path: Path, ranks: int) -> None:
     """Same seed, global batch and data order: the same losses with either backend.
 
     Both average the same per-rank gradients; they differ only in the order of the
     float32 sums inside the allreduce (gloo ring vs MPI), ~1e-7 relative per step,
     amplified a little by Adam over 9 steps. 1e-4 relative is far below what a missing
     average (ranks drifting apart), a wrong scaling (sum instead of mean) or a broadcast
-    from the wrong rank would give.
+    from the wrong rank would give. The DDP run is the session's one (DDP is the default
+    backend), which test_parity_1_2_4_ranks compares too.
     """
-    cfg = str(tiny_config(epochs=1))
-    losses = {}
-    for backend in ("ddp", "horovod"):
-        run = tmp_path / backend
-        r = cli(["train", cfg, "--run-dir", str(run), "--set", f"comm.backend={backend}"],
-                ranks=ranks, timeout=240)
-        assert r.returncode == 0, r.stderr
-        losses[backend] = step_losses(run)
+    run = tmp_path / "horovod"
+    r = cli(["train", str(tiny_1_epoch.config), "--run-dir", str(run), "--set",
+             "comm.backend=horovod"], ranks=ranks, timeout=240)
+    assert r.returncode == 0, r.stderr
+    losses = {"ddp": step_losses(tiny_1_epoch.run(ranks)), "horovod": step_losses(run)}
     assert len(losses["ddp"]) == 9 and np.ptp(losses["ddp"]) > 1e-3
     np.testing.assert_allclose(losses["horovod"], losses["ddp"], rtol=1e-4, atol=0)
 
 
 @needs_horovod
-def test_concurrent_stages_reduce_within_their_groups(cli, tiny_cosmo: Path,
-                                                      tmp_path: Path) -> None:
+def test_concurrent_stages_reduce_within_their_groups(cli, mrmf_4_ranks, tmp_path: Path
+                                                      ) -> None:
     """MRMF's two coarse stages on ranks {0,1} and {2,3} at once, on Horovod.
 
     Each group has its own process set; if gradients were averaged over all four ranks,
     each coarse model would be trained on the other's gradients too (a different model
     at a different resolution) and would not match the same plan run on DDP, whose
-    groups are separate torch process groups.
+    groups are separate torch process groups. The DDP run is the session's, which
+    test_stages_mpi examines.
     """
-    from conftest import run_cli
-
-    data = tmp_path / "data"
-    shutil.copytree(tiny_cosmo, data)
-    assert run_cli(["data", "pyramid", str(data), "--levels", "2"]).returncode == 0
-    config = tmp_path / "mrmf.toml"
-    config.write_text(MRMF.format(data=data))
-    finals = {}
-    for backend in ("ddp", "horovod"):
-        run = tmp_path / backend
-        r = cli(["train", str(config), "--run-dir", str(run), "--set",
-                 f"comm.backend={backend}"], ranks=4, timeout=300)
-        assert r.returncode == 0, r.stderr
-        finals[backend] = {s: torch.load(run / "stages" / s / "final.pt",
-                                         weights_only=False)["model"]
-                           for s in ("coarse1", "coarse2", "fine")}
+    horovod = tmp_path / "horovod"
+    r = cli(["train", str(mrmf_4_ranks.config), "--run-dir", str(horovod), "--set",
+             "comm.backend=horovod"], ranks=4, timeout=300)
+    assert r.returncode == 0, r.stderr
+    runs = {"ddp": mrmf_4_ranks.run(4), "horovod": horovod}
+    finals = {backend: {s: torch.load(run / "stages" / s / "final.pt",
+                                      weights_only=False)["model"]
+                        for s in ("coarse1", "coarse2", "fine")}
+              for backend, run in runs.items()}
     for stage in ("coarse1", "coarse2", "fine"):
         for k, v in finals["ddp"][stage].items():
             torch.testing.assert_close(finals["horovod"][stage][k], v, rtol=1e-4, atol=1e-5,

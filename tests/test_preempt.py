@@ -27,10 +27,9 @@ from hpc_multires.train.preempt import PREEMPTED_EXIT
 pytestmark = pytest.mark.mpi
 
 
-def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_config, tmp_path: Path) -> None:
-    cfg = str(tiny_config(epochs=3))  # 9 steps per epoch
-    straight = tmp_path / "straight"
-    assert cli(["train", cfg, "--run-dir", str(straight)], ranks=2).returncode == 0
+def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_3_epochs, tmp_path: Path) -> None:
+    cfg = str(tiny_3_epochs.config)  # 3 epochs of 9 steps
+    straight = tiny_3_epochs.run(2)  # the session's uninterrupted run
 
     run = tmp_path / "run"
     cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",

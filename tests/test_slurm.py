@@ -61,7 +61,10 @@ def test_two_nodes_two_tasks_see_their_place(slurm, tiny_config, tmp_path: Path)
 
 def test_preemption_requeues_and_resumes_without_losing_a_step(slurm, cli, tiny_config,
                                                                tmp_path: Path) -> None:
-    config = tiny_config(epochs=8)  # 72 steps: the signal lands well before the end
+    # 54 steps: the signal, sent from step 10 on (in epoch 2, past the first epoch's
+    # checkpoint), lands well before the end: it stopped the run 6 to 8 steps later where
+    # 4 ranks share 2 cores.
+    config = tiny_config(epochs=6)
     reference = tmp_path / "reference"
     r = cli(["train", str(config), "--run-dir", str(reference)], ranks=4, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -69,7 +72,7 @@ def test_preemption_requeues_and_resumes_without_losing_a_step(slurm, cli, tiny_
     run = tmp_path / "run"
     job = sbatch(slurm, run, config)
     deadline = time.monotonic() + 240
-    while not any(s["step"] >= 14 for s in steps(run)):
+    while not any(s["step"] >= 10 for s in steps(run)):
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.1)
     sig = subprocess.run(["scancel", "--signal=USR1", job], env=slurm, capture_output=True,
@@ -78,14 +81,14 @@ def test_preemption_requeues_and_resumes_without_losing_a_step(slurm, cli, tiny_
     states = wait_gone(job, slurm, timeout=300, release_requeued=True)
     out = output(run, job)
     # It stopped inside the run (where exactly depends on timing: the signal is sent from
-    # step 14 on) and the requeued job resumed from the checkpoint written at that step.
+    # step 10 on) and the requeued job resumed from the checkpoint written at that step.
     stopped = re.search(r"stopped on SIGUSR1 at step (\d+)", out)
-    assert stopped and 14 <= int(stopped.group(1)) < 72, out
+    assert stopped and 10 <= int(stopped.group(1)) < 54, out
     assert re.search(rf"resumed from epoch-\d{{4}}-step-{int(stopped.group(1)):08d}\.pt", out), out
     assert any(s.startswith("PENDING") for s in states), states  # it was requeued
     assert "done: val_mae" in out and not (run / "PREEMPTED").exists()
     got, want = steps(run), steps(reference)
-    assert [s["step"] for s in got] == list(range(1, 73))  # none twice, none skipped
+    assert [s["step"] for s in got] == list(range(1, 55))  # none twice, none skipped
     # Same 4 ranks as the reference: only float rounding may differ (see test_parity).
     assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], rel=1e-4)
 
@@ -116,7 +119,8 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_loads(slurm, tiny_config,
 
 def test_staging_on_each_node(slurm, tiny_config, tiny_cosmo: Path, tmp_path: Path) -> None:
     local = tmp_path / "local"  # both "nodes" share this disk; each gets its own copy
-    cfg = tiny_config(epochs=6)
+    # 3 epochs (several seconds on 4 ranks) for the copies to be looked at while in use.
+    cfg = tiny_config(epochs=3)
     cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
     run = tmp_path / "run"
     job = sbatch(slurm, run, cfg)

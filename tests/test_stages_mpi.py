@@ -1,4 +1,5 @@
-"""Stage plans under a real mpiexec: MRMF's concurrent coarse stages, fusion, resume."""
+"""Stage plans under a real mpiexec: MRMF's concurrent coarse stages, fusion, resume.
+The plan and its 4-rank run are conftest's `mrmf_4_ranks`."""
 
 from __future__ import annotations
 
@@ -11,45 +12,6 @@ import torch
 
 pytestmark = pytest.mark.mpi
 
-MRMF = """
-[run]
-seed = 2
-[data]
-path = "{data}"
-val_fraction = 0.25
-num_workers = 0
-[model]
-width = 0.125
-depth = 3
-head = "gap"
-fc_sizes = [16]
-[train]
-epochs = 2
-global_batch = 8
-lr = 2e-3
-[log]
-every_steps = 1
-[groups]
-half_a = "0:1/2"
-half_b = "1/2:end"
-[[stages]]
-name = "coarse2"
-level = 2
-group = "half_a"
-[stages.train]
-epochs = 3
-[[stages]]
-name = "coarse1"
-level = 1
-group = "half_b"
-[[stages]]
-name = "fine"
-level = 0
-init = "fuse"
-fuse_from = ["coarse1", "coarse2"]
-fusion = "average"
-"""
-
 
 def rank_events(run: Path) -> dict[int, list[tuple[float, str, str]]]:
     out = {}
@@ -60,14 +22,9 @@ def rank_events(run: Path) -> dict[int, list[tuple[float, str, str]]]:
     return out
 
 
-def test_mrmf_runs_coarse_stages_concurrently_then_fuses(cli, pyramid_data: Path,
-                                                         tmp_path: Path) -> None:
-    config = tmp_path / "mrmf.toml"
-    config.write_text(MRMF.format(data=pyramid_data))
-    run = tmp_path / "run"
-    r = cli(["train", str(config), "--run-dir", str(run)], ranks=4, timeout=300)
-    assert r.returncode == 0, r.stderr
-
+def test_mrmf_runs_coarse_stages_concurrently_then_fuses(mrmf_4_ranks, pyramid_data: Path
+                                                         ) -> None:
+    config, run = mrmf_4_ranks.config, mrmf_4_ranks.run(4)
     events = rank_events(run)
     assert [st for _, ev, st in events[0] if ev == "start"] == ["coarse2", "fine"]
     assert [st for _, ev, st in events[1] if ev == "start"] == ["coarse2", "fine"]
@@ -119,21 +76,18 @@ def test_mrmf_runs_coarse_stages_concurrently_then_fuses(cli, pyramid_data: Path
     assert "start_val_mae" not in starts["coarse1"]  # a fresh stage has no fused start
 
 
-def test_resume_in_the_middle_of_a_stage(cli, pyramid_data: Path, tmp_path: Path) -> None:
+def test_resume_in_the_middle_of_a_stage(cli, mrmf_4_ranks, tmp_path: Path) -> None:
     """Stopped inside coarse1, then inside fine: each resumes where it stopped, and the end
     result equals an uninterrupted run.
 
     Equal up to float32 rounding, not bit for bit: a process that ran coarse-level
     convolutions before the fine stage can get other CPU conv kernels than one that starts
     at the fine stage (observed differences 1e-8). Restarting a stage, losing the optimizer
-    state or replaying other data would differ by 1e-2 or more.
+    state or replaying other data would differ by 1e-2 or more. The uninterrupted run is the
+    session's (test_mrmf_runs_coarse_stages_concurrently_then_fuses examines it too).
     """
-    config = tmp_path / "mrmf.toml"
-    config.write_text(MRMF.format(data=pyramid_data))
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    a = cli(["train", str(config), "--run-dir", str(straight)], ranks=4, timeout=300)
-    assert a.returncode == 0, a.stderr
-
+    config, straight = mrmf_4_ranks.config, mrmf_4_ranks.run(4)
+    resumed = tmp_path / "resumed"
     b1 = cli(["train", str(config), "--run-dir", str(resumed), "--stop-after-epoch", "1",
               "--stop-stage", "coarse1"], ranks=4, timeout=300)
     assert b1.returncode == 0, b1.stderr

@@ -101,16 +101,19 @@ def test_resume_on_data_of_another_shape_is_one_line(cli_in_process, stopped_run
 
 
 @pytest.mark.mpi
-def test_resume_equals_an_uninterrupted_run(cli, tiny_config, tmp_path: Path) -> None:
-    """2 epochs straight == 1 epoch, stop, --resume for the second (2 ranks, exact)."""
-    cfg_path = str(tiny_config(epochs=2, workers=1))
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    a = cli(["train", cfg_path, "--run-dir", str(straight)], ranks=2)
-    assert a.returncode == 0, a.stderr
-    b1 = cli(["train", cfg_path, "--run-dir", str(resumed), "--stop-after-epoch", "1"], ranks=2)
-    assert b1.returncode == 0, b1.stderr
-    assert not (resumed / "stages" / "main" / "checkpoints" / "epoch-0002.pt").exists()
-    b2 = cli(["train", cfg_path, "--run-dir", str(resumed), "--resume"], ranks=2)
+def test_resume_equals_an_uninterrupted_run(cli, tiny_3_epochs, tmp_path: Path) -> None:
+    """3 epochs straight == 2 epochs, stop, --resume for the third (2 ranks, exact). The
+    straight run and the stopped one are the session's; the resume reads through a reader
+    process (data.num_workers = 1, which a resume may change), the straight run in the
+    ranks themselves: the same batches, so the same numbers, bit for bit."""
+    import shutil
+
+    cfg_path = str(tiny_3_epochs.config)
+    straight, resumed = tiny_3_epochs.run(2), tmp_path / "resumed"
+    shutil.copytree(tiny_3_epochs.run(2, stop_after_epoch=2), resumed)
+    assert not (resumed / "stages" / "main" / "checkpoints" / "epoch-0003.pt").exists()
+    b2 = cli(["train", cfg_path, "--run-dir", str(resumed), "--resume",
+              "--set", "data.num_workers=1"], ranks=2)
     assert b2.returncode == 0, b2.stderr
     assert "resumed from" in b2.stderr
 
@@ -118,18 +121,18 @@ def test_resume_equals_an_uninterrupted_run(cli, tiny_config, tmp_path: Path) ->
         path = run / "stages" / "main" / "checkpoints" / f"epoch-{epoch:04d}.pt"
         return torch.load(path, weights_only=False)
 
-    final_a, final_b = load(straight, 2), load(resumed, 2)
-    assert final_b["step"] == final_a["step"] == 18
+    final_a, final_b = load(straight, 3), load(resumed, 3)
+    assert final_b["step"] == final_a["step"] == 27
     for name, tensor in final_a["model"].items():
         assert torch.equal(tensor, final_b["model"][name]), name
-    # The two epochs' checkpoints differ: training did something between them.
-    first = load(resumed, 1)["model"]
-    assert any(not torch.equal(first[k], final_b["model"][k]) for k in first)
+    # The last two epochs' checkpoints differ: training did something between them.
+    before = load(resumed, 2)["model"]
+    assert any(not torch.equal(before[k], final_b["model"][k]) for k in before)
     # The metrics log of the resumed run has every step once, with the same losses.
     sa, sb = records(straight, "step"), records(resumed, "step")
-    assert [r["step"] for r in sb] == list(range(1, 19))
+    assert [r["step"] for r in sb] == list(range(1, 28))
     assert [r["loss"] for r in sa] == [r["loss"] for r in sb]
-    assert records(resumed, "epoch")[1]["wall_s"] > records(resumed, "epoch")[0]["wall_s"]
+    assert records(resumed, "epoch")[2]["wall_s"] > records(resumed, "epoch")[1]["wall_s"]
 
 
 @pytest.mark.mpi

@@ -220,7 +220,9 @@ class RunDir:
                                 "free space or choose another directory") from None
         token = comm.broadcast_object(token)
         seen = (self.path / token).exists()
-        deadline = time.monotonic() + 15
+        # 15 s for another node to see the file (HPC_MULTIRES_SHARED_WAIT_S: a test of the
+        # refusal, whose rank can never see it, waits less).
+        deadline = time.monotonic() + float(os.environ.get("HPC_MULTIRES_SHARED_WAIT_S", "15"))
         while not seen and time.monotonic() < deadline:
             # An NFS client may have cached "no such file" from an earlier look: listing
             # the directory makes it ask the server again.

@@ -280,6 +280,27 @@ def test_a_torn_metrics_line_does_not_block_resume(cli, stopped_run) -> None:
 
 
 @pytest.mark.slow
+def test_paths_with_a_newline_a_quote_and_non_ascii_round_trip_through_resume(
+        cli, tiny_config, tiny_cosmo: Path, tmp_path: Path) -> None:
+    """config.toml holds data.path and is read back on resume: a path with a newline, quotes
+    or non-ASCII characters (each legal in a POSIX file name) must survive the trip."""
+    import shutil
+
+    odd = 'd"a\'ta \u00fc\u4f53\n2'
+    data = tmp_path / f"data {odd}"
+    shutil.copytree(tiny_cosmo, data)
+    run = tmp_path / f"run {odd}"
+    first = cli(["train", str(tiny_config(epochs=2)), "--run-dir", str(run), "--set",
+                 f"data.path={data}", "--stop-after-epoch", "1"])
+    assert first.returncode == 0, first.stderr
+    assert load_config(run / "config.toml").data.path == str(data)
+    again = cli(["train", str(run / "config.toml"), "--run-dir", str(run), "--resume"])
+    assert again.returncode == 0, again.stderr
+    assert "resumed from epoch-0001.pt" in again.stderr
+    assert [e["epoch"] for e in records(run, "epoch")] == [1, 2]
+
+
+@pytest.mark.slow
 def test_a_new_run_sets_an_earlier_attempts_log_aside(cli, tiny_config, tmp_path: Path) -> None:
     """An attempt that failed before its first checkpoint left a log: the next run starts
     its own and keeps the old one beside it."""

@@ -12,7 +12,6 @@ says so: read it beside the core count printed first.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -22,6 +21,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, cli, machine
+
+from hpc_multires.driver.run_dir import RunDir
+from hpc_multires.train.metrics import read_metrics
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
                  "--set", f"train.global_batch={args.local_batch * n}",
                  "--set", f"train.epochs={args.epochs}", "--set", "log.every_steps=1",
                  "--set", "train.warmup_epochs=0"], ranks=n)
-            recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            recs = read_metrics(RunDir(run).metrics)
             steps = [r for r in recs if r["kind"] == "step" and r["epoch"] >= 1]
             # samples/s between the first and last step record of the later epochs
             # (evaluation at the epoch boundary excluded).

@@ -49,7 +49,6 @@ A method is a config name, configs/<app>-<method>.toml. Besides the stage plans 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -64,6 +63,9 @@ import h5py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, cli, env, machine
+
+from hpc_multires.driver.run_dir import RunDir
+from hpc_multires.train.metrics import read_metrics
 
 DEFAULT_SAMPLES = {"cosmoflow": 1024, "neuron": 4096, "images": 1024}
 SYNTH_OPTIONS = {"cosmoflow": ["--size", "32"], "images": ["--size", "64"]}
@@ -110,15 +112,16 @@ def run_method(app: str, method: str, data: Path, work: Path, ranks: int,
     # opened every level and made their process groups. The pyramid build is timed from
     # launch, so the training is too: its set-up is taken from launch to when rank 0 wrote
     # RUN_DIR/config.toml, just before the clock starts (same machine, same clock).
-    setup_s = (run / "config.toml").stat().st_mtime - launched
+    layout = RunDir(run)
+    setup_s = layout.config.stat().st_mtime - launched
     if not 0.0 <= setup_s <= process_s:
-        sys.exit(f"{method}: {run / 'config.toml'} was written {setup_s:.1f} s after launch, "
+        sys.exit(f"{method}: {layout.config} was written {setup_s:.1f} s after launch, "
                  f"outside the {process_s:.1f} s the training ran; is {work} on a file "
                  "system with another clock? use --keep on a local directory")
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(layout.metrics)
     fine = [r for r in records if r["kind"] == "epoch" and r["level"] == 0]
     if not fine:
-        sys.exit(f"{method}: {run / 'metrics.jsonl'} has no level-0 epoch; a method's "
+        sys.exit(f"{method}: {layout.metrics} has no level-0 epoch; a method's "
                  "accuracy is measured at level 0")
     starts = [r for r in records if r["kind"] == "start"]
     metric = starts[-1].get("headline", "val_mae")

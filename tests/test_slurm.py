@@ -119,8 +119,7 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_loads(slurm, tiny_config,
 
 def test_staging_on_each_node(slurm, tiny_config, tiny_cosmo: Path, tmp_path: Path) -> None:
     local = tmp_path / "local"  # both "nodes" share this disk; each gets its own copy
-    # 3 epochs (several seconds on 4 ranks) for the copies to be looked at while in use.
-    cfg = tiny_config(epochs=3)
+    cfg = tiny_config(epochs=6)
     cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
     run = tmp_path / "run"
     job = sbatch(slurm, run, cfg)

@@ -286,12 +286,12 @@ def trained_runs(tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 class TrainedOnce:
-    """One config's training runs, each trained under mpiexec the first time a test asks for
-    it and kept for the rest of the session: the uninterrupted runs that several multi-rank
-    tests compare against, and the stopped runs they resume. Each launch costs every rank a
-    Python start and a torch import, on a machine whose ranks share few cores; a run several
-    tests need is trained once. Tests read these runs; one that trains on in a run trains in
-    its own copy."""
+    """One config's training runs (under mpiexec from 2 ranks on), each trained the first
+    time a test asks for it and kept for the rest of the session: the uninterrupted runs that
+    several multi-rank tests compare against, and the stopped runs they resume. Each launch
+    costs every rank a Python start and a torch import, on a machine whose ranks share few
+    cores; a run several tests need is trained once. Tests read these runs; one that trains
+    on in a run trains in its own copy."""
 
     def __init__(self, config: Path) -> None:
         self.config = config

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, steps
+from conftest import ROOT, TINY_CONFIG, steps
 from slurm_cluster import cluster, wait_gone
 
 from hpc_multires.data.store import checksum_shard
@@ -47,10 +47,24 @@ def output(run: Path, job: str) -> str:
     return (run / f"slurm-{job}.out").read_text()
 
 
-def test_two_nodes_two_tasks_see_their_place(slurm, tiny_config, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    job = sbatch(slurm, run, tiny_config(epochs=1))
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> tuple[Path, Path, str]:
+    """The tiny config for 6 epochs (54 steps) run to its end by slurm/cpu.sbatch on 2 nodes
+    of 2 tasks, once per module: (config, run directory, job id). test_two_nodes_... looks
+    at where its ranks ran; it is the uninterrupted run a preempted one must equal. A job
+    costs ~14 s of start and end here, an epoch ~0.4 s: one job serves both."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    config = base / "tiny.toml"
+    config.write_text(TINY_CONFIG.format(data=tiny_cosmo, epochs=6, workers=0))
+    run = base / "run"
+    job = sbatch(slurm, run, config)
     wait_gone(job, slurm, timeout=240)
+    return config, run, job
+
+
+def test_two_nodes_two_tasks_see_their_place(uninterrupted) -> None:
+    _, run, job = uninterrupted
     out = output(run, job)
     assert "done: val_mae" in out, out
     assert "4 rank(s) on 2 node(s) (slurm)" in out
@@ -59,16 +73,12 @@ def test_two_nodes_two_tasks_see_their_place(slurm, tiny_config, tmp_path: Path)
         assert f"local_rank={rank % 2}" in line and f"node={rank // 2}" in line, line
 
 
-def test_preemption_requeues_and_resumes_without_losing_a_step(slurm, cli, tiny_config,
+def test_preemption_requeues_and_resumes_without_losing_a_step(slurm, uninterrupted,
                                                                tmp_path: Path) -> None:
     # 54 steps: the signal, sent from step 10 on (in epoch 2, past the first epoch's
-    # checkpoint), lands well before the end: it stopped the run 6 to 8 steps later where
+    # checkpoint), lands well before the end: it stopped the run 2 to 8 steps later where
     # 4 ranks share 2 cores.
-    config = tiny_config(epochs=6)
-    reference = tmp_path / "reference"
-    r = cli(["train", str(config), "--run-dir", str(reference)], ranks=4, timeout=300)
-    assert r.returncode == 0, r.stderr
-
+    config, reference, _ = uninterrupted
     run = tmp_path / "run"
     job = sbatch(slurm, run, config)
     deadline = time.monotonic() + 240
@@ -89,7 +99,8 @@ def test_preemption_requeues_and_resumes_without_losing_a_step(slurm, cli, tiny_
     assert "done: val_mae" in out and not (run / "PREEMPTED").exists()
     got, want = steps(run), steps(reference)
     assert [s["step"] for s in got] == list(range(1, 55))  # none twice, none skipped
-    # Same 4 ranks as the reference: only float rounding may differ (see test_parity).
+    # The same job on the same 4 ranks, uninterrupted: only float rounding may differ (see
+    # test_parity).
     assert [s["loss"] for s in got] == pytest.approx([s["loss"] for s in want], rel=1e-4)
 
 
@@ -119,8 +130,7 @@ def test_killed_rank_ends_the_job_and_the_checkpoint_loads(slurm, tiny_config,
 
 def test_staging_on_each_node(slurm, tiny_config, tiny_cosmo: Path, tmp_path: Path) -> None:
     local = tmp_path / "local"  # both "nodes" share this disk; each gets its own copy
-    # 3 epochs (several seconds on 4 ranks) for the copies to be looked at while in use.
-    cfg = tiny_config(epochs=3)
+    cfg = tiny_config(epochs=6)
     cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
     run = tmp_path / "run"
     job = sbatch(slurm, run, cfg)

@@ -36,19 +36,22 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n = synth_neuron(args.out, num_samples=args.samples,
                          num_bins=1600 if args.bins is None else args.bins,
                          probes=4 if args.probes is None else args.probes, seed=args.seed,
-                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
+                         chunk=args.chunk)
     elif args.app == "images":
         n = synth_images(args.out, num_samples=args.samples,
                          size=64 if args.size is None else args.size,
                          channels=1 if args.channels is None else args.channels,
                          seed=args.seed,
-                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
+                         chunk=args.chunk)
     else:
         n = synth_cosmoflow(args.out, num_samples=args.samples,
                             size=32 if args.size is None else args.size,
                             channels=4 if args.channels is None else args.channels,
                             seed=args.seed,
-                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
+                            chunk=args.chunk)
     _say(f"wrote {args.samples} samples in {n} shard(s) to {args.out}")
     return 0
 
@@ -60,7 +63,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     n = convert(args.x, args.y, args.out, samples_per_shard=args.samples_per_shard,
                 x_transform=args.transform, label_names=names,
                 scale_labels=not args.no_scale_labels, overwrite=args.overwrite,
-                compression=args.compression)
+                compression=args.compression, chunk=args.chunk)
     _say(f"wrote {n} shard(s) to {args.out}")
     return 0
 
@@ -219,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--probes", type=int, help="neuron: recorded compartments (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
     synth.add_argument("--samples-per-shard", type=int, default=64, help="samples per file")
+    synth.add_argument("--chunk", type=int, metavar="B",
+                       help="store /x in blocks of B points per spatial axis, one channel "
+                            "each, so that window and sub-volume reads touch only their "
+                            "blocks (default: one sample per chunk)")
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     synth.set_defaults(func=cmd_synth)
 
@@ -234,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-scale-labels", action="store_true",
                       help="keep labels as they are instead of mapping each to [-1, 1]")
     conv.add_argument("--compression", choices=["gzip", "lzf"], default=None)
+    conv.add_argument("--chunk", type=int, metavar="B",
+                      help="store /x in blocks of B points per spatial axis, one channel each "
+                           "(default: one sample per chunk)")
     conv.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     conv.set_defaults(func=cmd_convert)
 

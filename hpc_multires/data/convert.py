@@ -112,8 +112,9 @@ def open_inputs(x: Path, y: Path | None) -> tuple[ArraySource, ArraySource]:
 def convert(x_path: Path, y_path: Path | None, out: Path, *, samples_per_shard: int = 64,
             x_transform: str = "none", label_names: list[str] | None = None,
             scale_labels: bool = True, overwrite: bool = False,
-            compression: str | None = None) -> int:
-    """Convert arrays to a store; returns the number of shards. Runs on any number of ranks."""
+            compression: str | None = None, chunk: int | None = None) -> int:
+    """Convert arrays to a store; returns the number of shards. Runs on any number of ranks.
+    `chunk`: /x in blocks of that many points per spatial axis (`data/chunks.py`)."""
     xs, ys = open_inputs(x_path, y_path)
     if len(xs.shape) < 3:
         raise DataError(f"{xs.name} has shape {xs.shape}; inputs must be (N, C, *spatial), "
@@ -186,4 +187,4 @@ def convert(x_path: Path, y_path: Path | None, out: Path, *, samples_per_shard: 
                         label_ranges=[[n, float(a), float(b), False]
                                       for n, a, b in zip(names, lo, hi, strict=True)]
                         if scale_labels else None),
-        overwrite=overwrite, compression=compression)
+        overwrite=overwrite, compression=compression, chunk=chunk)

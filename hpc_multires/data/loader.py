@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from hpc_multires.data.batch import read_batch
 from hpc_multires.data.crop import region
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import DataError, SampleError
@@ -56,6 +57,9 @@ class _Failure:
 
     def __init__(self, message: str) -> None:
         self.message = message
+
+
+ReadFailure = _Failure  # for readers defined beside the loader (data/slots.py)
 
 
 class _Crash:
@@ -90,11 +94,14 @@ Item = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray] | _Failure
 
 class BatchReader:
     """Reads one batch: an array of sample indices (or a WindowedBatch) -> (x, y), as
-    arrays up to `pipe_bytes` of x, as tensors (shared memory once sent) above."""
+    arrays up to `pipe_bytes` of x, as tensors (shared memory once sent) above. x is the
+    model's input, or with `normalise` False the stored values (`data/batch.py`)."""
 
-    def __init__(self, store: SampleStore, pipe_bytes: int | None = None) -> None:
+    def __init__(self, store: SampleStore, pipe_bytes: int | None = None,
+                 normalise: bool = True) -> None:
         self.store = store
         self.pipe_bytes = PIPE_BYTES if pipe_bytes is None else pipe_bytes
+        self.normalise = normalise
 
     def read(self, item: np.ndarray | WindowedBatch) -> Item:
         if isinstance(item, WindowedBatch):
@@ -102,20 +109,11 @@ class BatchReader:
         else:
             batch, regions = item, [()] * len(item)
         try:
-            # Reading in file order is kinder to the file system than permutation order.
-            order = np.argsort(batch, kind="stable")
-            xs: list[np.ndarray] = [np.empty(0)] * len(batch)
-            ys: list[np.ndarray] = [np.empty(0)] * len(batch)
-            for i in order:
-                index = int(batch[i])
-                xs[i], ys[i] = self.store.read(index, regions[i])
+            x, y = read_batch(self.store, batch, regions, self.normalise)  # (b, C, ...), (b, P)
         except SampleError as e:  # its message names the sample and its shard
             return _Failure(str(e))
         except DataError as e:
-            # A shard that cannot be opened (truncated or removed since the store was
-            # opened): the message names the file, this adds the sample.
-            return _Failure(f"cannot read sample {index}: {e}")
-        x, y = np.stack(xs), np.stack(ys)  # (b, C, *spatial), (b, P)
+            return _Failure(str(e))
         if x.nbytes <= self.pipe_bytes:
             return x, y
         return torch.from_numpy(x), torch.from_numpy(y)
@@ -372,7 +370,8 @@ def _checked(item: Item) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.n
 
 
 def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray | WindowedBatch],
-                    num_workers: int, prefetch: int, timeout_s: float = 0.0
+                    num_workers: int, prefetch: int, timeout_s: float = 0.0,
+                    transform_device: torch.device | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes.
 
@@ -380,6 +379,25 @@ def iterate_batches(store: SampleStore, batches: Sequence[np.ndarray | WindowedB
     raises SampleError: a worker stuck in a read (a file system that stopped answering
     leaves it waiting in the kernel, alive and silent) would otherwise hold this rank, and
     with it every rank, until the job's time limit.
+
+    A batch larger than PIPE_BYTES arrives in a shared-memory slot that is reused once the
+    batch after the next one has been taken (`data/slots.py`): copy x to keep it longer.
+    With `transform_device`, the readers send the stored values and the read-time
+    transform runs here, on that device, after the copy (`data.transform_on = "device"`).
     """
-    for x, y in read_ahead(BatchReader(store), batches, num_workers, prefetch, timeout_s):
-        yield torch.as_tensor(x), torch.as_tensor(y)
+    from hpc_multires.data.slots import read_in_slots, slot_bytes  # it imports this module
+
+    normalise = transform_device is None
+    loaded: Iterator[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]
+    if num_workers and batches and slot_bytes(store, batches, normalise) > PIPE_BYTES:
+        # Large batches: into shared buffers allocated once (data/slots.py).
+        loaded = read_in_slots(store, batches, num_workers, prefetch, timeout_s, normalise)
+    else:
+        loaded = read_ahead(BatchReader(store, normalise=normalise), batches, num_workers,
+                            prefetch, timeout_s)
+    for x, y in loaded:
+        if transform_device is None:
+            yield torch.as_tensor(x), torch.as_tensor(y)
+        else:
+            stored = torch.as_tensor(x).to(transform_device, non_blocking=True)
+            yield store.normaliser().torch(stored), torch.as_tensor(y)

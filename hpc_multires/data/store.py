@@ -1,12 +1,15 @@
 """The HDF5 sample store: a directory of shard files (docs/data-format.md specifies it).
 
-Each shard `shard-NNNNN.h5` holds `/x` (N, C, *spatial) chunked one sample per chunk,
+Each shard `shard-NNNNN.h5` holds `/x` (N, C, *spatial) chunked one sample per chunk
+(or in sub-volume blocks, `data/chunks.py`),
 `/y` (N, P) float32 labels in [-1, 1], and root attributes that describe the schema,
 the normalisation and where the data came from. Shards are written to a temporary name
 and renamed when complete, so a reader never sees a half-written shard.
 
 Readers open shards lazily, read-only, with HDF5 file locking off (many ranks read the
-same files on a parallel file system), and read one sample at a time by hyperslab.
+same files on a parallel file system), and read a sample (or a region of one) straight
+into the caller's buffer: HDF5's `read_direct`, or a pread of its chunks (`data/chunks.py`)
+where the Fletcher-32 check is not asked for. `data/batch.py` reads whole batches.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hpc_multires.data.batch import Normalise, read_batch
+from hpc_multires.data.chunks import DirectChunks, chunk_shape, direct_readable
 from hpc_multires.errors import DataError, SampleError
 from hpc_multires.files import replace_atomic
 
@@ -90,7 +95,10 @@ class ShardWriter:
     def __init__(self, directory: str | Path, index: int, *, num_shards: int, first_sample: int,
                  total_samples: int, num_samples: int, sample_shape: Sequence[int],
                  x_dtype: str | np.dtype, label_names: Sequence[str], x_transform: str,
-                 prov: dict[str, Any], compression: str | None = None) -> None:
+                 prov: dict[str, Any], compression: str | None = None,
+                 chunk: int | None = None) -> None:
+        """`chunk`: /x in blocks of that many points per spatial axis, one channel each
+        (`data/chunks.py`); None: one sample per chunk."""
         if x_transform not in TRANSFORMS:
             raise DataError(f"unknown transform {x_transform!r}; use one of {TRANSFORMS}")
         self.path = Path(directory) / shard_name(index)
@@ -102,7 +110,7 @@ class ShardWriter:
         c = self.sample_shape[0]
         self._x = self._file.create_dataset(
             "x", shape=(num_samples, *self.sample_shape), dtype=np.dtype(x_dtype),
-            chunks=(1, *self.sample_shape), compression=compression,
+            chunks=chunk_shape(self.sample_shape, chunk), compression=compression,
             # A checksum per chunk: a flipped bit on disk is an error at read time,
             # not silently wrong training data.
             fletcher32=True)
@@ -218,9 +226,13 @@ class SampleStore:
     on demand with `read(index)`.
     """
 
-    def __init__(self, path: str | Path, level: int = 0) -> None:
+    def __init__(self, path: str | Path, level: int = 0, verify_reads: bool = True) -> None:
+        """`verify_reads`: every read checks the Fletcher-32 checksum of each chunk it
+        touches (HDF5's filter); False reads uncompressed chunks directly, unchecked
+        (`data/chunks.py`; `data.verify_reads` says when that is safe)."""
         self.path = Path(path)
         self.level = level
+        self.verify_reads = verify_reads
         if not self.path.exists():
             raise DataError(f"dataset {str(self.path)!r} not found; create one with "
                             "`hpc-multires data synth cosmoflow|neuron --out DIR` or "
@@ -272,6 +284,8 @@ class SampleStore:
         # (x, y) dataset handles per open shard: looking a dataset up by name costs ~400 us
         # in h5py, reading one sample through a kept handle ~10 us.
         self._datasets: dict[int, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        self._direct: dict[int, DirectChunks | None] = {}
+        self._labels: dict[int, np.ndarray] = {}
 
     def _read_header(self, f: h5py.File, p: Path) -> Schema:
         fmt = _attr(f, p, "format")
@@ -367,39 +381,73 @@ class SampleStore:
             f = self._files[shard] = _open(self.shards[shard].path)
         return f
 
-    def read_raw(self, index: int, region: tuple[slice, ...] = ()
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Stored x (C, *spatial) at this level and y (P,), no transform. `region`: slices
-        of the spatial axes, to read only that block (HDF5 reads the chunks it touches)."""
+    @property
+    def raw_dtype(self) -> np.dtype:
+        """dtype of the stored values at this level (a pyramid level holds float32)."""
+        return np.dtype(self.schema.x_dtype) if self.level == 0 else np.dtype(np.float32)
+
+    def normaliser(self) -> Normalise:
+        """Stored values -> model input, with this store's (or, for a validation set, the
+        training set's) statistics."""
+        return Normalise(self.schema.x_transform, self.mean, self.std)
+
+    def where(self, index: int) -> str:
+        """Sample `index`'s file and row, for messages."""
+        shard, row = self._locate(index)
+        return f"{self.shards[shard].path.name}, row {row}"
+
+    def _handles(self, shard: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+        handles = self._datasets.get(shard)
+        if handles is None:
+            f = self._file(shard)
+            handles = self._datasets[shard] = (f[self._x_key], f["y"])
+        return handles
+
+    def _shard_labels(self, shard: int) -> np.ndarray:
+        """A shard's labels (n, P), read whole once (a read per sample costs ~30 us)."""
+        labels = self._labels.get(shard)
+        if labels is None:
+            labels = self._labels[shard] = self._handles(shard)[1][:]
+        return labels
+
+    def _direct_chunks(self, shard: int) -> DirectChunks | None:
+        if shard not in self._direct:
+            x = self._handles(shard)[0]
+            self._direct[shard] = (DirectChunks(self.shards[shard].path, x)
+                                   if direct_readable(x) else None)
+        return self._direct[shard]
+
+    def read_raw_into(self, index: int, region: tuple[slice, ...], out: np.ndarray
+                      ) -> np.ndarray:
+        """Stored x of sample `index` (its `region` of the spatial axes, or whole) into
+        `out` (C, *shape), C-contiguous, of `raw_dtype`; returns its y (P,)."""
         shard, row = self._locate(index)
         try:
-            handles = self._datasets.get(shard)
-            if handles is None:
-                f = self._file(shard)
-                handles = self._datasets[shard] = (f[self._x_key], f["y"])
-            x = handles[0][(row, slice(None), *region)] if region else handles[0][row]
-            y = handles[1][row]
-        except (OSError, RuntimeError, KeyError) as e:
+            x = self._handles(shard)[0]
+            direct = None if self.verify_reads else self._direct_chunks(shard)
+            if direct is not None:
+                direct.read((row, 0, *(int(r.start) for r in region),
+                             *(0 for _ in out.shape[1 + len(region):])), out[None])
+            else:
+                x.read_direct(out, np.s_[(row, slice(None), *region)])
+            return self._shard_labels(shard)[row]
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
             raise SampleError(
                 f"cannot read sample {index} ({self.shards[shard].path.name}, row {row}): {e}; "
                 "the shard is corrupted: regenerate or re-copy it") from None
-        return x, y
+
+    def read_raw(self, index: int, region: tuple[slice, ...] = ()
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Stored x (C, *spatial) at this level and y (P,), no transform. `region`: slices
+        of the spatial axes, to read only that block (only the chunks it touches)."""
+        x, y = read_batch(self, [index], [region], normalise=False)
+        return x[0], y[0]
 
     def read(self, index: int, region: tuple[slice, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
         """Model-ready x (C, *spatial) float32, normalised per channel, and y (P,) float32;
         with `region`, only that block of the spatial axes."""
-        x, y = self.read_raw(index, region)
-        x = transform(x, self.schema.x_transform)
-        # NaN or infinity anywhere makes the sum non-finite: one cheap pass, no mask array.
-        if not (np.isfinite(x.sum(dtype=np.float64)) and np.isfinite(y).all()):
-            shard, row = self._locate(index)
-            raise SampleError(f"sample {index} ({self.shards[shard].path.name}, row {row}) "
-                              "holds NaN or infinity; remove or fix it in the source data and "
-                              "rebuild the store")
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        x -= self.mean.reshape(shape)  # in place: no temporaries of the sample's size
-        x *= (1.0 / self.std).reshape(shape)
-        return x, y.astype(np.float32, copy=False)
+        x, y = read_batch(self, [index], [region])
+        return x[0], y[0]
 
     def labels(self) -> np.ndarray:
         """All labels (N, P), read in one go per shard (they are small)."""
@@ -407,6 +455,11 @@ class SampleStore:
         return np.concatenate(out).astype(np.float32)
 
     def close(self) -> None:
+        for direct in self._direct.values():
+            if direct is not None:
+                direct.close()
+        self._direct.clear()
+        self._labels.clear()
         self._datasets.clear()
         for f in self._files.values():
             f.close()
@@ -417,6 +470,8 @@ class SampleStore:
         state = self.__dict__.copy()
         state["_files"] = {}
         state["_datasets"] = {}
+        state["_direct"] = {}
+        state["_labels"] = {}
         return state
 
 
@@ -444,10 +499,11 @@ def checksum_shard(path: Path) -> dict[str, Any]:
         levels = sorted(int(k) for k in f["levels"] if k.isdigit()) if "levels" in f else []
         complete = [k for k in levels if level_is_complete(f, k)]
         notes = []
-        if x.chunks != (1, *x.shape[1:]):
+        if x.chunks is None or x.chunks[0] != 1:
             stored = f"in chunks of {x.chunks}" if x.chunks else "contiguous"
             notes.append(f"/x is stored {stored}, not one sample per chunk "
-                         f"{(1, *x.shape[1:])}: reads fetch more than the sample they need")
+                         f"{(1, *x.shape[1:])} or blocks of one: reads fetch more than the "
+                         "sample they need")
         if not x.fletcher32:
             notes.append("/x has no Fletcher-32 filter: a damaged chunk reads as garbage "
                          "instead of an error")

@@ -109,6 +109,8 @@ class Trainer:
         self.sampler = GlobalBatchSampler(train.indices, self.tcfg.global_batch, comm.rank,
                                           comm.world_size, run.seed)
         self.crop = stage.crop  # 0: whole samples
+        # data.transform_on = "device": the readers send stored values, transformed here.
+        self.transform_device = comm.device if run.data.transform_on == "device" else None
 
     def tag(self) -> dict[str, Any]:
         """What every metrics record of this stage carries."""
@@ -134,7 +136,7 @@ class Trainer:
         data, device = self.run.data, self.comm.device
         items = self.batches(epoch, start_step)
         loaded = iterate_batches(self.train.store, items, data.num_workers, data.prefetch,
-                                 data.read_timeout_s)
+                                 data.read_timeout_s, self.transform_device)
         indices: list[np.ndarray] = [b.indices if isinstance(b, WindowedBatch) else b
                                      for b in items]  # (b,) each
         # The loader first in zip: once done, it ends its reader processes at once.
@@ -382,7 +384,7 @@ class Trainer:
         metrics = self.objective.validation(self.val.store.schema.label_names, self.crop)
         data, device = self.run.data, self.comm.device
         loaded = iterate_batches(self.val.store, items, data.num_workers, data.prefetch,
-                                 data.read_timeout_s)
+                                 data.read_timeout_s, self.transform_device)
         for (x, y), indices in zip(loaded, items, strict=True):
             metrics.add(self.model, Batch(self.stage.level, x.to(device), y.to(device),
                                           indices))

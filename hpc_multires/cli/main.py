@@ -57,14 +57,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from hpc_multires.data.convert import convert
+    from hpc_multires.data.convert import convert_inputs
 
     names = args.label_names.split(",") if args.label_names else None
-    n = convert(args.x, args.y, args.out, samples_per_shard=args.samples_per_shard,
-                x_transform=args.transform, label_names=names,
-                scale_labels=not args.no_scale_labels, overwrite=args.overwrite,
-                compression=args.compression, chunk=args.chunk)
-    _say(f"wrote {n} shard(s) to {args.out}")
+    wrote = convert_inputs(args.x, args.y, args.out, subvolume=args.subvolume,
+                           stride=args.stride, samples_per_shard=args.samples_per_shard,
+                           volumes_per_file=args.volumes_per_file, x_transform=args.transform,
+                           label_names=names, scale_labels=not args.no_scale_labels,
+                           overwrite=args.overwrite, compression=args.compression,
+                           chunk=args.chunk)
+    _say(f"wrote {wrote} to {args.out}")
     return 0
 
 
@@ -229,9 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     synth.set_defaults(func=cmd_synth)
 
-    conv = dsub.add_parser("convert", help="turn .npy/.npz arrays into a dataset")
-    conv.add_argument("--x", type=Path, required=True,
-                      help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y")
+    conv = dsub.add_parser("convert", help="turn .npy/.npz arrays, or HDF5 files of large "
+                                           "arrays, into a dataset")
+    conv.add_argument("--x", type=Path, required=True, nargs="+", metavar="X",
+                      help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y; or "
+                           "HDF5 files of ExaLearn universes ('full', 'unitPar') or MRT/MRMF "
+                           "maps ('3Dmap', 'unitPar'), several at once")
     conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
     conv.add_argument("--out", type=Path, required=True, help="output directory")
     conv.add_argument("--samples-per-shard", type=int, default=64, help="samples per file")
@@ -243,7 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--compression", choices=["gzip", "lzf"], default=None)
     conv.add_argument("--chunk", type=int, metavar="B",
                       help="store /x in blocks of B points per spatial axis, one channel each "
-                           "(default: one sample per chunk)")
+                           "(default: one sample per chunk; with --subvolume, its size)")
+    conv.add_argument("--subvolume", type=int, metavar="S",
+                      help="keep the arrays whole (a volume store) and train on their "
+                           "sub-volumes of S points per axis on a grid; --x is then "
+                           "(V, C, *extent) with --y (V, P), or HDF5 files")
+    conv.add_argument("--stride", type=int, metavar="T",
+                      help="with --subvolume: a sub-volume every T points per axis "
+                           "(default S: no overlap; less than S: overlapping)")
+    conv.add_argument("--volumes-per-file", type=int, default=1, metavar="K",
+                      help="with --subvolume: arrays per volume file")
     conv.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     conv.set_defaults(func=cmd_convert)
 

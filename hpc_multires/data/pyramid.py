@@ -35,7 +35,7 @@ import numpy as np
 from hpc_multires import files
 from hpc_multires.data.chunks import level_chunks
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import SampleStore, transform
+from hpc_multires.data.store import open_store, transform
 from hpc_multires.errors import DataError
 
 TMP_SUFFIX = ".pyramid-tmp"
@@ -170,14 +170,15 @@ def build_pyramid(path: Path, max_level: int) -> dict[str, int]:
     """Levels 1..max_level for every shard of the store at `path`, shards split over ranks."""
     if max_level < 1:
         raise DataError(f"--levels {max_level}: give the coarsest level to build, 1 or more")
-    store = SampleStore(path)  # validates the store (same error on every rank)
-    smallest = min(store.schema.spatial)
-    if smallest >> max_level < 1 or any(s % 2**max_level for s in store.schema.spatial):
-        most = _max_levels(store.schema.spatial)
+    store = open_store(path)  # validates the store (same error on every rank)
+    sizes = store.level_sizes()  # a volume store's arrays, sub-volumes and stride too
+    if min(sizes) >> max_level < 1 or any(s % 2**max_level for s in sizes):
+        most = _max_levels(sizes)
         fix = (f"use --levels <= {most}" if most else "a pyramid level halves every axis, so "
                "crop or pad the samples to even sizes (multiples of 2^K for K levels)")
-        raise DataError(f"samples of {store.schema.spatial} cannot be halved {max_level} times "
-                        f"evenly; {fix}")
+        what = ("samples" if sizes == store.schema.spatial else
+                "arrays, sub-volumes and strides")
+        raise DataError(f"{what} of {sizes} cannot be halved {max_level} times evenly; {fix}")
     world = data_world()
     levels = list(range(1, max_level + 1))
     built = skipped = 0

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from hpc_multires.files import replace_atomic
 FORMAT = "hpc-multires-store"
 SCHEMA_VERSION = 1
 SHARD_PATTERN = re.compile(r"shard-(\d{5})\.h5")
+VOLUME_PATTERN = re.compile(r"volume-(\d{5})\.h5")  # a volume store's (data/volumes.py)
 # In a dataset directory while hpc-multires writes it; removed once every shard is written.
 # A write that failed or was interrupted leaves it, and readers then refuse the directory.
 INCOMPLETE = ".incomplete"
@@ -42,6 +43,11 @@ TRANSFORMS = ("none", "log1p")
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
+
+
+def store_file(name: str) -> bool:
+    """Whether `name` is one of a dataset's files: a shard or a volume file."""
+    return bool(SHARD_PATTERN.fullmatch(name) or VOLUME_PATTERN.fullmatch(name))
 
 
 @dataclass(frozen=True)
@@ -214,9 +220,23 @@ def _open(path: Path) -> h5py.File:
 def _attr(f: h5py.File | h5py.Group, path: Path, name: str) -> Any:
     if name not in f.attrs:
         raise DataError(f"{path}: attribute {name!r} missing; this is not a complete "
-                        f"{FORMAT} shard (see docs/data-format.md)")
+                        f"{FORMAT} file (see docs/data-format.md)")
     v = f.attrs[name]
     return v.decode() if isinstance(v, bytes) else v
+
+
+open_readonly = _open  # for the volume store (data/volumes.py)
+read_attr = _attr
+
+
+def open_store(path: str | Path, level: int = 0, verify_reads: bool = True) -> SampleStore:
+    """The store at `path`: shards (`SampleStore`) or large arrays cut into sub-volumes
+    (`VolumeStore`, data/volumes.py), whichever files the directory holds."""
+    from hpc_multires.data.volumes import VolumeStore, is_volume_store  # it imports this
+
+    if is_volume_store(Path(path)) and not (Path(path) / shard_name(0)).exists():
+        return VolumeStore(path, level, verify_reads)
+    return SampleStore(path, level, verify_reads)
 
 
 class SampleStore:
@@ -381,6 +401,10 @@ class SampleStore:
             f = self._files[shard] = _open(self.shards[shard].path)
         return f
 
+    def level_sizes(self) -> tuple[int, ...]:
+        """Sizes a pyramid level halves: the samples' spatial axes."""
+        return self.schema.spatial
+
     @property
     def raw_dtype(self) -> np.dtype:
         """dtype of the stored values at this level (a pyramid level holds float32)."""
@@ -475,6 +499,22 @@ class SampleStore:
         return state
 
 
+PIECE_BYTES = 64 * 2**20
+
+
+def row_pieces(x: h5py.Dataset, i: int) -> Iterator[np.ndarray]:
+    """Row i of `x` in C order, whole, or for a large row (a volume store's array) a
+    channel's slab of its first spatial axis at a time."""
+    if x.ndim < 3 or int(np.prod(x.shape[1:])) * x.dtype.itemsize <= PIECE_BYTES:
+        yield np.ascontiguousarray(x[i])
+        return
+    plane = int(np.prod(x.shape[3:])) * x.dtype.itemsize
+    step = max(1, PIECE_BYTES // max(1, plane))
+    for c in range(x.shape[1]):
+        for a in range(0, x.shape[2], step):
+            yield np.ascontiguousarray(x[i, c, a:a + step])
+
+
 def checksum_shard(path: Path) -> dict[str, Any]:
     """Recompute the SHA-256 of a shard's /x and /y bytes and compare with its attributes.
 
@@ -488,11 +528,12 @@ def checksum_shard(path: Path) -> dict[str, Any]:
         hx, hy = hashlib.sha256(), hashlib.sha256()
         nonfinite = 0
         for i in range(x.shape[0]):
-            xi, yi = np.ascontiguousarray(x[i]), np.ascontiguousarray(y[i])
-            hx.update(xi.tobytes())
+            for xi in row_pieces(x, i):
+                hx.update(xi.tobytes())
+                if xi.dtype.kind == "f":
+                    nonfinite += int((~np.isfinite(xi)).sum())
+            yi = np.ascontiguousarray(y[i])
             hy.update(yi.tobytes())
-            if xi.dtype.kind == "f":
-                nonfinite += int((~np.isfinite(xi)).sum())
             nonfinite += int((~np.isfinite(yi)).sum())
         want_x = _attr(f, path, "x_sha256")
         want_y = _attr(f, path, "y_sha256")

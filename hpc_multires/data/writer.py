@@ -16,7 +16,7 @@ import numpy as np
 
 from hpc_multires.data.chunks import chunk_shape
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, ShardWriter
+from hpc_multires.data.store import INCOMPLETE, ShardWriter, store_file
 from hpc_multires.errors import UserError
 from hpc_multires.files import fsync_dir
 
@@ -30,7 +30,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     if (out / INCOMPLETE).exists() and not overwrite:
         raise UserError(f"{out} holds an incomplete dataset (an earlier write failed or was "
                         "interrupted); pass --overwrite to write it again")
-    has_shards = out.is_dir() and any(SHARD_PATTERN.fullmatch(p.name) for p in out.iterdir())
+    has_shards = out.is_dir() and any(store_file(p.name) for p in out.iterdir())
     if has_shards and not overwrite:
         raise UserError(f"{out} already holds a dataset; choose another --out or pass "
                         "--overwrite to replace it")
@@ -59,7 +59,7 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
                             "you can write to") from None
         (out / INCOMPLETE).write_text("hpc-multires is writing this dataset\n")
         for old in out.iterdir():
-            if SHARD_PATTERN.fullmatch(old.name) or old.name.endswith(".h5.tmp"):
+            if store_file(old.name) or old.name.endswith(".h5.tmp"):
                 old.unlink()
     world.barrier()
     start = time.monotonic()

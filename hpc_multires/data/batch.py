@@ -95,6 +95,8 @@ class BatchStore(Protocol):
     def read_raw_into(self, index: int, region: tuple[slice, ...],
                       out: np.ndarray) -> np.ndarray: ...
 
+    def read_whole_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray | None: ...
+
     def normaliser(self) -> Normalise: ...
 
     def where(self, index: int) -> str: ...
@@ -137,8 +139,11 @@ def read_batch(store: BatchStore, indices: Sequence[int] | np.ndarray,
     else:
         raw = np.empty(shape, raw_dtype)
     ys: list[np.ndarray] = [np.empty(0)] * b
+    whole = None if any(regions) else store.read_whole_into(np.asarray(indices), raw)
+    if whole is not None:
+        ys = list(whole)
     # Reading in file order is kinder to the file system than permutation order.
-    for i in np.argsort(np.asarray(indices), kind="stable"):
+    for i in np.argsort(np.asarray(indices), kind="stable") if whole is None else ():
         index = int(indices[i])
         try:
             ys[i] = store.read_raw_into(index, regions[i], raw[i])

@@ -134,7 +134,8 @@ class DirectChunks:
     def __del__(self) -> None:
         self.close()
 
-    def _pread(self, buffer: np.ndarray, offset: int) -> None:
+    def pread(self, buffer: np.ndarray, offset: int) -> None:
+        """`buffer`'s bytes from the file at `offset` (a truncated file: SampleError)."""
         view = memoryview(buffer.data).cast("B")
         done = 0
         while done < len(view):  # Linux returns at most ~2 GiB per call
@@ -155,7 +156,7 @@ class DirectChunks:
         if self._row_scratch.nbytes < span:
             self._row_scratch = np.empty(span, np.uint8)
         raw = self._row_scratch[:span]
-        self._pread(raw, base)
+        self.pread(raw, base)
         if starts is None:  # consecutive: a strided view, no copy
             blocks = raw.reshape(count, self.stored)[:, :self.chunk_bytes].view(self.dtype)
         else:  # gathered from their places (one copy)
@@ -181,7 +182,7 @@ class DirectChunks:
             offset = self.index.get(coord)
             if offset is not None and all(a % c == 0 for a, c in zip(start, self.chunks,
                                                                       strict=True)):
-                self._pread(out, offset)
+                self.pread(out, offset)
                 return
         stop = [a + n for a, n in zip(start, out.shape, strict=True)]
         ranges = [range(a // c, (b - 1) // c + 1)
@@ -200,8 +201,8 @@ class DirectChunks:
             whole = all(a == o and b == o + c for a, b, o, c in zip(lo, hi, origin,
                                                                      self.chunks, strict=True))
             if whole and target.flags.c_contiguous:
-                self._pread(target, offset)  # straight into place
+                self.pread(target, offset)  # straight into place
             else:
-                self._pread(self._scratch, offset)
+                self.pread(self._scratch, offset)
                 target[...] = self._scratch[tuple(slice(a - o, b - o) for a, b, o in
                                                   zip(lo, hi, origin, strict=True))]

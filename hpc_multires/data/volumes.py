@@ -344,6 +344,7 @@ class VolumeStore(SampleStore):
         self._datasets: dict[int, tuple[h5py.Dataset, h5py.Dataset]] = {}
         self._direct: dict[int, DirectChunks | None] = {}
         self._labels: dict[int, np.ndarray] = {}
+        self._row_offsets: dict[int, list[int]] = {}
 
     @staticmethod
     def _header(f: h5py.File, p: Path) -> tuple[Any, ...]:
@@ -407,6 +408,9 @@ class VolumeStore(SampleStore):
         volume, cell = divmod(index, self.grid.per_volume)
         k = int(np.searchsorted(self._starts, volume, side="right")) - 1
         return k, volume - self.files[k].first_volume, self.grid.at(self.level).start(cell)
+
+    def read_whole_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        return None  # a sub-volume is a chunk per channel: read_raw_into reads them
 
     def where(self, index: int) -> str:
         k, row, start = self._place(index)

@@ -2,6 +2,7 @@
 was (commit f117df6), measured in one run.
 
     python benchmarks/io.py [--data DIR] [--samples 24] [--size 128] [--chunk 32]
+    python benchmarks/io.py --mpio [--size 256]      # after `make parallel-hdf5`
 
 Data: CosmoFlow samples of 4 x SIZE^3 uint16 (log1p counts), generated unless --data
 names a store; the same samples are also written in blocks of CHUNK^3 per channel
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -42,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _before_read import BeforeBatchReader, read_sample
-from _common import best_seconds, cli, machine
+from _common import ROOT, best_seconds, cli, env, machine
 
 from hpc_multires.data.batch import read_batch
 from hpc_multires.data.crop import region, window_starts
@@ -74,7 +76,16 @@ def main() -> None:
     ap.add_argument("--epoch-batches", type=int, default=64,
                     help="batches per pass of the pipeline (the samples again as needed)")
     ap.add_argument("--window", type=int, help="window points per axis (default: size // 2)")
+    ap.add_argument("--mpio", action="store_true",
+                    help="instead: collective MPI-IO reads against independent ones at 1, 2 "
+                         "and 4 ranks (needs `make parallel-hdf5`)")
+    ap.add_argument("--mpio-python", type=Path, default=ROOT / ".venv-mpio" / "bin" / "python")
+    ap.add_argument("--mpiexec", default="/usr/bin/mpiexec.mpich",
+                    help="the launcher of the MPI that HDF5 was built with")
     args = ap.parse_args()
+    if args.mpio:
+        mpio_main(args)
+        return
 
     tmp = tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent)
     data = args.data
@@ -233,6 +244,47 @@ def main() -> None:
     for s in stores.values():
         s.close()
     store.close()
+
+
+def mpio_main(args: argparse.Namespace) -> None:
+    """`--mpio`: one large array of 4 x SIZE^3 uint16 as a volume store chunked by
+    sub-volumes of SIZE/4; its ranks (benchmarks/_mpio_read.py) read every sub-volume once
+    between them, collectively through MPI-IO, independently through MPI-IO, and through
+    their own handles, at 1, 2 and 4 ranks."""
+    if not args.mpio_python.exists():
+        sys.exit(f"{args.mpio_python} not found: build it with `make parallel-hdf5`")
+    size = args.size
+    sub = max(1, size // 4)
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        x = np.random.default_rng(0).poisson(3.0, size=(1, 4, size, size, size))
+        np.save(Path(tmp) / "x.npy", x.astype(np.uint16))
+        np.save(Path(tmp) / "y.npy", np.zeros((1, 1)))
+        cli(["data", "convert", "--x", f"{tmp}/x.npy", "--y", f"{tmp}/y.npy", "--out",
+             f"{tmp}/vol", "--subvolume", str(sub), "--no-scale-labels"])
+        path = Path(tmp) / "vol" / "volume-00000.h5"
+        path.read_bytes()  # warm the page cache
+        print(f"machine: {machine()}")
+        print(f"data: one array of (4, {size}, {size}, {size}) uint16 "
+              f"({x.size * 2 / 2**20:.0f} MiB), chunked in {sub}^3 blocks; every rank reads "
+              f"as many {sub}^3 x 4 sub-volumes (hyperslabs); page cache warm; best of "
+              f"{args.repeats}; MiB/s of the whole array over the slowest rank's time")
+        print(f"{'ranks':>5} {'collective':>11} {'mpio indep.':>12} {'own handle':>11} "
+              f"{'coll./own':>10}")
+        for ranks in (1, 2, 4):
+            r = subprocess.run([args.mpiexec, "-n", str(ranks), str(args.mpio_python),
+                                str(Path(__file__).resolve().parent / "_mpio_read.py"),
+                                "--file", str(path), "--subvolume", str(sub),
+                                "--repeats", str(args.repeats)],
+                               capture_output=True, text=True, timeout=900, env=env())
+            if r.returncode != 0:
+                sys.exit(f"{ranks} ranks failed:\n{r.stderr}")
+            rows = [line.split(" ", 1)[1].rsplit(" ", 2) for line in r.stdout.splitlines()]
+            rate = {name: float(mib) for name, mib, _ in rows}
+            if len({total for _, _, total in rows}) != 1:
+                sys.exit(f"{ranks} ranks: the ways read different values: {rows}")
+            print(f"{ranks:>5} {rate['collective']:>11.1f} {rate['mpio independent']:>12.1f} "
+                  f"{rate['own handle']:>11.1f} "
+                  f"{rate['collective'] / rate['own handle']:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
 
 from hpc_multires.errors import DataError, SampleError
+
+if TYPE_CHECKING:  # torch only where the transform runs on a device: the store's readers
+    import torch  # and the MPI-IO environment (no torch) need not import it
 
 BLOCK = 1 << 18
 """Values per step of the CPU transform: 1 MiB of float32, which stays in a core's L2
@@ -74,6 +76,8 @@ class Normalise:
 
     def torch(self, raw: torch.Tensor) -> torch.Tensor:
         """The same on a tensor of stored values (b, C, *spatial), on its device."""
+        import torch
+
         x = raw.to(torch.float32)
         if self.x_transform == "log1p":
             x.log1p_()

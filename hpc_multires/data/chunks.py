@@ -90,7 +90,11 @@ class DirectChunks:
                                                           strict=True))] = info.byte_offset
             sizes.add(int(info.size))
 
-        ds.id.chunk_iter(visit)
+        try:
+            ds.id.chunk_iter(visit)
+        except (AttributeError, NotImplementedError):  # HDF5 before 1.10.10 / 1.12.3
+            for i in range(ds.id.get_num_chunks()):
+                visit(ds.id.get_chunk_info(i))
         if sizes - {stored}:  # written by something that stores chunks otherwise
             raise DataError(f"{path}: chunks of {sorted(sizes)} bytes, expected {stored}")
         self._scratch = np.empty(self.chunks, self.dtype)

@@ -9,6 +9,7 @@ from hpc_multires.errors import require
 
 VERIFY_READS = ("auto", "on", "off")
 TRANSFORM_ON = ("reader", "device")
+MPIO = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,11 @@ class DataConfig:
     3-4x the CPU time of the read itself), "off" (chunks read directly, unchecked;
     `data inspect` still verifies every byte), "auto": on when reading in place, off when
     reading a copy that data.stage_to staged (its SHA-256 was verified when copied)."""
+    mpio: str = "auto"
+    """MPI-IO for volume stores (large arrays): "on" opens their files with h5py's mpio
+    driver on every rank (needs h5py built with MPI, `make parallel-hdf5`, and
+    data.num_workers = 0: reader processes are not MPI processes), "off" reads them with
+    each rank's own handles, "auto" does "on" where both hold. Reads are the same."""
     transform_on: str = "reader"
     """Where the read-time transform (float conversion, log1p, normalisation) runs:
     "reader" (the reader processes, on the CPU) or "device" (the training process, after
@@ -62,6 +68,16 @@ class DataConfig:
                 f"use one of {', '.join(map(repr, VERIFY_READS))}")
         require(self.transform_on in TRANSFORM_ON, "data.transform_on", self.transform_on,
                 f"use one of {', '.join(map(repr, TRANSFORM_ON))}")
+        require(self.mpio in MPIO, "data.mpio", self.mpio,
+                f"use one of {', '.join(map(repr, MPIO))}")
+        if self.mpio == "on":
+            import h5py
+
+            require(bool(h5py.get_config().mpi), "data.mpio", self.mpio,
+                    "this h5py has no MPI-IO (h5py.get_config().mpi is False); build one "
+                    "with `make parallel-hdf5` and run there, or use 'auto'")
+            require(self.num_workers == 0, "data.mpio", self.mpio,
+                    "MPI-IO reads happen in the training process: set data.num_workers = 0")
 
     def verified_reads(self, staged: bool) -> bool:
         """Whether training reads check chunk checksums, for data read in place or from a

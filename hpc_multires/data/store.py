@@ -229,13 +229,16 @@ open_readonly = _open  # for the volume store (data/volumes.py)
 read_attr = _attr
 
 
-def open_store(path: str | Path, level: int = 0, verify_reads: bool = True) -> SampleStore:
+def open_store(path: str | Path, level: int = 0, verify_reads: bool = True,
+               mpio: Any = None) -> SampleStore:
     """The store at `path`: shards (`SampleStore`) or large arrays cut into sub-volumes
-    (`VolumeStore`, data/volumes.py), whichever files the directory holds."""
+    (`VolumeStore`, data/volumes.py), whichever files the directory holds. `mpio`: an
+    MPI communicator whose ranks all open a volume store's files now, through MPI-IO
+    (shards are read with each rank's own handles)."""
     from hpc_multires.data.volumes import VolumeStore, is_volume_store  # it imports this
 
     if is_volume_store(Path(path)) and not (Path(path) / shard_name(0)).exists():
-        return VolumeStore(path, level, verify_reads)
+        return VolumeStore(path, level, verify_reads, mpio)
     return SampleStore(path, level, verify_reads)
 
 

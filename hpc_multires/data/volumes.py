@@ -281,15 +281,36 @@ class VolumeInfo:
     num_volumes: int
 
 
+def mpio_communicator(setting: str, num_workers: int) -> Any:
+    """The communicator a volume store opens its files with for `data.mpio` = `setting`,
+    or None (each rank its own handles). "on" was checked with the config (h5py with MPI,
+    no reader processes); "auto" is "on" where that holds, under an MPI launcher."""
+    if setting == "off" or not h5py.get_config().mpi or num_workers > 0:
+        return None
+    from hpc_multires.comm.ranks import mpi_world
+
+    world = mpi_world()
+    if world is None and setting == "on":  # one process, no launcher: MPI-IO on itself
+        from mpi4py import MPI
+
+        world = MPI.COMM_SELF
+    return world
+
+
 class VolumeStore(SampleStore):
     """A volume store opened for reading at one pyramid level: sample i is grid cell
     i mod (cells per volume) of volume i div (cells per volume). Picklable, lazy handles,
     the reads of `SampleStore`."""
 
-    def __init__(self, path: str | Path, level: int = 0, verify_reads: bool = True) -> None:
+    def __init__(self, path: str | Path, level: int = 0, verify_reads: bool = True,
+                 mpio: Any = None) -> None:
+        """`mpio`: an MPI communicator; its ranks all open the files here, collectively,
+        with h5py's mpio driver, and read through MPI-IO (independent reads: each rank
+        reads its own samples when it wants them). Such a store stays in its process."""
         self.path = Path(path)
         self.level = level
-        self.verify_reads = verify_reads
+        self.verify_reads = verify_reads or mpio is not None  # through HDF5, so MPI-IO
+        self.mpio = mpio
         if (self.path / INCOMPLETE).exists():
             raise DataError(f"dataset {str(self.path)!r} is incomplete: the command that wrote "
                             "it failed or was interrupted; run it again with --overwrite")
@@ -345,6 +366,15 @@ class VolumeStore(SampleStore):
         self._direct: dict[int, DirectChunks | None] = {}
         self._labels: dict[int, np.ndarray] = {}
         self._row_offsets: dict[int, list[int]] = {}
+        if mpio is not None:  # collective opens: every rank, every file, in this order
+            for k, v in enumerate(self.files):
+                self._files[k] = h5py.File(v.path, "r", driver="mpio", comm=mpio)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.mpio is not None:
+            raise DataError("a volume store opened with MPI-IO (data.mpio) is read in the "
+                            "training process only; set data.num_workers = 0")
+        return super().__getstate__()
 
     @staticmethod
     def _header(f: h5py.File, p: Path) -> tuple[Any, ...]:

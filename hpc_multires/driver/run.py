@@ -26,6 +26,7 @@ from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.config import DataConfig
 from hpc_multires.data.store import open_store
+from hpc_multires.data.volumes import mpio_communicator
 from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
@@ -45,9 +46,10 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
         raise ConfigError("data.path is empty; set it in the config or pass "
                           "--set data.path=DIR (a directory made by `hpc-multires data`)")
     verify = cfg.verified_reads(staged=False)  # a staged copy's comes resolved
-    store = open_store(cfg.path, level=level, verify_reads=verify)
+    mpio = mpio_communicator(cfg.mpio, cfg.num_workers)  # volume stores only
+    store = open_store(cfg.path, level=level, verify_reads=verify, mpio=mpio)
     if cfg.val_path:
-        val = open_store(cfg.val_path, level=level, verify_reads=verify)
+        val = open_store(cfg.val_path, level=level, verify_reads=verify, mpio=mpio)
         a, b = store.schema, val.schema
         if (a.sample_shape, a.label_names) != (b.sample_shape, b.label_names):
             raise DataError(

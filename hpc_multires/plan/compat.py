@@ -13,7 +13,7 @@ from hpc_multires.plan.load import config_from_dict, config_to_dict
 # Config keys that may change between a run and its resumption: they do not change
 # what is computed (or, for epochs, only extend it).
 RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "data.path", "data.val_path",
-                     "data.stage_to", "data.verify_reads",
+                     "data.stage_to", "data.verify_reads", "data.mpio",
                      "data.num_workers", "data.prefetch", "data.read_timeout_s",
                      "comm.timeout_s", "log.*")
 

@@ -11,10 +11,9 @@ disk; each figure is the best of --repeats rounds, every case once per round. Ro
 
 - raw read: the shard files read in file order with `pread` (the system call of the
   direct path), a sample's bytes at a time, into a preallocated buffer of a batch's size;
-  and the same for the bytes of each sample's chunk, at their offsets (faster here: a
-  copy whose source and destination share their offset in a 4 KiB page is slower on
-  this CPU, and the shard files' samples start page-aligned). The faster of the two is
-  the ceiling that "vs raw" divides by;
+  and the same for the bytes of each sample's chunk, at their offsets (at 128^3 twice as
+  fast here, likely because copies whose source and destination share their offset in a
+  4 KiB page are slower). The faster of the two is the ceiling that "vs raw" divides by;
 - read path: `read_batch(..., normalise=False)`, the stored values of shuffled batches
   into one preallocated batch buffer: through direct chunk reads (unverified) and through HDF5 with
   its Fletcher-32 check (verified), for one sample per chunk and for blocks;

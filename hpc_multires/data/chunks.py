@@ -11,7 +11,7 @@ that filter is on; HDF5's own chunk index says where each chunk starts. One `pre
 chunk then puts a chunk straight into the caller's buffer: a whole-sample chunk into its
 row of the batch, a block into a chunk-sized scratch that is copied into place while it
 is still in the cache. What it does not do is verify the checksum: HDF5's Fletcher-32
-check costs 3-4x of the read (docs/benchmarks.md), so the store takes this path only when
+check costs 4-5x the read (docs/benchmarks.md), so the store takes this path only when
 `data.verify_reads` lets it (a node-local copy whose SHA-256 staging verified, or "off").
 """
 

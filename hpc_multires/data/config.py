@@ -39,7 +39,7 @@ class DataConfig:
     per node, checksums verified, removed at the end; empty: read in place."""
     verify_reads: str = "auto"
     """Whether training reads check each chunk's Fletcher-32 checksum: "on" (HDF5's filter,
-    3-4x the CPU time of the read itself), "off" (chunks read directly, unchecked;
+    4-5x the CPU time of the read itself), "off" (chunks read directly, unchecked;
     `data inspect` still verifies every byte), "auto": on when reading in place, off when
     reading a copy that data.stage_to staged (its SHA-256 was verified when copied)."""
     mpio: str = "auto"

@@ -15,7 +15,8 @@ export MPIR_CVAR_CH4_PROGRESS_THROTTLE ?= 1
 
 MPIRUN := $(BIN)/mpiexec -n $(RANKS) $(PY) -m mpi4py -m hpc_multires
 
-.PHONY: setup demo test check test-unit test-mpi test-slurm lint typecheck bench clean horovod
+.PHONY: setup demo test check test-unit test-mpi test-slurm lint typecheck bench clean horovod \
+	parallel-hdf5
 
 # Containers and sites override these: VENV_FLAGS=--system-site-packages with
 # TORCH_SPEC= keeps an image's own torch (containers/gpu.def); TORCH_INDEX picks a wheel index.
@@ -46,6 +47,12 @@ demo: setup
 # Horovod 0.28.1 built against this venv's torch and MPI, cached outside the repo.
 horovod: setup
 	scripts/build-horovod.sh $(VENV)
+
+# h5py with MPI-IO (Debian's MPICH and HDF5) in a venv of its own, wheels cached outside
+# the repo; benchmarks/io.py --mpio uses it.
+MPIO_VENV ?= .venv-mpio
+parallel-hdf5:
+	scripts/build-parallel-hdf5.sh $(MPIO_VENV)
 
 lint: setup
 	$(BIN)/ruff check hpc_multires tests benchmarks

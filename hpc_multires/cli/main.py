@@ -36,34 +36,39 @@ def cmd_synth(args: argparse.Namespace) -> int:
         n = synth_neuron(args.out, num_samples=args.samples,
                          num_bins=1600 if args.bins is None else args.bins,
                          probes=4 if args.probes is None else args.probes, seed=args.seed,
-                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
+                         chunk=args.chunk)
     elif args.app == "images":
         n = synth_images(args.out, num_samples=args.samples,
                          size=64 if args.size is None else args.size,
                          channels=1 if args.channels is None else args.channels,
                          seed=args.seed,
-                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+                         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
+                         chunk=args.chunk)
     else:
         n = synth_cosmoflow(args.out, num_samples=args.samples,
                             size=32 if args.size is None else args.size,
                             channels=4 if args.channels is None else args.channels,
                             seed=args.seed,
-                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+                            samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
+                            chunk=args.chunk)
     _say(f"wrote {args.samples} samples in {n} shard(s) to {args.out}")
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from hpc_multires.data.convert import convert
+    from hpc_multires.data.convert import convert_inputs
 
-    if args.x.is_dir():
+    if any(x.is_dir() for x in args.x):
         return convert_folder(args)
     names = args.label_names.split(",") if args.label_names else None
-    n = convert(args.x, args.y, args.out, samples_per_shard=args.samples_per_shard,
-                x_transform=args.transform, label_names=names,
-                scale_labels=not args.no_scale_labels, overwrite=args.overwrite,
-                compression=args.compression)
-    _say(f"wrote {n} shard(s) to {args.out}")
+    wrote = convert_inputs(args.x, args.y, args.out, subvolume=args.subvolume,
+                           stride=args.stride, samples_per_shard=args.samples_per_shard,
+                           volumes_per_file=args.volumes_per_file, x_transform=args.transform,
+                           label_names=names, scale_labels=not args.no_scale_labels,
+                           overwrite=args.overwrite, compression=args.compression,
+                           chunk=args.chunk)
+    _say(f"wrote {wrote} to {args.out}")
     return 0
 
 
@@ -71,13 +76,17 @@ def convert_folder(args: argparse.Namespace) -> int:
     """`data convert --x FOLDER`: a folder of PNG/JPEG images."""
     from hpc_multires.data.convert_images import convert_images
 
+    if len(args.x) > 1:
+        raise UserError(f"--x takes one folder of images, not {len(args.x)} paths; put the "
+                        "images in one folder")
     given = [flag for flag, value in (("--y", args.y), ("--label-names", args.label_names),
                                       ("--transform log1p", args.transform != "none"),
-                                      ("--no-scale-labels", args.no_scale_labels)) if value]
+                                      ("--no-scale-labels", args.no_scale_labels),
+                                      ("--subvolume", args.subvolume)) if value]
     if given:
         raise UserError(f"{', '.join(given)} do(es) not apply to a folder of images "
-                        f"({args.x}): images are stored as values in [0, 1] with no labels")
-    n = convert_images(args.x, args.out, samples_per_shard=args.samples_per_shard,
+                        f"({args.x[0]}): images are stored as values in [0, 1] with no labels")
+    n = convert_images(args.x[0], args.out, samples_per_shard=args.samples_per_shard,
                        overwrite=args.overwrite, compression=args.compression)
     _say(f"wrote {n} shard(s) to {args.out}")
     return 0
@@ -239,15 +248,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--probes", type=int, help="neuron: recorded compartments (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
     synth.add_argument("--samples-per-shard", type=int, default=64, help="samples per file")
+    synth.add_argument("--chunk", type=int, metavar="B",
+                       help="store /x in blocks of B points per spatial axis, one channel "
+                            "each, so that window and sub-volume reads touch only their "
+                            "blocks (default: one sample per chunk)")
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     synth.set_defaults(func=cmd_synth)
 
-    conv = dsub.add_parser("convert", help="turn .npy/.npz arrays, or a folder of PNG/JPEG "
-                                           "images, into a dataset")
-    conv.add_argument("--x", type=Path, required=True,
-                      help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y; or "
-                           "a folder of .png/.jpg images of one size (values stored in [0, 1], "
-                           "for the image tasks)")
+    conv = dsub.add_parser("convert", help="turn .npy/.npz arrays, a folder of PNG/JPEG "
+                                           "images, or HDF5 files of large arrays, into a "
+                                           "dataset")
+    conv.add_argument("--x", type=Path, required=True, nargs="+", metavar="X",
+                      help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y; a "
+                           "folder of .png/.jpg images of one size (values stored in [0, 1], "
+                           "for the image tasks); or HDF5 files of ExaLearn universes ('full', "
+                           "'unitPar') or MRT/MRMF maps ('3Dmap', 'unitPar'), several at once")
     conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
     conv.add_argument("--out", type=Path, required=True, help="output directory")
     conv.add_argument("--samples-per-shard", type=int, default=64, help="samples per file")
@@ -257,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--no-scale-labels", action="store_true",
                       help="keep labels as they are instead of mapping each to [-1, 1]")
     conv.add_argument("--compression", choices=["gzip", "lzf"], default=None)
+    conv.add_argument("--chunk", type=int, metavar="B",
+                      help="store /x in blocks of B points per spatial axis, one channel each "
+                           "(default: one sample per chunk; with --subvolume, its size)")
+    conv.add_argument("--subvolume", type=int, metavar="S",
+                      help="keep the arrays whole (a volume store) and train on their "
+                           "sub-volumes of S points per axis on a grid; --x is then "
+                           "(V, C, *extent) with --y (V, P), or HDF5 files")
+    conv.add_argument("--stride", type=int, metavar="T",
+                      help="with --subvolume: a sub-volume every T points per axis "
+                           "(default S: no overlap; less than S: overlapping)")
+    conv.add_argument("--volumes-per-file", type=int, default=1, metavar="K",
+                      help="with --subvolume: arrays per volume file")
     conv.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
     conv.set_defaults(func=cmd_convert)
 

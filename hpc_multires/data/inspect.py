@@ -9,13 +9,14 @@ from typing import Any
 
 import h5py
 
-from hpc_multires.data.store import SampleStore, checksum_shard
+from hpc_multires.data.store import checksum_shard, open_store
+from hpc_multires.data.volumes import VolumeStore
 from hpc_multires.errors import DataError
 
 
 def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
     """A printable report and whether every shard verified."""
-    store = SampleStore(path)
+    store = open_store(path)
     s = store.schema
     with h5py.File(store.shards[0].path, "r", locking=False) as f:
         prov: dict[str, Any] = json.loads(f.attrs["provenance"])
@@ -24,6 +25,11 @@ def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
         f"dataset   {path}",
         f"samples   {s.num_samples} in {s.num_shards} shard(s)",
         f"sample    {s.sample_shape} {s.x_dtype}, transform {s.x_transform}",
+        *([f"arrays    {len(store) // store.grid.per_volume} of "
+           f"{tuple(store.volume_shape)} in {s.num_shards} volume file(s), cut in a grid "
+           f"of {'x'.join(map(str, store.grid.counts))} sub-volumes every "
+           f"{'x'.join(map(str, store.grid.stride))} points"]
+          if isinstance(store, VolumeStore) else []),
         f"channels  mean {[round(float(v), 4) for v in store.mean]} "
         f"std {[round(float(v), 4) for v in store.std]} (after transform)",
         f"source    {prov.get('generator')} ({prov.get('created')}) seed {prov.get('seed', '-')}",

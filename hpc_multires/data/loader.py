@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from hpc_multires.data.batch import read_batch
 from hpc_multires.data.corrupt import Corruption, corrupt
 from hpc_multires.data.crop import region
 from hpc_multires.data.store import SampleStore
@@ -63,6 +64,9 @@ class _Failure:
 
     def __init__(self, message: str) -> None:
         self.message = message
+
+
+ReadFailure = _Failure  # for readers defined beside the loader (data/slots.py)
 
 
 class _Crash:
@@ -110,14 +114,16 @@ StepItem = list[Arrays] | _Failure
 
 class BatchReader:
     """Reads one batch: an array of sample indices (or a WindowedBatch) -> (x, y), as
-    arrays up to `pipe_bytes` of x and y, as tensors (shared memory once sent) above.
-    With `corruption`, (corrupted x, clean x) of the unnormalised samples."""
+    arrays up to `pipe_bytes` of x and y, as tensors (shared memory once sent) above. x is
+    the model's input, or with `normalise` False the stored values (`data/batch.py`). With
+    `corruption`, (corrupted x, clean x) of the unnormalised samples."""
 
     def __init__(self, store: SampleStore, pipe_bytes: int | None = None,
-                 corruption: ReadCorruption | None = None) -> None:
+                 corruption: ReadCorruption | None = None, normalise: bool = True) -> None:
         self.store = store
         self.pipe_bytes = PIPE_BYTES if pipe_bytes is None else pipe_bytes
         self.corruption = corruption
+        self.normalise = normalise
 
     def read(self, item: Task) -> Item:
         if isinstance(item, WindowedBatch):
@@ -125,21 +131,14 @@ class BatchReader:
         else:
             batch, regions = item, [()] * len(item)
         try:
-            # Reading in file order is kinder to the file system than permutation order.
-            order = np.argsort(batch, kind="stable")
-            normalise = self.corruption is None  # an image task reads the clean images
-            xs: list[np.ndarray] = [np.empty(0)] * len(batch)
-            ys: list[np.ndarray] = [np.empty(0)] * len(batch)
-            for i in order:
-                index = int(batch[i])
-                xs[i], ys[i] = self.store.read(index, regions[i], normalise=normalise)
-        except SampleError as e:  # its message names the sample and its shard
+            if self.corruption is None:
+                x, y = read_batch(self.store, batch, regions, self.normalise)  # (b, C, ...)
+            else:
+                x, y = self._clean(batch, regions)  # in the images' own units
+        except SampleError as e:  # its message names the sample and its file
             return _Failure(str(e))
         except DataError as e:
-            # A shard that cannot be opened (truncated or removed since the store was
-            # opened): the message names the file, this adds the sample.
-            return _Failure(f"cannot read sample {index}: {e}")
-        x, y = np.stack(xs), np.stack(ys)  # (b, C, *spatial), (b, P)
+            return _Failure(str(e))
         if self.corruption is not None:
             try:
                 x, y = corrupt(x, batch, seed=self.corruption.seed, level=self.store.level,
@@ -149,6 +148,17 @@ class BatchReader:
         if x.nbytes + y.nbytes <= self.pipe_bytes:
             return x, y
         return torch.from_numpy(x), torch.from_numpy(y)
+
+    def _clean(self, batch: np.ndarray, regions: Sequence[tuple[slice, ...]]
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """The samples after the read-time transform, not normalised (images in [0, 1]
+        stay there: the corruption and the PSNR assume it)."""
+        xs: list[np.ndarray] = [np.empty(0)] * len(batch)
+        ys: list[np.ndarray] = [np.empty(0)] * len(batch)
+        # Reading in file order is kinder to the file system than permutation order.
+        for i in np.argsort(batch, kind="stable"):
+            xs[i], ys[i] = self.store.read(int(batch[i]), regions[i], normalise=False)
+        return np.stack(xs), np.stack(ys)  # (b, C, *spatial), (b, P)
 
 
 class StepReader:
@@ -425,7 +435,8 @@ def _checked(item: Item | StepItem) -> Arrays | list[Arrays]:
 
 def iterate_batches(store: SampleStore, batches: Sequence[Task], num_workers: int,
                     prefetch: int, timeout_s: float = 0.0,
-                    corruption: ReadCorruption | None = None
+                    corruption: ReadCorruption | None = None,
+                    transform_device: torch.device | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) for each index batch, in order, read ahead by `num_workers` processes.
 
@@ -434,21 +445,50 @@ def iterate_batches(store: SampleStore, batches: Sequence[Task], num_workers: in
     leaves it waiting in the kernel, alive and silent) would otherwise hold this rank, and
     with it every rank, until the job's time limit. With `corruption`, x is the corrupted
     image and y the clean one (`ReadCorruption`).
+
+    A batch larger than PIPE_BYTES arrives in a shared-memory slot that is reused once the
+    batch after the next one has been taken (`data/slots.py`): copy x to keep it longer.
+    With `transform_device` (and no corruption), the readers send the stored values and the
+    read-time transform runs here, on that device, after the copy (`data.transform_on =
+    "device"`).
     """
-    reader = BatchReader(store, corruption=corruption)
-    for x, y in read_ahead(reader, batches, num_workers, prefetch, timeout_s):
-        yield torch.as_tensor(x), torch.as_tensor(y)
+    from hpc_multires.data.slots import read_in_slots, slot_bytes  # it imports this module
+
+    if corruption is not None:
+        transform_device = None
+    normalise = transform_device is None
+    loaded: Iterator[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]
+    if (corruption is None and num_workers and batches
+            and slot_bytes(store, batches, normalise) > PIPE_BYTES):
+        # Large batches: into shared buffers allocated once (data/slots.py).
+        loaded = read_in_slots(store, batches, num_workers, prefetch, timeout_s, normalise)
+    else:
+        loaded = read_ahead(BatchReader(store, corruption=corruption, normalise=normalise),
+                            batches, num_workers, prefetch, timeout_s)
+    for x, y in loaded:
+        if transform_device is None:
+            yield torch.as_tensor(x), torch.as_tensor(y)
+        else:
+            stored = torch.as_tensor(x).to(transform_device, non_blocking=True)
+            yield store.normaliser().torch(stored), torch.as_tensor(y)
 
 
 def iterate_steps(stores: Sequence[SampleStore], steps: Sequence[tuple[Task, ...]],
                   num_workers: int, prefetch: int, timeout_s: float = 0.0,
-                  corruptions: Sequence[ReadCorruption | None] | None = None
+                  corruptions: Sequence[ReadCorruption | None] | None = None,
+                  transform_device: torch.device | None = None
                   ) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     """Yield, for each step, [(x, y) of its batch from stores[0], from stores[1], ...]: the
     batches of one step that reads several stores (pyramid levels) come together, one task
-    per step, read ahead by the same reader processes. As `iterate_batches` otherwise."""
+    per step, read ahead by the same reader processes. As `iterate_batches` otherwise (a
+    step of one batch goes through it, large batches in shared-memory slots included)."""
     corruptions = list(corruptions) if corruptions is not None else [None] * len(stores)
-    reader = StepReader([BatchReader(s, corruption=c)
-                         for s, c in zip(stores, corruptions, strict=True)])
+    if len(stores) == 1:
+        for x, y in iterate_batches(stores[0], [s[0] for s in steps], num_workers, prefetch,
+                                    timeout_s, corruptions[0], transform_device):
+            yield [(x, y)]
+        return
+    reader = StepReader([BatchReader(s, corruption=c) for s, c in zip(stores, corruptions,
+                                                                      strict=True)])
     for step in read_ahead(reader, steps, num_workers, prefetch, timeout_s):
         yield [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in step]

@@ -14,7 +14,7 @@ lacks, builds and renames, so the second finds the levels done instead of writin
 copy the first one renames. Leftovers of an interrupted build are removed by the next one
 that holds the shard's lock. A level counts as present only when its group carries
 `complete = 1`, written last, so a level written by anything that died half way is
-rebuilt. Memory: one sample at a time.
+rebuilt. Memory: one sample (or a slab of a large array, `slab_planes`) at a time.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ import h5py
 import numpy as np
 
 from hpc_multires import files
+from hpc_multires.data.chunks import level_chunks
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import SampleStore, transform
+from hpc_multires.data.store import open_store, transform
 from hpc_multires.errors import DataError
 
 TMP_SUFFIX = ".pyramid-tmp"
@@ -64,23 +65,40 @@ def level_is_complete(f: h5py.File, level: int) -> bool:
     return tuple(g["x"].shape) == want
 
 
+SLAB_BYTES = 256 * 2**20
+"""Float64 bytes of input pooled per step: a large array (a whole simulated universe as
+one row) is pooled in slabs of its first spatial axis, so memory stays bounded."""
+
+
+def slab_planes(shape: tuple[int, ...], factor: int) -> int:
+    """Planes of the first spatial axis per pooling step for rows of `shape` (C, *spatial):
+    a multiple of `factor`, whole rows where they fit in SLAB_BYTES."""
+    c, first, *rest = shape
+    plane = c * int(np.prod(rest)) * 8
+    fits = max(factor, SLAB_BYTES // max(1, plane) // factor * factor)
+    return min(first, fits)
+
+
 def _add_level(f: h5py.File, level: int, x_transform: str) -> None:
     if f"levels/{level}" in f:
         del f[f"levels/{level}"]  # an incomplete level from an interrupted writer
     x = f["x"]
     n, c, *spatial = x.shape
     coarse = tuple(s >> level for s in spatial)
+    factor = 2**level
     g = f.require_group("levels").create_group(str(level))
     out = g.create_dataset("x", shape=(n, c, *coarse), dtype=np.float32,
-                           chunks=(1, c, *coarse), fletcher32=True)
+                           chunks=level_chunks(x.chunks, (c, *coarse), level), fletcher32=True)
+    planes = slab_planes((c, *spatial), factor)
     total = np.zeros((2, c))
     for i in range(n):
-        pooled = average_pool(x[i], 2**level).astype(np.float32)  # (C, *coarse)
-        out[i] = pooled
-        t = transform(pooled, x_transform).reshape(c, -1)
-        total[0] += t.sum(axis=1, dtype=np.float64)
-        total[1] += np.square(t, dtype=np.float64).sum(axis=1)
-    g.attrs["factor"] = 2**level
+        for a in range(0, spatial[0], planes):  # (C, planes, ...) at a time
+            pooled = average_pool(x[i, :, a:a + planes], factor).astype(np.float32)
+            out[i, :, a // factor:a // factor + pooled.shape[1]] = pooled
+            t = transform(pooled, x_transform).reshape(c, -1)
+            total[0] += t.sum(axis=1, dtype=np.float64)
+            total[1] += np.square(t, dtype=np.float64).sum(axis=1)
+    g.attrs["factor"] = factor
     g.attrs["x_sum"] = total[0]
     g.attrs["x_sumsq"] = total[1]
     g.attrs["x_count"] = n * int(np.prod(coarse))
@@ -152,14 +170,15 @@ def build_pyramid(path: Path, max_level: int) -> dict[str, int]:
     """Levels 1..max_level for every shard of the store at `path`, shards split over ranks."""
     if max_level < 1:
         raise DataError(f"--levels {max_level}: give the coarsest level to build, 1 or more")
-    store = SampleStore(path)  # validates the store (same error on every rank)
-    smallest = min(store.schema.spatial)
-    if smallest >> max_level < 1 or any(s % 2**max_level for s in store.schema.spatial):
-        most = _max_levels(store.schema.spatial)
+    store = open_store(path)  # validates the store (same error on every rank)
+    sizes = store.level_sizes()  # a volume store's arrays, sub-volumes and stride too
+    if min(sizes) >> max_level < 1 or any(s % 2**max_level for s in sizes):
+        most = _max_levels(sizes)
         fix = (f"use --levels <= {most}" if most else "a pyramid level halves every axis, so "
                "crop or pad the samples to even sizes (multiples of 2^K for K levels)")
-        raise DataError(f"samples of {store.schema.spatial} cannot be halved {max_level} times "
-                        f"evenly; {fix}")
+        what = ("samples" if sizes == store.schema.spatial else
+                "arrays, sub-volumes and strides")
+        raise DataError(f"{what} of {sizes} cannot be halved {max_level} times evenly; {fix}")
     world = data_world()
     levels = list(range(1, max_level + 1))
     built = skipped = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.ranks import node_barrier
-from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, checksum_shard
+from hpc_multires.data.store import INCOMPLETE, checksum_shard, store_file
 from hpc_multires.errors import DataError
 
 
@@ -48,7 +48,7 @@ def copy_verified(src: Path, dst: Path) -> None:
                         "failed or was interrupted; run it again with --overwrite")
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True, exist_ok=True)
-    shards = sorted(p for p in src.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+    shards = sorted(p for p in src.iterdir() if store_file(p.name))
     free = shutil.disk_usage(dst).free
     need = sum(p.stat().st_size for p in shards)
     print(f"staging {len(shards)} shard(s), {need / 2**30:.2f} GiB, from {src} to {dst}",

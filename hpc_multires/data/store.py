@@ -1,12 +1,15 @@
 """The HDF5 sample store: a directory of shard files (docs/data-format.md specifies it).
 
-Each shard `shard-NNNNN.h5` holds `/x` (N, C, *spatial) chunked one sample per chunk,
+Each shard `shard-NNNNN.h5` holds `/x` (N, C, *spatial) chunked one sample per chunk
+(or in sub-volume blocks, `data/chunks.py`),
 `/y` (N, P) float32 labels in [-1, 1], and root attributes that describe the schema,
 the normalisation and where the data came from. Shards are written to a temporary name
 and renamed when complete, so a reader never sees a half-written shard.
 
 Readers open shards lazily, read-only, with HDF5 file locking off (many ranks read the
-same files on a parallel file system), and read one sample at a time by hyperslab.
+same files on a parallel file system), and read a sample (or a region of one) straight
+into the caller's buffer: HDF5's `read_direct`, or a pread of its chunks (`data/chunks.py`)
+where the Fletcher-32 check is not asked for. `data/batch.py` reads whole batches.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +26,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hpc_multires.data.batch import Normalise, read_batch
+from hpc_multires.data.chunks import DirectChunks, chunk_shape, direct_readable
 from hpc_multires.errors import DataError, SampleError
 from hpc_multires.files import replace_atomic
 
 FORMAT = "hpc-multires-store"
 SCHEMA_VERSION = 1
 SHARD_PATTERN = re.compile(r"shard-(\d{5})\.h5")
+VOLUME_PATTERN = re.compile(r"volume-(\d{5})\.h5")  # a volume store's (data/volumes.py)
 # In a dataset directory while hpc-multires writes it; removed once every shard is written.
 # A write that failed or was interrupted leaves it, and readers then refuse the directory.
 INCOMPLETE = ".incomplete"
@@ -37,6 +43,11 @@ TRANSFORMS = ("none", "log1p")
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
+
+
+def store_file(name: str) -> bool:
+    """Whether `name` is one of a dataset's files: a shard or a volume file."""
+    return bool(SHARD_PATTERN.fullmatch(name) or VOLUME_PATTERN.fullmatch(name))
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,10 @@ class ShardWriter:
     def __init__(self, directory: str | Path, index: int, *, num_shards: int, first_sample: int,
                  total_samples: int, num_samples: int, sample_shape: Sequence[int],
                  x_dtype: str | np.dtype, label_names: Sequence[str], x_transform: str,
-                 prov: dict[str, Any], compression: str | None = None) -> None:
+                 prov: dict[str, Any], compression: str | None = None,
+                 chunk: int | None = None) -> None:
+        """`chunk`: /x in blocks of that many points per spatial axis, one channel each
+        (`data/chunks.py`); None: one sample per chunk."""
         if x_transform not in TRANSFORMS:
             raise DataError(f"unknown transform {x_transform!r}; use one of {TRANSFORMS}")
         self.path = Path(directory) / shard_name(index)
@@ -102,7 +116,7 @@ class ShardWriter:
         c = self.sample_shape[0]
         self._x = self._file.create_dataset(
             "x", shape=(num_samples, *self.sample_shape), dtype=np.dtype(x_dtype),
-            chunks=(1, *self.sample_shape), compression=compression,
+            chunks=chunk_shape(self.sample_shape, chunk), compression=compression,
             # A checksum per chunk: a flipped bit on disk is an error at read time,
             # not silently wrong training data.
             fletcher32=True)
@@ -206,9 +220,26 @@ def _open(path: Path) -> h5py.File:
 def _attr(f: h5py.File | h5py.Group, path: Path, name: str) -> Any:
     if name not in f.attrs:
         raise DataError(f"{path}: attribute {name!r} missing; this is not a complete "
-                        f"{FORMAT} shard (see docs/data-format.md)")
+                        f"{FORMAT} file (see docs/data-format.md)")
     v = f.attrs[name]
     return v.decode() if isinstance(v, bytes) else v
+
+
+open_readonly = _open  # for the volume store (data/volumes.py)
+read_attr = _attr
+
+
+def open_store(path: str | Path, level: int = 0, verify_reads: bool = True,
+               mpio: Any = None) -> SampleStore:
+    """The store at `path`: shards (`SampleStore`) or large arrays cut into sub-volumes
+    (`VolumeStore`, data/volumes.py), whichever files the directory holds. `mpio`: an
+    MPI communicator whose ranks all open a volume store's files now, through MPI-IO
+    (shards are read with each rank's own handles)."""
+    from hpc_multires.data.volumes import VolumeStore, is_volume_store  # it imports this
+
+    if is_volume_store(Path(path)) and not (Path(path) / shard_name(0)).exists():
+        return VolumeStore(path, level, verify_reads, mpio)
+    return SampleStore(path, level, verify_reads)
 
 
 class SampleStore:
@@ -218,9 +249,13 @@ class SampleStore:
     on demand with `read(index)`.
     """
 
-    def __init__(self, path: str | Path, level: int = 0) -> None:
+    def __init__(self, path: str | Path, level: int = 0, verify_reads: bool = True) -> None:
+        """`verify_reads`: every read checks the Fletcher-32 checksum of each chunk it
+        touches (HDF5's filter); False reads uncompressed chunks directly, unchecked
+        (`data/chunks.py`; `data.verify_reads` says when that is safe)."""
         self.path = Path(path)
         self.level = level
+        self.verify_reads = verify_reads
         if not self.path.exists():
             raise DataError(f"dataset {str(self.path)!r} not found; create one with "
                             "`hpc-multires data synth cosmoflow|neuron --out DIR` or "
@@ -272,6 +307,9 @@ class SampleStore:
         # (x, y) dataset handles per open shard: looking a dataset up by name costs ~400 us
         # in h5py, reading one sample through a kept handle ~10 us.
         self._datasets: dict[int, tuple[h5py.Dataset, h5py.Dataset]] = {}
+        self._direct: dict[int, DirectChunks | None] = {}
+        self._labels: dict[int, np.ndarray] = {}
+        self._row_offsets: dict[int, list[int]] = {}
 
     def _read_header(self, f: h5py.File, p: Path) -> Schema:
         fmt = _attr(f, p, "format")
@@ -367,23 +405,104 @@ class SampleStore:
             f = self._files[shard] = _open(self.shards[shard].path)
         return f
 
-    def read_raw(self, index: int, region: tuple[slice, ...] = ()
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Stored x (C, *spatial) at this level and y (P,), no transform. `region`: slices
-        of the spatial axes, to read only that block (HDF5 reads the chunks it touches)."""
+    def level_sizes(self) -> tuple[int, ...]:
+        """Sizes a pyramid level halves: the samples' spatial axes."""
+        return self.schema.spatial
+
+    @property
+    def raw_dtype(self) -> np.dtype:
+        """dtype of the stored values at this level (a pyramid level holds float32)."""
+        return np.dtype(self.schema.x_dtype) if self.level == 0 else np.dtype(np.float32)
+
+    def normaliser(self) -> Normalise:
+        """Stored values -> model input, with this store's (or, for a validation set, the
+        training set's) statistics."""
+        return Normalise(self.schema.x_transform, self.mean, self.std)
+
+    def where(self, index: int) -> str:
+        """Sample `index`'s file and row, for messages."""
+        shard, row = self._locate(index)
+        return f"{self.shards[shard].path.name}, row {row}"
+
+    def _handles(self, shard: int) -> tuple[h5py.Dataset, h5py.Dataset]:
+        handles = self._datasets.get(shard)
+        if handles is None:
+            f = self._file(shard)
+            handles = self._datasets[shard] = (f[self._x_key], f["y"])
+        return handles
+
+    def _shard_labels(self, shard: int) -> np.ndarray:
+        """A shard's labels (n, P), read whole once (a read per sample costs ~30 us)."""
+        labels = self._labels.get(shard)
+        if labels is None:
+            labels = self._labels[shard] = self._handles(shard)[1][:]
+        return labels
+
+    def _direct_chunks(self, shard: int) -> DirectChunks | None:
+        if shard not in self._direct:
+            x = self._handles(shard)[0]
+            self._direct[shard] = (DirectChunks(self.shards[shard].path, x)
+                                   if direct_readable(x) else None)
+        return self._direct[shard]
+
+    def read_whole_into(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Whole samples `indices` into `out` (b, C, *spatial), each with one pread, in
+        file order; their labels (b, P). None where that path does not apply (checksums
+        asked for, or not one sample per uncompressed chunk): read them one by one. The
+        per-sample work here is a few microseconds, which matters for small samples."""
+        if self.verify_reads or not len(indices):
+            return None
+        if indices.min() < 0 or indices.max() >= len(self):
+            raise IndexError(f"samples {indices.tolist()} outside 0..{len(self) - 1}")
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        rows = indices - self._starts[shards]
+        chunks: dict[int, tuple[DirectChunks, list[int]]] = {}
+        for shard in np.unique(shards).tolist():
+            direct = self._direct_chunks(shard)
+            if direct is None or direct.chunks[1:] != direct.shape[1:]:
+                return None
+            offsets = self._row_offsets.get(shard)
+            if offsets is None:
+                zeros = (0,) * (len(direct.shape) - 1)
+                offsets = self._row_offsets[shard] = [
+                    direct.index.get((row, *zeros), -1) for row in range(direct.shape[0])]
+            chunks[shard] = (direct, offsets)
+        ys = []
+        for i in np.lexsort((rows, shards)).tolist():  # file order
+            direct, offsets = chunks[int(shards[i])]
+            offset = offsets[int(rows[i])]
+            if offset < 0:  # never written: let HDF5 give the fill value
+                return None
+            direct.pread(out[i], offset)
+        for shard, row in zip(shards.tolist(), rows.tolist(), strict=True):
+            ys.append(self._shard_labels(shard)[row])
+        return np.stack(ys)
+
+    def read_raw_into(self, index: int, region: tuple[slice, ...], out: np.ndarray
+                      ) -> np.ndarray:
+        """Stored x of sample `index` (its `region` of the spatial axes, or whole) into
+        `out` (C, *shape), C-contiguous, of `raw_dtype`; returns its y (P,)."""
         shard, row = self._locate(index)
         try:
-            handles = self._datasets.get(shard)
-            if handles is None:
-                f = self._file(shard)
-                handles = self._datasets[shard] = (f[self._x_key], f["y"])
-            x = handles[0][(row, slice(None), *region)] if region else handles[0][row]
-            y = handles[1][row]
-        except (OSError, RuntimeError, KeyError) as e:
+            x = self._handles(shard)[0]
+            direct = None if self.verify_reads else self._direct_chunks(shard)
+            if direct is not None:
+                direct.read((row, 0, *(int(r.start) for r in region),
+                             *(0 for _ in out.shape[1 + len(region):])), out[None])
+            else:
+                x.read_direct(out, np.s_[(row, slice(None), *region)])
+            return self._shard_labels(shard)[row]
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
             raise SampleError(
                 f"cannot read sample {index} ({self.shards[shard].path.name}, row {row}): {e}; "
                 "the shard is corrupted: regenerate or re-copy it") from None
-        return x, y
+
+    def read_raw(self, index: int, region: tuple[slice, ...] = ()
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Stored x (C, *spatial) at this level and y (P,), no transform. `region`: slices
+        of the spatial axes, to read only that block (only the chunks it touches)."""
+        x, y = read_batch(self, [index], [region], normalise=False)
+        return x[0], y[0]
 
     def read(self, index: int, region: tuple[slice, ...] = (), normalise: bool = True
              ) -> tuple[np.ndarray, np.ndarray]:
@@ -391,20 +510,11 @@ class SampleStore:
         with `region`, only that block of the spatial axes. `normalise` False: x in its own
         units after the read-time transform (images in [0, 1] stay in [0, 1], which a
         restoration task's corruption and its PSNR assume)."""
-        x, y = self.read_raw(index, region)
-        x = transform(x, self.schema.x_transform)
-        # NaN or infinity anywhere makes the sum non-finite: one cheap pass, no mask array.
-        if not (np.isfinite(x.sum(dtype=np.float64)) and np.isfinite(y).all()):
-            shard, row = self._locate(index)
-            raise SampleError(f"sample {index} ({self.shards[shard].path.name}, row {row}) "
-                              "holds NaN or infinity; remove or fix it in the source data and "
-                              "rebuild the store")
-        if not normalise:
-            return x, y.astype(np.float32, copy=False)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        x -= self.mean.reshape(shape)  # in place: no temporaries of the sample's size
-        x *= (1.0 / self.std).reshape(shape)
-        return x, y.astype(np.float32, copy=False)
+        if normalise:
+            x, y = read_batch(self, [index], [region])
+            return x[0], y[0]
+        raw, y = read_batch(self, [index], [region], normalise=False)
+        return transform(raw[0], self.schema.x_transform), y[0]
 
     def labels(self) -> np.ndarray:
         """All labels (N, P), read in one go per shard (they are small)."""
@@ -412,6 +522,11 @@ class SampleStore:
         return np.concatenate(out).astype(np.float32)
 
     def close(self) -> None:
+        for direct in self._direct.values():
+            if direct is not None:
+                direct.close()
+        self._direct.clear()
+        self._labels.clear()
         self._datasets.clear()
         for f in self._files.values():
             f.close()
@@ -422,7 +537,26 @@ class SampleStore:
         state = self.__dict__.copy()
         state["_files"] = {}
         state["_datasets"] = {}
+        state["_direct"] = {}
+        state["_labels"] = {}
+        state["_row_offsets"] = {}
         return state
+
+
+PIECE_BYTES = 64 * 2**20
+
+
+def row_pieces(x: h5py.Dataset, i: int) -> Iterator[np.ndarray]:
+    """Row i of `x` in C order, whole, or for a large row (a volume store's array) a
+    channel's slab of its first spatial axis at a time."""
+    if x.ndim < 3 or int(np.prod(x.shape[1:])) * x.dtype.itemsize <= PIECE_BYTES:
+        yield np.ascontiguousarray(x[i])
+        return
+    plane = int(np.prod(x.shape[3:])) * x.dtype.itemsize
+    step = max(1, PIECE_BYTES // max(1, plane))
+    for c in range(x.shape[1]):
+        for a in range(0, x.shape[2], step):
+            yield np.ascontiguousarray(x[i, c, a:a + step])
 
 
 def checksum_shard(path: Path) -> dict[str, Any]:
@@ -438,21 +572,23 @@ def checksum_shard(path: Path) -> dict[str, Any]:
         hx, hy = hashlib.sha256(), hashlib.sha256()
         nonfinite = 0
         for i in range(x.shape[0]):
-            xi, yi = np.ascontiguousarray(x[i]), np.ascontiguousarray(y[i])
-            hx.update(xi.tobytes())
+            for xi in row_pieces(x, i):
+                hx.update(xi.tobytes())
+                if xi.dtype.kind == "f":
+                    nonfinite += int((~np.isfinite(xi)).sum())
+            yi = np.ascontiguousarray(y[i])
             hy.update(yi.tobytes())
-            if xi.dtype.kind == "f":
-                nonfinite += int((~np.isfinite(xi)).sum())
             nonfinite += int((~np.isfinite(yi)).sum())
         want_x = _attr(f, path, "x_sha256")
         want_y = _attr(f, path, "y_sha256")
         levels = sorted(int(k) for k in f["levels"] if k.isdigit()) if "levels" in f else []
         complete = [k for k in levels if level_is_complete(f, k)]
         notes = []
-        if x.chunks != (1, *x.shape[1:]):
+        if x.chunks is None or x.chunks[0] != 1:
             stored = f"in chunks of {x.chunks}" if x.chunks else "contiguous"
             notes.append(f"/x is stored {stored}, not one sample per chunk "
-                         f"{(1, *x.shape[1:])}: reads fetch more than the sample they need")
+                         f"{(1, *x.shape[1:])} or blocks of one: reads fetch more than the "
+                         "sample they need")
         if not x.fletcher32:
             notes.append("/x has no Fletcher-32 filter: a damaged chunk reads as garbage "
                          "instead of an error")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hpc_multires.data.chunks import chunk_shape
 from hpc_multires.data.parallel import data_world
-from hpc_multires.data.store import INCOMPLETE, SHARD_PATTERN, ShardWriter
+from hpc_multires.data.store import INCOMPLETE, ShardWriter, store_file
 from hpc_multires.errors import UserError
 from hpc_multires.files import fsync_dir
 
@@ -29,7 +30,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
     if (out / INCOMPLETE).exists() and not overwrite:
         raise UserError(f"{out} holds an incomplete dataset (an earlier write failed or was "
                         "interrupted); pass --overwrite to write it again")
-    has_shards = out.is_dir() and any(SHARD_PATTERN.fullmatch(p.name) for p in out.iterdir())
+    has_shards = out.is_dir() and any(store_file(p.name) for p in out.iterdir())
     if has_shards and not overwrite:
         raise UserError(f"{out} already holds a dataset; choose another --out or pass "
                         "--overwrite to replace it")
@@ -38,12 +39,14 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample_fn: SampleFn,
                   sample_shape: tuple[int, ...], x_dtype: str, label_names: tuple[str, ...],
                   x_transform: str, prov: dict[str, object], overwrite: bool = False,
-                  compression: str | None = None) -> int:
-    """Write `num_samples` samples made by `sample_fn(i)`; returns the number of shards."""
+                  compression: str | None = None, chunk: int | None = None) -> int:
+    """Write `num_samples` samples made by `sample_fn(i)`; returns the number of shards.
+    `chunk`: /x in blocks of that many points per spatial axis (`data/chunks.py`)."""
     if samples_per_shard < 1:
         raise UserError(f"--samples-per-shard {samples_per_shard}: need at least 1")
     if num_samples < 1:
         raise UserError(f"{num_samples} samples to write: a dataset needs at least 1")
+    chunk_shape(sample_shape, chunk)  # a block larger than the samples: refused first
     world = data_world()
     prepare_output(out, overwrite)
     world.barrier()  # everyone checked before rank 0 deletes anything
@@ -56,7 +59,7 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
                             "you can write to") from None
         (out / INCOMPLETE).write_text("hpc-multires is writing this dataset\n")
         for old in out.iterdir():
-            if SHARD_PATTERN.fullmatch(old.name) or old.name.endswith(".h5.tmp"):
+            if store_file(old.name) or old.name.endswith(".h5.tmp"):
                 old.unlink()
     world.barrier()
     start = time.monotonic()
@@ -69,7 +72,7 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
                              total_samples=num_samples, num_samples=count,
                              sample_shape=sample_shape, x_dtype=x_dtype,
                              label_names=label_names, x_transform=x_transform, prov=prov,
-                             compression=compression) as w:
+                             compression=compression, chunk=chunk) as w:
                 for i in range(first, first + count):
                     x, y = sample_fn(i)
                     w.write(x, y)

@@ -25,7 +25,8 @@ from hpc_multires.comm import dist as comm_dist
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.config import DataConfig
-from hpc_multires.data.store import SampleStore
+from hpc_multires.data.store import SampleStore, open_store
+from hpc_multires.data.volumes import mpio_communicator
 from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
 from hpc_multires.methods.dynamic import Downsampling
@@ -48,9 +49,11 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
     if not cfg.path:
         raise ConfigError("data.path is empty; set it in the config or pass "
                           "--set data.path=DIR (a directory made by `hpc-multires data`)")
-    store = SampleStore(cfg.path, level=level)
+    verify = cfg.verified_reads(staged=False)  # a staged copy's comes resolved
+    mpio = mpio_communicator(cfg.mpio, cfg.num_workers)  # volume stores only
+    store = open_store(cfg.path, level=level, verify_reads=verify, mpio=mpio)
     if cfg.val_path:
-        val = SampleStore(cfg.val_path, level=level)
+        val = open_store(cfg.val_path, level=level, verify_reads=verify, mpio=mpio)
         a, b = store.schema, val.schema
         if (a.sample_shape, a.label_names) != (b.sample_shape, b.label_names):
             raise DataError(
@@ -438,8 +441,9 @@ def _train_locked(cfg: Config, comm: Comm, run_dir: RunDir, resume: bool,
         (path, val_path), staged = staging.stage([cfg.data.path, cfg.data.val_path],
                                                  cfg.data.stage_to, comm)
         # Read the local copies; the saved config keeps the shared paths.
-        read_cfg = replace(cfg, data=replace(cfg.data, path=path,
-                                             val_path=val_path if cfg.data.val_path else ""))
+        read_cfg = replace(cfg, data=replace(
+            cfg.data, path=path, val_path=val_path if cfg.data.val_path else "",
+            verify_reads="on" if cfg.data.verified_reads(staged=True) else "off"))
     else:
         read_cfg = cfg
     # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,

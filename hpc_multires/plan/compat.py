@@ -14,7 +14,7 @@ from hpc_multires.plan.load import config_from_dict, config_to_dict
 # what is computed (or, for epochs, only extend it).
 RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "train.steps",
                      "stages.*.train.steps", "data.path", "data.val_path",
-                     "data.stage_to",
+                     "data.stage_to", "data.verify_reads", "data.mpio",
                      "data.num_workers", "data.prefetch", "data.read_timeout_s",
                      "comm.timeout_s", "log.*")
 

@@ -128,6 +128,8 @@ class Trainer:
         self.num_epochs = -(-self.total_steps // self.steps_per_epoch)
         self.step_samples = sum(r.global_batch for r in self.requests)  # over the ranks
         self.crop = stage.crop  # 0: whole samples
+        # data.transform_on = "device": the readers send stored values, transformed here.
+        self.transform_device = comm.device if run.data.transform_on == "device" else None
 
     def tag(self) -> dict[str, Any]:
         """What every metrics record of this stage carries."""
@@ -163,7 +165,7 @@ class Trainer:
         corruption = self.objective.corruption(epoch)
         loaded = iterate_steps([self.train_levels[r.level].store for r in self.requests],
                                steps, data.num_workers, data.prefetch, data.read_timeout_s,
-                               [corruption] * len(self.requests))
+                               [corruption] * len(self.requests), self.transform_device)
         # The loader first in zip: once done, it ends its reader processes at once.
         for arrays, items in zip(loaded, steps, strict=True):
             yield [Batch(r.level,
@@ -417,7 +419,8 @@ class Trainer:
         metrics = self.objective.validation(self.val.store.schema.label_names, self.crop)
         data, device = self.run.data, self.comm.device
         loaded = iterate_batches(self.val.store, items, data.num_workers, data.prefetch,
-                                 data.read_timeout_s, self.objective.corruption(None))
+                                 data.read_timeout_s, self.objective.corruption(None),
+                                 self.transform_device)
         for (x, y), indices in zip(loaded, items, strict=True):
             metrics.add(self.model, Batch(self.stage.level, x.to(device), y.to(device),
                                           indices))

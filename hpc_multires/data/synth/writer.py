@@ -16,7 +16,8 @@ from hpc_multires.errors import UserError
 
 
 def synth_cosmoflow(out: Path, *, num_samples: int, size: int, channels: int, seed: int,
-                    samples_per_shard: int, overwrite: bool = False) -> int:
+                    samples_per_shard: int, overwrite: bool = False,
+                    chunk: int | None = None) -> int:
     from hpc_multires.data.synth import cosmoflow
 
     if num_samples < 1:
@@ -32,11 +33,12 @@ def synth_cosmoflow(out: Path, *, num_samples: int, size: int, channels: int, se
         label_names=tuple(cosmoflow.LABEL_NAMES), x_transform="log1p",
         prov=provenance(cosmoflow.GENERATOR_NAME, seed=seed, size=size, channels=channels,
                         label_ranges=[[p.name, p.low, p.high, p.log] for p in cosmoflow.PARAMS]),
-        overwrite=overwrite)
+        overwrite=overwrite, chunk=chunk)
 
 
 def synth_neuron(out: Path, *, num_samples: int, num_bins: int, probes: int, seed: int,
-                 samples_per_shard: int, overwrite: bool = False) -> int:
+                 samples_per_shard: int, overwrite: bool = False,
+                 chunk: int | None = None) -> int:
     from hpc_multires.data.synth import neuron
 
     if num_samples < 1:
@@ -67,11 +69,12 @@ def synth_neuron(out: Path, *, num_samples: int, num_bins: int, probes: int, see
         prov=provenance(neuron.GENERATOR_NAME, seed=seed, num_bins=num_bins, probes=probes,
                         sample_rate_hz=neuron.SAMPLE_RATE_HZ,
                         label_ranges=[[p.name, p.low, p.high, p.log] for p in neuron.PARAMS]),
-        overwrite=overwrite)
+        overwrite=overwrite, chunk=chunk)
 
 
 def synth_images(out: Path, *, num_samples: int, size: int, channels: int, seed: int,
-                 samples_per_shard: int, overwrite: bool = False) -> int:
+                 samples_per_shard: int, overwrite: bool = False,
+                 chunk: int | None = None) -> int:
     from hpc_multires.data.synth import images
 
     if num_samples < 1:
@@ -87,4 +90,4 @@ def synth_images(out: Path, *, num_samples: int, size: int, channels: int, seed:
         label_names=tuple(images.LABEL_NAMES), x_transform="none",
         prov=provenance(images.GENERATOR_NAME, seed=seed, size=size, channels=channels,
                         label_ranges=[[p.name, p.low, p.high, p.log] for p in images.PARAMS]),
-        overwrite=overwrite)
+        overwrite=overwrite, chunk=chunk)

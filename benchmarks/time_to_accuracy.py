@@ -119,12 +119,14 @@ def run_method(app: str, method: str, data: Path, work: Path, ranks: int,
                  f"outside the {process_s:.1f} s the training ran; is {work} on a file "
                  "system with another clock? use --keep on a local directory")
     records = read_metrics(layout.metrics)
-    fine = [r for r in records if r["kind"] == "epoch" and r["level"] == 0]
-    if not fine:
-        sys.exit(f"{method}: {layout.metrics} has no level-0 epoch; a method's "
-                 "accuracy is measured at level 0")
     starts = [r for r in records if r["kind"] == "start"]
     metric = starts[-1].get("headline", "val_mae")
+    # The validated level-0 epochs (train.eval_every may skip some; a stage's last is
+    # always validated).
+    fine = [r for r in records if r["kind"] == "epoch" and r["level"] == 0 and metric in r]
+    if not fine:
+        sys.exit(f"{method}: {layout.metrics} has no validated level-0 epoch; a method's "
+                 "accuracy is measured at level 0")
     return {"method": method, "run": run, "pyramid_s": pyramid_s, "setup_s": setup_s,
             "process_s": process_s, "train_s": max(r["wall_s"] for r in records),
             "fine": fine, "metric": metric,

@@ -49,6 +49,11 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     return {"run": run_dir.name, "status": run.status(), "stages": len(order),
             "ranks": first.get("world_size"),
             "epochs": last.get("epoch", 0), "wall_s": max(r.get("wall_s") or 0 for r in records),
+            # Validation's share of wall_s: every epoch's and every fused start's (None
+            # for logs written before it was recorded).
+            "eval_s": sum(r.get("eval_s") or 0.0 for r in epochs)
+            + sum(r.get("start_eval_s") or 0.0 for r in starts.values())
+            if any("eval_s" in r for r in epochs) else None,
             "samples_per_s": last.get("samples_per_s"), "metric": metric,
             "higher_is_better": higher, "final": last.get(metric),
             "best": (max if higher else min)(values, default=None),
@@ -64,7 +69,8 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["run", "status", "stages", "ranks", "epochs", "wall_s", "samples_per_s", "metric",
+    cols = ["run", "status", "stages", "ranks", "epochs", "wall_s", "eval_s", "samples_per_s",
+            "metric",
             "final", "best", "reference"]
     cells = [[_fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]

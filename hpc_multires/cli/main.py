@@ -135,7 +135,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from hpc_multires.driver.run import open_levels
-    from hpc_multires.plan.cost import describe_cost, parse_level_costs, plan_cost
+    from hpc_multires.plan.cost import (
+        describe_cost,
+        describe_stages,
+        parse_level_costs,
+        plan_cost,
+    )
     from hpc_multires.plan.load import load_config
     from hpc_multires.plan.stages import describe_plan, resolve
 
@@ -145,15 +150,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     measured = parse_level_costs(args.level_cost or "")
     stages = resolve(cfg, args.ranks)
     # The checks `train` makes before it starts: every level on disk, a model for each.
-    splits = open_levels(cfg, cfg.data, stages)
+    stages, splits = open_levels(cfg, cfg.data, stages)
     shapes = {level: train.store.sample_shape for level, (train, _) in splits.items()}
     dims = len(shapes[min(shapes)]) - 1
+    train_samples = len(splits[min(splits)][0].indices)
     costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores,
                              {level: shape[1:] for level, shape in shapes.items()},
-                             len(splits[min(splits)][0].indices))
+                             train_samples)
     _say(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
          + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
     _say(describe_plan(stages))
+    _say(f"stages as they train ({train_samples} training samples; batch and lr after the "
+         "per-level rules; cost in level-0 epochs on all ranks):")
+    _say(describe_stages(stages, costs, train_samples))
     _say(describe_cost(costs, waves, args.ranks, dims, measured, args.shared_cores))
     return 0
 

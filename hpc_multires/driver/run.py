@@ -35,7 +35,7 @@ from hpc_multires.methods.mge import MultiscaleGradient, level_batch_sizes
 from hpc_multires.models import build_model
 from hpc_multires.plan.config import Config
 from hpc_multires.plan.load import config_to_dict
-from hpc_multires.plan.stages import Stage, describe_plan, resolve
+from hpc_multires.plan.stages import Stage, apply_level_rules, describe_plan, resolve
 from hpc_multires.train import preempt
 from hpc_multires.train.loop import Split, StopAt, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress
@@ -145,17 +145,19 @@ def stage_objective(stage: Stage, seed: int, train_samples: int,
     return objective
 
 
-def open_levels(cfg: Config, data: DataConfig,
-                stages: list[Stage]) -> dict[int, tuple[Split, Split]]:
-    """Every level the stages need, opened (and so checked) before anything runs, with a
-    model built for each so that one unfit for a level fails now, and so that a bottom-top
-    fusion asking for more layers than its models have fails before the stages it fuses
-    from have trained; a stage whose global batch exceeds its training set fails here too,
-    and an MGE stage whose levels the samples cannot take. `hpc-multires plan` runs the same
-    checks. The highest level is opened first: if the pyramid is missing, its fix then
-    builds every level needed."""
+def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
+                ) -> tuple[list[Stage], dict[int, tuple[Split, Split]]]:
+    """The stages with their per-level batch and rate rules applied (they need the
+    samples' size), and every level they need, opened (and so checked) before anything
+    runs, with a model built for each so that one unfit for a level fails now, and so that
+    a bottom-top fusion asking for more layers than its models have fails before the stages
+    it fuses from have trained; a stage whose global batch exceeds its training set fails
+    here too, and an MGE stage whose levels the samples cannot take. `hpc-multires plan`
+    runs the same checks. The highest level is opened first: if the pyramid is missing, its
+    fix then builds every level needed."""
     base = open_splits(data, 0)  # the level-0 headers give every level's sample size
     schema, n_train = base[0].store.schema, len(base[0].indices)
+    stages = apply_level_rules(cfg, stages, schema.spatial_at, n_train)
     for s in stages:
         check_mge(s, schema.spatial_at(s.level), n_train)
     levels = {level for s in stages for level in stage_levels(cfg, s)}
@@ -194,7 +196,7 @@ def open_levels(cfg: Config, data: DataConfig,
             bottom = by_name[s.config.fuse_from[0]]
             check_bottom_layers(models[bottom.level].state_dict(), models[s.level].state_dict(),
                                 s.config.bottom_layers, stage=s.name)
-    return splits
+    return stages, splits
 
 
 def check_downsample_fits(cfg: Config, stage: Stage, store: SampleStore) -> None:
@@ -239,7 +241,7 @@ class PlanRunner:
             raise UserError(f"--stop-stage {stop.stage!r} is not a stage of the plan; "
                             f"use one of {', '.join(names)}")
         # data: where to read (a node-local copy when staged)
-        self.splits = open_levels(cfg, data or cfg.data, self.stages)
+        self.stages, self.splits = open_levels(cfg, data or cfg.data, self.stages)
         run_dir.check_resume(resume, cfg)
         self.num_outputs = self.splits[self.stages[0].level][0].store.schema.num_labels
         # Process groups: every rank creates every group, in plan order (torch requires it).
@@ -341,7 +343,8 @@ class PlanRunner:
         log = MetricsLog(run_dir.metrics, enabled=comm.is_root)
         progress = Progress(0, comm.is_root, cfg.log.progress_s)
         spec = StageSpec(name=stage.name, level=stage.level, group=stage.group,
-                         ranks=stage.ranks, train=stage.train, crop=stage.config.crop,
+                         ranks=stage.ranks, train=stage.train, lr_factor=stage.lr_factor,
+                         crop=stage.config.crop,
                          fused=stage.config.init == "fuse")
         run = RunSettings(seed=cfg.run.seed, data=cfg.data, log=cfg.log, comm=cfg.comm,
                           dropout=cfg.model.dropout > 0,  # the only random layers

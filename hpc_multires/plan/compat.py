@@ -11,9 +11,14 @@ from hpc_multires.errors import ConfigError
 from hpc_multires.plan.load import config_from_dict, config_to_dict
 
 # Config keys that may change between a run and its resumption: they do not change
-# what is computed (or, for epochs, only extend it).
+# what is computed (or, for epochs, only extend it). The validation's schedule and subset
+# change what is measured, not what is trained; the per-level batch and rate rules
+# (batch_scale, batch_cap, lr_scale, lr_scale_warmup_steps) change the steps, so a change
+# of them is refused like one of global_batch or lr.
 RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "train.steps",
-                     "stages.*.train.steps", "data.path", "data.val_path",
+                     "stages.*.train.steps", "train.eval_every", "stages.*.train.eval_every",
+                     "train.eval_samples", "stages.*.train.eval_samples",
+                     "data.path", "data.val_path",
                      "data.stage_to", "data.verify_reads", "data.mpio",
                      "data.num_workers", "data.prefetch", "data.read_timeout_s",
                      "comm.timeout_s", "log.*")

@@ -167,3 +167,29 @@ def describe_cost(costs: Sequence[StageCost], waves: Mapping[int, float], world:
     lines.append(f"    total {total:.2f}: a one-stage level-0 plan of N epochs costs N "
                  f"({other})")
     return "\n".join(lines)
+
+
+def describe_stages(stages: Sequence[Stage], costs: Sequence[StageCost],
+                    train_samples: int) -> str:
+    """One row per stage, as it will train: its level, ranks, global batch and peak
+    learning rate after the per-level rules (with the factor they applied), steps per
+    epoch on `train_samples`, length and estimated cost in level-0 epochs."""
+    head = ["stage", "level", "ranks", "global batch", "lr", "steps/epoch", "epochs",
+            "cost"]
+    rows = [head]
+    for s, c in zip(stages, costs, strict=True):
+        t, scale = s.train, s.scale
+        batch, lr = str(t.global_batch), f"{t.lr:.3g}"
+        if scale is not None and scale.batch_factor != 1:
+            batch += f" (x{scale.batch_factor:g}{', capped' if scale.capped else ''})"
+        if scale is not None and scale.lr_factor != 1:
+            lr += f" ({t.lr_scale} x{scale.lr_factor:.3g}" + (
+                f", warm-up {t.lr_scale_warmup_steps} steps)" if t.lr_scale_warmup_steps
+                else ")")
+        ranks = f"{s.ranks[0]}-{s.ranks[-1]}" if len(s.ranks) > 1 else str(s.ranks[0])
+        rows.append([s.name, str(s.level), ranks, batch, lr,
+                     str(train_samples // t.global_batch), f"{c.epochs:g}",
+                     f"{c.total:.2f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("    " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
+                     .rstrip() for r in rows)

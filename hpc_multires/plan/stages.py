@@ -10,12 +10,14 @@ rank waits at the end of a wave until the wave is complete.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from hpc_multires.errors import ConfigError
 from hpc_multires.train.config import TrainConfig
+from hpc_multires.train.scaling import LevelScale, data_factor, level_scale, scaled_train
 
 if TYPE_CHECKING:
     from hpc_multires.plan.config import Config, StageConfig
@@ -31,10 +33,17 @@ class Stage:
     ranks: tuple[int, ...]
     wave: int
     config: StageConfig
+    scale: LevelScale | None = None
+    """What the per-level rules made of its batch and rate (`apply_level_rules`; None
+    before the data's shape is known): `config.train` then holds the scaled values."""
 
     @property
     def train(self) -> TrainConfig:
         return self.config.train
+
+    @property
+    def lr_factor(self) -> float:
+        return self.scale.lr_factor if self.scale is not None else 1.0
 
     @property
     def local_batch(self) -> int:
@@ -202,6 +211,44 @@ def resolve(cfg: Config, world: int) -> list[Stage]:
     return stages
 
 
+def apply_level_rules(cfg: Config, stages: list[Stage],
+                      spatial_at: Callable[[int], tuple[int, ...]],
+                      train_samples: int) -> list[Stage]:
+    """The stages with their per-level batch and rate rules applied (train.batch_scale,
+    batch_cap, lr_scale; `train/scaling.py`), for samples whose spatial size at level k is
+    `spatial_at(k)` and a training set of `train_samples`; raises when a scaled batch does
+    not fit the stage's ranks or its training set."""
+    level0 = math.prod(spatial_at(0))
+    out = []
+    for s in stages:
+        t = s.train
+        shape = spatial_at(s.level)
+        points = math.prod(min(s.config.crop, n) for n in shape) if s.config.crop \
+            else math.prod(shape)
+        factor = data_factor(level0, points)
+        scale = level_scale(t, factor)
+        key = f"stages.{s.name}.train" if cfg.stages else "train"
+        where = f"stage {s.name!r}: " if cfg.stages else ""
+        n = len(s.ranks)
+        if scale.batch % n:  # only a binding cap can do this: global_batch divides
+            fits = sorted({max(scale.batch // n * n, n), scale.batch // n * n + n})
+            raise ConfigError(
+                f"{where}{key}.batch_cap = {t.batch_cap} caps the scaled batch at level "
+                f"{s.level} ({t.global_batch} x {factor}) at a number its {n} ranks do not "
+                f"divide; set batch_cap to a multiple of {n} (e.g. "
+                f"{' or '.join(map(str, fits))})")
+        if scale.batch > train_samples:
+            most = max(train_samples // n * n, t.global_batch)
+            raise ConfigError(
+                f"{where}{key}.batch_scale = \"data\" gives a global batch of {scale.batch} at "
+                f"level {s.level} ({t.global_batch} x {factor}), more than the "
+                f"{train_samples} training samples; set {key}.batch_cap to at most {most} "
+                f"(a multiple of the stage's {n} ranks), e.g. --set {key}.batch_cap={most}")
+        out.append(replace(s, config=replace(s.config, train=scaled_train(t, scale)),
+                           scale=scale))
+    return out
+
+
 def _ancestors(stage: Stage, by_name: dict[str, Stage]) -> set[str]:
     out: set[str] = set()
     todo = list(dependencies(stage.config))
@@ -248,6 +295,9 @@ def describe_plan(stages: list[Stage]) -> str:
         down = s.train.downsample
         if down.on:  # dynamic downsampling: a share of the steps on coarser inputs
             where += f" ({down.fraction:g} of steps /{down.factor}, {down.schedule})"
+        batch = f"batch {s.train.global_batch}"
+        if s.scale is not None and s.scale.scaled:  # the per-level rules changed them
+            batch += f" (x{s.scale.batch_factor:g}) lr {s.train.lr:.3g}"
         rows.append(f"    wave {s.wave}  {s.name:<12} {where}  ranks {ranks:<7} "
-                    f"({s.group}) batch {s.train.global_batch} {length}, {start}")
+                    f"({s.group}) {batch} {length}, {start}")
     return "\n".join(rows)

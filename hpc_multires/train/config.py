@@ -113,6 +113,31 @@ class TrainConfig:
     block means, what the pyramid holds, so each level's batch is read from the pyramid;
     nearest or bilinear (antialiased, images only): every batch is read at the stage's
     level and restricted on the fly, so the coarse terms see the same restriction."""
+    batch_scale: Literal["none", "data"] = "none"
+    """How a stage's global batch follows its pyramid level. none: global_batch at every
+    level. data: global_batch times the points of a level-0 sample over those of the
+    stage's input (2^(d k) for samples of d axes at level k; for a stage on windows, a
+    level-0 sample over a window), so a step holds the same number of points at every
+    level and a coarse epoch takes fewer, fuller steps; at most batch_cap, and at most the
+    training set."""
+    batch_cap: int = 0
+    """With batch_scale = "data": the largest global batch a stage scales to (0: no cap
+    but the training set's size). At least global_batch; a cap that binds must be
+    divisible by the stage's ranks."""
+    lr_scale: Literal["none", "sqrt", "linear"] = "none"
+    """How the learning rate follows a batch that batch_scale made larger: none (lr as
+    given), sqrt (lr x sqrt(batch / global_batch)) or linear (lr x batch / global_batch).
+    The rate rules keep the noise of a step (sqrt) or the distance per sample (linear)."""
+    lr_scale_warmup_steps: int = 0
+    """In a stage whose rate lr_scale raised: over its first this many steps the rate rises
+    linearly from the unscaled rate to the scaled one, on top of the schedule (0: the
+    scaled rate from the first step)."""
+    eval_every: int = 1
+    """Validate every this many epochs; the stage's last epoch is always validated (its
+    metrics are the stage's result). Skipped epochs have no validation metrics."""
+    eval_samples: int = 0
+    """Validate on this many samples of the validation set, spread evenly over it (0: all
+    of them). The stage's last epoch always takes the whole set."""
     downsample: DownsampleConfig = field(default_factory=DownsampleConfig)
     """Dynamic downsampling ([train.downsample]; a stage's [stages.train.downsample]
     overrides it key by key): fraction, factor, schedule, kernel_pool, every."""
@@ -154,6 +179,21 @@ class TrainConfig:
         require(t.mge_growth >= 1.0, f"{prefix}.mge_growth", t.mge_growth,
                 "use a factor >= 1 (coarser levels are cheaper, so they take batches at "
                 "least as large)")
+        require(t.batch_cap == 0 or t.batch_cap >= t.global_batch, f"{prefix}.batch_cap",
+                t.batch_cap, f"use 0 (no cap) or a batch of at least global_batch = "
+                f"{t.global_batch} (a coarse stage's batch only grows)")
+        require(t.batch_cap == 0 or t.batch_scale == "data", f"{prefix}.batch_cap",
+                t.batch_cap, f"it caps the batch that {prefix}.batch_scale = \"data\" scales; "
+                "set batch_scale = \"data\" or leave batch_cap at 0")
+        require(t.lr_scale == "none" or t.batch_scale == "data", f"{prefix}.lr_scale",
+                t.lr_scale, f"it scales the rate with the batch that {prefix}.batch_scale "
+                "= \"data\" scales; set batch_scale = \"data\" or lr_scale = \"none\"")
+        require(t.lr_scale_warmup_steps >= 0, f"{prefix}.lr_scale_warmup_steps",
+                t.lr_scale_warmup_steps, "use 0 (the scaled rate at once) or a number of steps")
+        require(t.eval_every >= 1, f"{prefix}.eval_every", t.eval_every,
+                "use 1 (validate every epoch) or more (every n-th epoch and the last)")
+        require(t.eval_samples >= 0, f"{prefix}.eval_samples", t.eval_samples,
+                "use 0 (the whole validation set) or a number of samples")
         t.downsample.check(f"{prefix}.downsample")
 
 

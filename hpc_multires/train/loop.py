@@ -80,6 +80,8 @@ class Position:
     checkpoint's)."""
     elapsed_s: float = 0.0
     """Seconds the stage trained before this process took it up."""
+    eval_s: float = 0.0
+    """Of those and the ones since, seconds spent validating."""
 
 
 class Trainer:
@@ -130,6 +132,7 @@ class Trainer:
         self.crop = stage.crop  # 0: whole samples
         # data.transform_on = "device": the readers send stored values, transformed here.
         self.transform_device = comm.device if run.data.transform_on == "device" else None
+        self.eval_s = 0.0  # seconds the stage's validations took (kept in its checkpoints)
 
     def tag(self) -> dict[str, Any]:
         """What every metrics record of this stage carries."""
@@ -181,7 +184,7 @@ class Trainer:
         return {"format": 1, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "stage": self.stage.name,
                 "epoch": epoch, "step": step, "epoch_step": epoch_step, "loss_sum": loss_sum,
-                "stage_elapsed_s": elapsed, "wall_s": self.clock(),
+                "stage_elapsed_s": elapsed, "stage_eval_s": self.eval_s, "wall_s": self.clock(),
                 "world_size": self.comm.world_size, "config": self.run.config_record}
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
@@ -237,7 +240,7 @@ class Trainer:
             loss_sum, out_of_time = self.train_epoch(ddp, at, vote, stage_start)
             last_val = self.end_epoch(at, loss_sum, stage_start, out_of_time)
         if not last_val:  # resumed from the stage's last checkpoint: report where it ended
-            last_val = self.evaluate()
+            last_val = self.evaluate(whole=True)
         return {"done": True, "epoch": at.epoch, "step": at.step, "wall_s": self.clock(),
                 "budget_reached": out_of_time, "headline": self.objective.headline,
                 **last_val}
@@ -251,7 +254,8 @@ class Trainer:
         state = loaded if loaded is not None else checkpoint.load_chosen(resume_from)
         self.restore(state, resume_from)
         at = Position(state["epoch"], state["step"], state["epoch_step"], state["loss_sum"],
-                      state["stage_elapsed_s"])
+                      state["stage_elapsed_s"], state.get("stage_eval_s", 0.0))
+        self.eval_s = at.eval_s
         self.progress.line(f"stage {self.stage.name}: resumed from {resume_from.name} "
                            f"(epoch {at.epoch}, step {at.step})")
         return at, {}
@@ -268,7 +272,7 @@ class Trainer:
         mark = (self.clock(), at.step)  # the last log step, for samples/s since then
         out_of_time = False
         for batches in self.read(at.epoch, at.epoch_step):
-            lr = learning_rate(tcfg, at.step, self.total_steps, spe)
+            lr = learning_rate(tcfg, at.step, self.total_steps, spe, self.stage.lr_factor)
             step_loss = self.step(ddp, batches, at.step, lr)
             loss_sum += step_loss.loss.detach()  # no sync: stays on the device until epoch end
             at.step += 1
@@ -339,26 +343,42 @@ class Trainer:
                 "continue with --resume (the Slurm scripts requeue themselves)")
         return bool(self.tcfg.time_budget_s) and vote.elapsed_s >= self.tcfg.time_budget_s
 
+    def validates(self, epoch: int, last: bool) -> bool:
+        """Whether epoch `epoch` (1-based, just ended) is validated: every
+        train.eval_every-th, and the stage's last (its metrics are the stage's result)."""
+        return last or epoch % self.tcfg.eval_every == 0
+
     def end_epoch(self, at: Position, loss_sum: torch.Tensor, stage_start: float,
                   out_of_time: bool) -> dict[str, float]:
-        """Close the epoch: its record with the validation metrics, its checkpoint."""
+        """Close the epoch: its record, with the validation metrics when it is validated
+        (its time apart: `eval_s`, and `train_s`, the stage's time without it), its
+        checkpoint. Returns the metrics (empty for an epoch not validated)."""
         comm = self.comm
         at.epoch += 1
         epoch_loss = comm.sum([float(loss_sum)])[0] / (comm.world_size * max(at.epoch_step, 1))
         at.epoch_step = 0
         at.loss_carry = 0.0
-        val = self.evaluate()
+        last = out_of_time or at.epoch >= self.num_epochs
+        val: dict[str, float] = {}
+        eval_s = 0.0
+        if self.validates(at.epoch, last):
+            began = self.clock()
+            val = self.evaluate(whole=last)
+            eval_s = self.clock() - began
+            self.eval_s += eval_s
         wall = self.clock()
+        train_s = wall - stage_start - self.eval_s
         self.log.write({"kind": "epoch", **self.tag(), "epoch": at.epoch, "step": at.step,
                         "wall_s": wall,
-                        "samples_per_s": at.step * self.step_samples
-                        / max(wall - stage_start, 1e-9),
+                        "samples_per_s": at.step * self.step_samples / max(train_s, 1e-9),
+                        "train_s": train_s, "eval_s": eval_s,
                         "loss": epoch_loss, **val,
                         "rss_mb": psutil.Process().memory_info().rss / 2**20})
         headline = self.objective.headline
+        shown = f" {headline} {val[headline]:.4f}" if val else ""
         self.progress.line(
             f"{self.stage.name} epoch {at.epoch}/{self.num_epochs} step {at.step} loss "
-            f"{epoch_loss:.4f} {headline} {val[headline]:.4f} wall {wall:.1f}s"
+            f"{epoch_loss:.4f}{shown} wall {wall:.1f}s"
             + (" (time budget reached)" if out_of_time else ""))
         self.save(self.state(at.epoch, at.step, 0, 0.0, wall - stage_start), at.epoch, None)
         comm.barrier()  # nobody reads a checkpoint before it is complete
@@ -401,19 +421,30 @@ class Trainer:
     def fused_start(self) -> dict[str, float]:
         """What the fusion kept: the fused model's validation metrics before any training
         at this stage's level, as `start_*` keys of the start record."""
+        began = self.clock()
         metrics = {f"start_{k}": v for k, v in self.evaluate().items()}
+        metrics["start_eval_s"] = self.clock() - began
         headline = self.objective.headline
         self.progress.line(f"stage {self.stage.name}: fused start, {headline} "
                            f"{metrics[f'start_{headline}']:.4f}")
         return metrics
 
+    def val_indices(self, whole: bool) -> np.ndarray:
+        """The validation samples an evaluation takes: all of them, or train.eval_samples
+        spread evenly over the set (the same ones every time)."""
+        indices, k = self.val.indices, self.tcfg.eval_samples
+        if whole or not k or k >= len(indices):
+            return indices
+        return indices[(np.arange(k) * len(indices)) // k]
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """The objective's validation metrics over the whole validation set, exact over the
-        stage's ranks (each takes a disjoint share, the sums are added up)."""
+    def evaluate(self, whole: bool = False) -> dict[str, float]:
+        """The objective's validation metrics over the validation set (`whole`, or the
+        train.eval_samples subset), exact over the stage's ranks (each takes a disjoint
+        share, the sums are added up); `val_samples` says how many it took."""
         self.model.eval()
-        mine = self.val.indices[shard_evenly(len(self.val.indices), self.comm.rank,
-                                             self.comm.world_size)]
+        chosen = self.val_indices(whole)
+        mine = chosen[shard_evenly(len(chosen), self.comm.rank, self.comm.world_size)]
         size = self.sampler.local_batch
         items = [mine[i:i + size] for i in range(0, len(mine), size)]
         metrics = self.objective.validation(self.val.store.schema.label_names, self.crop)
@@ -424,4 +455,4 @@ class Trainer:
         for (x, y), indices in zip(loaded, items, strict=True):
             metrics.add(self.model, Batch(self.stage.level, x.to(device), y.to(device),
                                           indices))
-        return metrics.result(self.comm.sum(metrics.sums()))
+        return {**metrics.result(self.comm.sum(metrics.sums())), "val_samples": len(chosen)}

@@ -7,6 +7,7 @@ import math
 import torch
 
 from hpc_multires.train.config import TrainConfig
+from hpc_multires.train.scaling import warmup_factor
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -21,13 +22,22 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int,
+                  lr_factor: float = 1.0) -> float:
     """Rate for optimizer step `step` (0-based): linear warm-up, then the decay schedule.
 
     A function of the step alone, so a resumed run follows the same curve without
     saving any scheduler state. With cfg.schedule_epochs the curve spans that many epochs
     and the stage starts cfg.schedule_offset epochs into it (`total_steps` is then unused).
+    `lr_factor`: the per-level rules raised cfg.lr by this factor (`train/scaling.py`); over
+    the stage's first cfg.lr_scale_warmup_steps steps the rate rises to it from the
+    unscaled one.
     """
+    return _scheduled(cfg, step, total_steps, steps_per_epoch) \
+        * warmup_factor(cfg, lr_factor, step)
+
+
+def _scheduled(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
     if cfg.schedule_epochs > 0:
         step += round(cfg.schedule_offset * steps_per_epoch)
         total_steps = round(cfg.schedule_epochs * steps_per_epoch)

@@ -28,7 +28,12 @@ class StageSpec:
     ranks: tuple[int, ...]
     """The job ranks that run it (its Horovod process set)."""
     train: TrainConfig
-    """Its training settings, the plan's overrides applied."""
+    """Its training settings, the plan's overrides and the per-level rules applied (its
+    global batch and lr are the scaled ones)."""
+    lr_factor: float = 1.0
+    """The per-level rules raised the configured lr by this factor (train.lr_scale): the
+    first train.lr_scale_warmup_steps steps rise to the scaled rate from the configured
+    one."""
     crop: int = 0
     """Window size in points per axis (0: whole samples)."""
     fused: bool = False

@@ -237,7 +237,7 @@ def apply_level_rules(cfg: Config, stages: list[Stage],
                 f"{s.level} ({t.global_batch} x {factor}) at a number its {n} ranks do not "
                 f"divide; set batch_cap to a multiple of {n} (e.g. "
                 f"{' or '.join(map(str, fits))})")
-        if scale.batch > train_samples:
+        if scale.batch_factor != 1 and scale.batch > train_samples:
             most = max(train_samples // n * n, t.global_batch)
             raise ConfigError(
                 f"{where}{key}.batch_scale = \"data\" gives a global batch of {scale.batch} at "

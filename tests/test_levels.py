@@ -5,6 +5,7 @@ two-rank plan whose coarse stage trains on a scaled batch, resumed inside that s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -59,7 +60,7 @@ def test_scaled_rate_warms_up_from_the_unscaled_one() -> None:
     assert rates[0] == pytest.approx(1e-3)  # the configured (unscaled) rate
     assert rates[5] == pytest.approx(1e-3 + 0.5 * 3e-3)
     assert rates[10] == rates[11] == pytest.approx(4e-3)
-    assert all(a < b for a, b in zip(rates[:10], rates[1:11], strict=True))
+    assert all(a < b for a, b in itertools.pairwise(rates[:11]))
     # An unscaled stage, or one without warm-up, follows its schedule alone.
     assert warmup_factor(t, 1.0, 0) == 1.0
     no_warmup = TrainConfig(lr=4e-3, schedule="constant", batch_scale="data", lr_scale="sqrt")
@@ -155,6 +156,13 @@ def test_three_level_mrt_plans() -> None:
     assert coarse2.scale is not None and coarse2.scale.capped and coarse2.lr_factor == 2.0
     assert fine.train.global_batch == 16 and fine.train.lr == base.train.lr
     assert fine.config.init == "fuse" and fine.config.fuse_from == ("coarse1",)
+    # The Neuron Inverter's (1D, flatten head: each stage prolonged to the next level).
+    neuron = load_config(ROOT / "configs" / "neuron-mrt3.toml")
+    coarse2, coarse1, fine = apply_level_rules(neuron, resolve(neuron, 4),
+                                               lambda k: (1600 >> k,), 3584)
+    assert [(s.level, s.train.global_batch) for s in (coarse2, coarse1, fine)] == [
+        (2, 128), (1, 64), (0, 32)]
+    assert {s.config.fusion for s in (coarse1, fine)} == {"prolong"}
 
 
 # ---------------------------------------------------------------- through the CLI

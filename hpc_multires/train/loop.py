@@ -5,9 +5,11 @@ one per request, each from its own sampler and its level's training split), its 
 (`objective.py`), backward (DDP allreduces gradients among the stage's ranks during it),
 optimizer step, and the stop vote (`stop.py`). A stage lasts `train.epochs` epochs, or
 `train.steps` steps when set (its last epoch then partial). Every `log.every_steps` the
-mean loss over the stage's ranks is logged; every epoch the objective's validation
-metrics are computed over the whole validation set (each rank takes a disjoint share)
-and a checkpoint is written, and every `train.checkpoint_every_steps` in between.
+mean loss over the stage's ranks is logged; every epoch a checkpoint is written (and
+every `train.checkpoint_every_steps` in between), and every `train.eval_every`-th epoch
+and the stage's last the objective's validation metrics are computed (each rank takes a
+disjoint share; on `train.eval_samples` of the validation set, the last on all of it),
+their time logged apart from the training's.
 
 The trainer is given its stage and the run's settings (`spec.py`); it never reads the
 plan. Whether a checkpoint's config allows resuming from it is the driver's question.

@@ -27,8 +27,10 @@ from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.config import DataConfig
 from hpc_multires.data.store import SampleStore, open_store
 from hpc_multires.data.volumes import mpio_communicator
+from hpc_multires.driver.domain import DomainPhases
 from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
+from hpc_multires.methods.domain import subdomains
 from hpc_multires.methods.dynamic import Downsampling
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
 from hpc_multires.methods.mge import MultiscaleGradient, level_batch_sizes
@@ -156,6 +158,16 @@ def open_levels(cfg: Config, data: DataConfig,
     builds every level needed."""
     base = open_splits(data, 0)  # the level-0 headers give every level's sample size
     schema, n_train = base[0].store.schema, len(base[0].indices)
+    if cfg.domain.on:  # the grid against the samples, the local CNN against a sub-domain
+        dom, level = cfg.domain, stages[0].level
+        spatial = schema.spatial_at(level)
+        part = subdomains(spatial, dom.grid, dom.overlap)[0]
+        try:
+            build_model(cfg.model, (schema.channels, *part.shape), schema.num_labels, level)
+        except ConfigError as e:
+            raise ConfigError(f"domain.grid = {list(dom.grid)}: the local CNNs take "
+                              f"sub-domains of {'x'.join(map(str, part.shape))}, and {e}"
+                              ) from None
     for s in stages:
         check_mge(s, schema.spatial_at(s.level), n_train)
     levels = {level for s in stages for level in stage_levels(cfg, s)}
@@ -249,6 +261,8 @@ class PlanRunner:
                 whole = len(s.ranks) == comm.world_size
                 self.groups[s.ranks] = None if whole or not comm.distributed else \
                     dist.new_group(list(s.ranks))
+        # Domain decomposition: its sub-domains, process grid, and the replicas' groups.
+        self.domain = DomainPhases(self) if cfg.domain.on else None
         self.horovod = HorovodGroups([s.ranks for s in self.stages], comm.world_size) \
             if cfg.comm.backend == "horovod" else None
         self._t0 = time.monotonic()
@@ -319,6 +333,8 @@ class PlanRunner:
         comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks])
         start: ResumePoint = run_dir.resume_point(stage, comm, cfg) if self.resume else \
             ("fresh", None, None)
+        if stage.phase == "coherent" and self.domain is not None and self.resume:
+            start = self.domain.agree_on_checkpoint(stage, self.comm, start)
         kind, value, loaded = start
         if kind == "final":
             if comm.is_root:
@@ -329,8 +345,25 @@ class PlanRunner:
         train, val = self.splits[stage.level]
         objective = build_objective(cfg, stage, len(train.indices))
         levels = {level: self.splits[level][0] for level in stage_levels(cfg, stage)}
+        domain = self.domain
+        if stage.phase == "aggregator" and domain is not None:
+            return domain.run_aggregator(stage, comm, objective, start)
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
-        model = build_model(cfg.model, train.store.sample_shape, self.num_outputs, stage.level)
+        model: torch.nn.Module
+        region: dict[str, tuple[int, ...]] = {}
+        vote_comm = None
+        logs = comm.is_root
+        if domain is not None:  # a local CNN, or a part of the coherent model
+            region = domain.region(stage)
+            if stage.phase == "coherent":
+                model = domain.coherent_model(stage, comm, self.comm, resuming)
+                vote_comm = self.comm  # its forward gathers over every stage of its wave
+                logs = comm.is_root and stage.subdomain == 0  # one model: one part logs
+            else:
+                model = domain.local_model(stage.level)
+        else:
+            model = build_model(cfg.model, train.store.sample_shape, self.num_outputs,
+                                stage.level)
         if stage.config.init == "fuse" and not resuming and comm.is_root:
             # Fusion runs on the consuming stage's root; DDP's construction then
             # broadcasts the fused weights to the rest of the stage's ranks.
@@ -338,11 +371,11 @@ class PlanRunner:
             model.load_state_dict(fused)
             run_dir.save_init(stage.name, {"model": fused, "fusion": stage.config.fusion,
                                            "fuse_from": list(stage.config.fuse_from)})
-        log = MetricsLog(run_dir.metrics, enabled=comm.is_root)
-        progress = Progress(0, comm.is_root, cfg.log.progress_s)
+        log = MetricsLog(run_dir.metrics, enabled=logs)
+        progress = Progress(0, logs, cfg.log.progress_s)
         spec = StageSpec(name=stage.name, level=stage.level, group=stage.group,
                          ranks=stage.ranks, train=stage.train, crop=stage.config.crop,
-                         fused=stage.config.init == "fuse")
+                         fused=stage.config.init == "fuse", **region)
         run = RunSettings(seed=cfg.run.seed, data=cfg.data, log=cfg.log, comm=cfg.comm,
                           dropout=cfg.model.dropout > 0,  # the only random layers
                           config_record=config_to_dict(cfg))
@@ -350,7 +383,8 @@ class PlanRunner:
             if stage.config.carry_optimizer and not resuming else None
         trainer = Trainer(spec, run, comm, model, levels, val,
                           run_dir.checkpoint_dir(stage.name), log, progress, self.clock,
-                          self.horovod, objective, optimizer_state=carried)
+                          self.horovod, objective, optimizer_state=carried,
+                          vote_comm=vote_comm)
         progress.total = trainer.total_steps
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
         if result["done"] and comm.is_root:

@@ -386,7 +386,12 @@ class PlanRunner:
                           self.horovod, objective, optimizer_state=carried,
                           vote_comm=vote_comm)
         progress.total = trainer.total_steps
-        result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
+        stop = self.stop
+        if stage.phase == "coherent" and stop is not None and stop.stage is not None \
+                and stop.stage.startswith("coherent-"):
+            # The coherent model's parts step together: a stop in one is a stop in all.
+            stop = StopAt(stop.epoch, stage.name)
+        result = trainer.fit(resume_from, stop=stop, loaded=loaded)
         if result["done"] and comm.is_root:
             run_dir.save_final(stage.name, {"model": model.state_dict(), "stage": stage.name,
                                             "level": stage.level, "result": result,

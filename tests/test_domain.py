@@ -127,6 +127,9 @@ def test_good_grid_plans(cli_in_process, tmp_path: Path, tiny_cosmo: Path) -> No
     r = cli_in_process(["plan", domain_config(tmp_path, tiny_cosmo), "--ranks", 4])
     assert r.returncode == 0, r.stderr
     assert "coherent-3" in r.stdout
+    # A local CNN's epoch: a quarter of a sample on a quarter of the ranks; the aggregator
+    # on the local outputs is counted as free.
+    assert "local-0 1 x 1 = 1.00" in r.stdout and "aggregator 2 x 0 = 0.00" in r.stdout
 
 
 @pytest.mark.parametrize(("extra", "expected"), [

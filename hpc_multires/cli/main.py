@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import sys
 import time
@@ -148,9 +149,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     splits = open_levels(cfg, cfg.data, stages)
     shapes = {level: train.store.sample_shape for level, (train, _) in splits.items()}
     dims = len(shapes[min(shapes)]) - 1
+    share = 1.0
+    if cfg.domain.on:
+        from hpc_multires.methods.domain import subdomains
+
+        spatial = shapes[stages[0].level][1:]
+        part = subdomains(spatial, cfg.domain.grid, cfg.domain.overlap)[0]
+        share = math.prod(part.shape) / math.prod(spatial)
     costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores,
                              {level: shape[1:] for level, shape in shapes.items()},
-                             len(splits[min(splits)][0].indices))
+                             len(splits[min(splits)][0].indices), share)
     _say(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
          + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
     _say(describe_plan(stages))

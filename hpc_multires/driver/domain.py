@@ -33,7 +33,7 @@ from hpc_multires.models import build_model
 from hpc_multires.models.cnn_dnn import Aggregator, MeanAggregate, PickLocal, VoteAggregate
 from hpc_multires.plan.load import config_to_dict
 from hpc_multires.plan.stages import Stage
-from hpc_multires.train import checkpoint
+from hpc_multires.train import checkpoint, preempt
 from hpc_multires.train.loop import Split, peak_memory
 from hpc_multires.train.metrics import MetricsLog
 from hpc_multires.train.objective import Batch, Objective
@@ -210,7 +210,15 @@ class DomainPhases:
                      "config": config_to_dict(cfg)},
                     checkpoint.checkpoint_path(ckpt_dir, epoch))
                 checkpoint.prune(ckpt_dir, t.checkpoint_keep)
-            comm.barrier()
+            comm.barrier()  # the checkpoint is complete before anyone reads or leaves
+            # A signal to any rank (or to a rank of the job, through the job-wide flag)
+            # stops every rank here, at the epoch whose checkpoint was just written.
+            if comm.max(float(preempt.requested() or bool(comm.flag("preempted")))):
+                comm.flag("preempted", "1")
+                raise preempt.Preempted(
+                    f"stopped on {preempt.reason() or 'a signal'} after epoch {epoch} of "
+                    "stage 'aggregator', checkpoint written; continue with --resume (the "
+                    "Slurm scripts requeue themselves)")
         # Every rank trained the same network on the same data; rank 0's is the one kept.
         model.load_state_dict(comm.broadcast_object(model.state_dict()))
         aggregates["dnn"] = val_metrics if cfg.domain.aggregate == "dnn" else None

@@ -137,7 +137,8 @@ def _check_values(cfg: Config) -> None:
 
 
 def _check_task_and_model(cfg: Config) -> None:
-    """An image task needs an image-to-image network, and labels need the others."""
+    """An image task needs an image-to-image network, labels the others, and classes a
+    network that outputs logits."""
     task, model = cfg.task, cfg.model
     if task.restoration and not model.image_to_image:
         raise ConfigError(
@@ -148,7 +149,13 @@ def _check_task_and_model(cfg: Config) -> None:
         raise ConfigError(
             f"model.name = {model.name!r} maps images to images, but task.kind = "
             f"{task.kind!r} fits labels; set task.kind to an image task (denoise, noise, "
-            "deblur, inpaint, sr) or use model.name = \"cosmoflow\" or \"neuron_inverter\"")
+            "deblur, inpaint, sr) or use model.name = \"cosmoflow\", \"neuron_inverter\" "
+            "or \"convnet2d\"")
+    if task.classify and model.name != "convnet2d":
+        raise ConfigError(
+            f"task.kind = \"classify\" needs class logits, but model.name = {model.name!r} "
+            "ends in a scaled tanh for labels in [-1, 1]; use model.name = \"convnet2d\" "
+            "(2D images)")
     half = task.kind == "sr" and task.sr_input == "half"
     if (model.name == "espcn") != half:
         raise ConfigError(

@@ -3,9 +3,10 @@ wall time.
 
 Each run is reported by its headline metric, which its start record names (`headline`,
 `higher_is_better`): val_mae (lower is better) for regression, val_acc (higher is better)
-for classification, val_psnr (higher is better) for the image tasks; records written before the name was recorded count as
-val_mae. Several runs share one plot, and every stage of a multi-stage run is its own curve
-on the run's wall-clock axis (coarse levels dashed), so methods compare at a glance.
+for classification, val_psnr (higher is better) for the image tasks; records written
+before the name was recorded count as val_mae. Several runs share one plot, and every
+stage of a multi-stage run is its own curve on the run's wall-clock axis (coarse levels
+dashed), so methods compare at a glance.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from hpc_multires.driver.run_dir import RunDir
 from hpc_multires.errors import UserError
 from hpc_multires.train.metrics import read_metrics
-
 
 REFERENCE_LABELS = {"val_mae": "predict the mean", "val_acc": "predict the majority class"}
 

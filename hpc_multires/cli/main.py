@@ -97,7 +97,8 @@ def convert_folder(args: argparse.Namespace) -> int:
                                       ("--subvolume", args.subvolume)) if value]
     if given:
         raise UserError(f"{', '.join(given)} do(es) not apply to a folder of images "
-                        f"({args.x[0]}): images are stored as values in [0, 1] with no labels")
+                        f"({args.x[0]}): images are stored as values in [0, 1], labelled by "
+                        "their class sub-folder if they are in sub-folders, else unlabelled")
     n = convert_images(args.x[0], args.out, samples_per_shard=args.samples_per_shard,
                        overwrite=args.overwrite, compression=args.compression)
     _say(f"wrote {n} shard(s) to {args.out}")
@@ -277,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--x", type=Path, required=True, nargs="+", metavar="X",
                       help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y; a "
                            "folder of .png/.jpg images of one size (values stored in [0, 1], "
-                           "for the image tasks); or HDF5 files of ExaLearn universes ('full', "
+                           "for the image tasks), or a folder of one sub-folder of such "
+                           "images per class (labelled by class, for task.kind = "
+                           "\"classify\"); or HDF5 files of ExaLearn universes ('full', "
                            "'unitPar') or MRT/MRMF maps ('3Dmap', 'unitPar'), several at once")
     conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
     conv.add_argument("--out", type=Path, required=True, help="output directory")

@@ -21,11 +21,16 @@ from hpc_multires.errors import UserError
 from hpc_multires.train.preempt import PREEMPTED_EXIT, Preempted
 
 OPTIONS = {"cosmoflow": ("size", "channels"), "neuron": ("bins", "probes"),
-           "images": ("size", "channels")}
+           "images": ("size", "channels"), "classes": ("size", "channels", "classes")}
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from hpc_multires.data.synth.writer import synth_cosmoflow, synth_images, synth_neuron
+    from hpc_multires.data.synth.writer import (
+        synth_classes,
+        synth_cosmoflow,
+        synth_images,
+        synth_neuron,
+    )
 
     other = sorted({n for names in OPTIONS.values() for n in names} - set(OPTIONS[args.app]))
     given = [f"--{name}" for name in other if getattr(args, name) is not None]
@@ -46,6 +51,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
                          seed=args.seed,
                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
                          chunk=args.chunk)
+    elif args.app == "classes":
+        n = synth_classes(args.out, num_samples=args.samples,
+                          size=64 if args.size is None else args.size,
+                          classes=4 if args.classes is None else args.classes,
+                          channels=1 if args.channels is None else args.channels,
+                          seed=args.seed, samples_per_shard=args.samples_per_shard,
+                          overwrite=args.overwrite, chunk=args.chunk)
     else:
         n = synth_cosmoflow(args.out, num_samples=args.samples,
                             size=32 if args.size is None else args.size,
@@ -86,7 +98,8 @@ def convert_folder(args: argparse.Namespace) -> int:
                                       ("--subvolume", args.subvolume)) if value]
     if given:
         raise UserError(f"{', '.join(given)} do(es) not apply to a folder of images "
-                        f"({args.x[0]}): images are stored as values in [0, 1] with no labels")
+                        f"({args.x[0]}): images are stored as values in [0, 1], labelled by "
+                        "their class sub-folder if they are in sub-folders, else unlabelled")
     n = convert_images(args.x[0], args.out, samples_per_shard=args.samples_per_shard,
                        overwrite=args.overwrite, compression=args.compression)
     _say(f"wrote {n} shard(s) to {args.out}")
@@ -241,17 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND",
                                parser_class=_Parser)
     synth = dsub.add_parser("synth", help="generate a synthetic dataset (parallel under mpiexec)")
-    synth.add_argument("app", choices=["cosmoflow", "neuron", "images"],
+    synth.add_argument("app", choices=["cosmoflow", "neuron", "images", "classes"],
                        help="cosmoflow: 3D fields (N, C, S, S, S); neuron: voltage traces "
                             "(N, probes, bins) of simulated neurons; images: 2D images "
-                            "(N, C, S, S) in [0, 1] for restoration tasks")
+                            "(N, C, S, S) in [0, 1] for restoration tasks; classes: 2D "
+                            "images (N, C, S, S) in [0, 1] of K classes whose evidence is "
+                            "spread over the image, for task.kind = \"classify\"")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     synth.add_argument("--samples", type=int, default=256, help="number of samples")
     synth.add_argument("--size", type=int, help="cosmoflow: side of the volume (default 32); "
-                       "images: side of the image (default 64)")
+                       "images, classes: side of the image (default 64)")
     synth.add_argument("--channels", type=int,
-                       help="cosmoflow: growth stages per sample (default 4); images: 1 (grey, "
-                            "the default) or 3 (RGB)")
+                       help="cosmoflow: growth stages per sample (default 4); images, "
+                            "classes: 1 (grey, the default) or 3 (RGB)")
+    synth.add_argument("--classes", type=int,
+                       help="classes: the number of classes K, 2 to 16 (default 4)")
     synth.add_argument("--bins", type=int, help="neuron: time bins at 8 kHz (default 1600)")
     synth.add_argument("--probes", type=int, help="neuron: recorded compartments (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
@@ -269,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--x", type=Path, required=True, nargs="+", metavar="X",
                       help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y; a "
                            "folder of .png/.jpg images of one size (values stored in [0, 1], "
-                           "for the image tasks); or HDF5 files of ExaLearn universes ('full', "
+                           "for the image tasks), or a folder of one sub-folder of such "
+                           "images per class (labelled by class, for task.kind = "
+                           "\"classify\"); or HDF5 files of ExaLearn universes ('full', "
                            "'unitPar') or MRT/MRMF maps ('3Dmap', 'unitPar'), several at once")
     conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
     conv.add_argument("--out", type=Path, required=True, help="output directory")

@@ -42,11 +42,6 @@ if TYPE_CHECKING:
     from hpc_multires.driver.run import PlanRunner
 
 
-def is_classification(cfg: Any) -> bool:
-    """Whether the task predicts classes (the aggregates then read probabilities)."""
-    return bool(getattr(cfg.task, "kind", "") == "classify")
-
-
 class DomainPhases:
     """What the phases share: the sub-domains, the process grid and its groups. Built on
     every rank in the same order (it creates the replicas' process groups)."""
@@ -59,7 +54,7 @@ class DomainPhases:
         store = runner.splits[runner.stages[0].level][0].store
         self.channels, *spatial = store.sample_shape
         self.parts: list[SubDomain] = subdomains(spatial, cfg.domain.grid, cfg.domain.overlap)
-        self.probabilities = is_classification(cfg)
+        self.probabilities = cfg.task.classify  # the aggregates read probabilities
         # Every rank creates every replica's group, in order (torch requires it); with one
         # replica the replica is the whole job.
         self.replica_groups: dict[int, dist.ProcessGroup | None] = {}

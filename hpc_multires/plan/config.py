@@ -157,7 +157,7 @@ def _check_domain(cfg: Config) -> None:
     require(not cfg.task.restoration, key, grid,
             f"task.kind = {cfg.task.kind!r} maps images to images; domain decomposition "
             "combines local predictions of labels or classes: use task.kind = "
-            "\"regression\" (or a classification task)")
+            "\"regression\" or \"classify\"")
     t = cfg.train
     require(t.estimator != "mge" and not t.downsample.on, key, grid,
             "the local CNNs train on their sub-domains at one level: set train.estimator = "
@@ -165,7 +165,8 @@ def _check_domain(cfg: Config) -> None:
 
 
 def _check_task_and_model(cfg: Config) -> None:
-    """An image task needs an image-to-image network, and labels need the others."""
+    """An image task needs an image-to-image network, labels the others, and classes a
+    network that outputs logits."""
     task, model = cfg.task, cfg.model
     if task.restoration and not model.image_to_image:
         raise ConfigError(
@@ -176,7 +177,13 @@ def _check_task_and_model(cfg: Config) -> None:
         raise ConfigError(
             f"model.name = {model.name!r} maps images to images, but task.kind = "
             f"{task.kind!r} fits labels; set task.kind to an image task (denoise, noise, "
-            "deblur, inpaint, sr) or use model.name = \"cosmoflow\" or \"neuron_inverter\"")
+            "deblur, inpaint, sr) or use model.name = \"cosmoflow\", \"neuron_inverter\" "
+            "or \"convnet2d\"")
+    if task.classify and model.name != "convnet2d":
+        raise ConfigError(
+            f"task.kind = \"classify\" needs class logits, but model.name = {model.name!r} "
+            "ends in a scaled tanh for labels in [-1, 1]; use model.name = \"convnet2d\" "
+            "(2D images)")
     half = task.kind == "sr" and task.sr_input == "half"
     if (model.name == "espcn") != half:
         raise ConfigError(

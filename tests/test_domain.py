@@ -154,8 +154,11 @@ def test_global_batch_must_split_over_replicas(tmp_path: Path, tiny_cosmo: Path)
         resolve(cfg, 8)
 
 
-def test_shipped_domain_config_loads() -> None:
+def test_shipped_domain_configs_load() -> None:
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "cosmoflow-domain.toml")
     assert cfg.domain.grid == (2, 2, 2) and cfg.domain.coherent_epochs > 0
     assert json.dumps(cfg.domain.hidden)  # a plain tuple, written back as TOML
+    images = load_config(root / "configs" / "images-domain.toml")
+    assert images.domain.grid == (2, 2) and images.task.classify
+    assert [s.name for s in resolve(images, 4)][-1] == "coherent-3"

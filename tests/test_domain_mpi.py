@@ -138,6 +138,80 @@ def test_each_rank_trains_its_own_local_cnn(counted_3d: Path) -> None:
     assert summary["val_mae"] > 0
 
 
+CLASSIFY = """
+[run]
+name = "domain-2d"
+[data]
+path = "{data}"
+val_fraction = 0.25
+num_workers = 0
+verify_reads = "on"
+[task]
+kind = "classify"
+[model]
+name = "convnet2d"
+width = 0.5
+depth = 2
+head = "gap"
+fc_sizes = [16]
+[train]
+epochs = 2
+global_batch = 8
+lr = 5e-3
+[domain]
+grid = [2, 2]
+aggregate = "vote"
+aggregator_epochs = 3
+[log]
+every_steps = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def counted_2d(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """2x2 sub-images of 32x32 classification images (stored in blocks of 16x16) on 4
+    ranks, every HDF5 read recorded per rank: (the data, the work folder)."""
+    where = tmp_path_factory.mktemp("domain-2d")
+    data = where / "classes32-blocks"
+    r = run_cli(["data", "synth", "classes", "--out", str(data), "--samples", "64", "--size",
+                 "32", "--classes", "4", "--chunk", "16", "--samples-per-shard", "32"])
+    assert r.returncode == 0, r.stderr
+    (where / "c.toml").write_text(CLASSIFY.format(data=data))
+    (where / "reads").mkdir()
+    r = launch(HERE / "domain_reads.py", [str(where / "reads"), "train", str(where / "c.toml"),
+                                           "--run-dir", str(where / "run")], ranks=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return data, where
+
+
+def test_2d_each_rank_reads_only_its_subimage_and_trains_its_cnn(counted_2d) -> None:
+    data, where = counted_2d
+    chunks = chunk_table(data)
+    x_bytes = sum(size for table in chunks.values() for _, size, _ in table)
+    for rank in range(4):
+        reads = json.loads((where / "reads" / f"reads-{rank}.json").read_text())
+        blocks, read = set(), 0
+        for shard, log in reads.items():
+            for offset, n in log:
+                for at, size, origin in chunks.get(shard, []):
+                    if offset < at + size and at < offset + n:
+                        blocks.add(tuple(o // 16 for o in origin[2:]))
+                        read += min(offset + n, at + size) - max(offset, at)
+        assert blocks == {(rank // 2, rank % 2)}, f"rank {rank} read blocks {sorted(blocks)}"
+        assert read == x_bytes // 4, (rank, read, x_bytes)
+    run = where / "run"
+    starts = {r["stage"]: r for r in records(run) if r["kind"] == "start"}
+    assert [starts[f"local-{d}"]["ranks"] for d in range(4)] == [[0], [1], [2], [3]]
+    assert [starts[f"local-{d}"]["region_start"] for d in range(4)] == [
+        [0, 0], [0, 16], [16, 0], [16, 16]]
+    # Classification: the vote is evaluated (and is the reported aggregate here), beside
+    # the mean and the aggregator network.
+    agg = starts["aggregator"]
+    assert {"local", "mean", "vote"} <= agg.keys() and "val_acc" in agg["vote"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["aggregate"] == "vote" and summary["val_acc"] == agg["vote"]["val_acc"]
+
+
 @pytest.mark.parametrize("grid", ["2,2,1", "2,1,1"])
 def test_coherent_gradients_equal_one_process(grid: str) -> None:
     """4 ranks: 4 sub-domains x 1 replica, and 2 sub-domains x 2 replicas."""

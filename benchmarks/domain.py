@@ -101,7 +101,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--data", type=Path, help="an existing dataset (default: synthesise one)")
     p.add_argument("--samples", type=int, default=512)
-    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--size", type=int, default=32, help="the samples' side (32: 3D volumes; "
+                   "64 for the images)")
     p.add_argument("--global-width", type=float, default=0.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
@@ -111,9 +112,9 @@ def main() -> None:
     data = args.data
     if data is None:
         data = work / "data"
-        app = "images" if len(dom.grid) == 2 else "cosmoflow"
+        app = "classes" if cfg.task.classify else "cosmoflow"
         t0 = time.perf_counter()
-        extra = ["--classes", "4"] if getattr(cfg.task, "kind", "") == "classify" else []
+        extra = ["--classes", "4"] if cfg.task.classify else []
         cli(["data", "synth", app, "--out", str(data), "--samples", str(args.samples),
              "--size", str(args.size), "--chunk", str(args.size // max(dom.grid)), *extra])
         print(f"data: {args.samples} samples of {args.size}^{len(dom.grid)} "
@@ -124,7 +125,8 @@ def main() -> None:
     local_epochs = dom.local_epochs or cfg.train.epochs
     depth = cfg.model.depth + round(math.log2(max(dom.grid)))
     store = open_store(data)
-    shape, ncls = store.sample_shape, store.schema.num_labels
+    shape = store.sample_shape
+    ncls = store.schema.num_classes if cfg.task.classify else store.schema.num_labels
     part = subdomains(shape[1:], dom.grid, dom.overlap)[0]
     local_model = build_model(cfg.model, (shape[0], *part.shape), ncls, 0)
     lp = sum(p.numel() for p in local_model.parameters())

@@ -95,6 +95,23 @@ def activation_mb(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     return total / 2**20
 
 
+def activations_at(cfg: Config, side: int, channels: int) -> None:
+    """The activation memory per sample of the config's local CNN on a sub-domain and of
+    the same network on whole samples (one pooling block more per halving), at `side`."""
+    dom = cfg.domain
+    spatial = tuple(side for _ in dom.grid)
+    part = subdomains(spatial, dom.grid, dom.overlap)[0]
+    depth = cfg.model.depth + round(math.log2(max(dom.grid)))
+    local = build_model(cfg.model, (channels, *part.shape), 4, 0)
+    whole = build_model(replace(cfg.model, depth=depth), (channels, *spatial), 4, 0)
+    la = activation_mb(local, (channels, *part.shape))
+    ga = activation_mb(whole, (channels, *spatial))
+    print(f"machine: {machine()}")
+    print(f"activations per sample at {'x'.join(map(str, spatial))} x {channels}, model "
+          f"width {cfg.model.width:g}: local CNN on {'x'.join(map(str, part.shape))} "
+          f"{la:.1f} MiB, the network on whole samples {ga:.1f} MiB, ratio {la / ga:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, default=Path("configs/cosmoflow-domain.toml"))
@@ -105,9 +122,17 @@ def main() -> None:
                    "64 for the images)")
     p.add_argument("--global-width", type=float, default=0.0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--activations", type=int, default=0, metavar="SIDE",
+                   help="only print the activation memory per sample of the local CNN and "
+                        "of the global network for samples of SIDE points per axis (no "
+                        "training): how the saving grows with the sample")
+    p.add_argument("--channels", type=int, default=4, help="with --activations")
     args = p.parse_args()
     cfg = load_config(args.config, args.set)
     dom = cfg.domain
+    if args.activations:
+        activations_at(cfg, args.activations, args.channels)
+        return
     work = Path(tempfile.mkdtemp(prefix="domain-bench-"))
     data = args.data
     if data is None:

@@ -9,6 +9,12 @@ mean loss over the stage's ranks is logged; every epoch the objective's validati
 metrics are computed over the whole validation set (each rank takes a disjoint share)
 and a checkpoint is written, and every `train.checkpoint_every_steps` in between.
 
+A stage may read a fixed block of every sample instead of the whole (`StageSpec.region_*`,
+a sub-domain of domain decomposition): it trains and validates on that block, and only its
+chunks are read. A model that reduces its own gradients (`reduces_gradients`, the coherent
+CNN-DNN whose ranks hold different parameters) is not wrapped in DDP; the loop calls its
+`reduce_gradients()` after backward.
+
 The trainer is given its stage and the run's settings (`spec.py`); it never reads the
 plan. Whether a checkpoint's config allows resuming from it is the driver's question.
 """

@@ -6,14 +6,28 @@ coherent phase ends equal to a straight one."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
 import pytest
 import torch
-from conftest import ROOT, mpiexec_path, run_cli, run_env
+from conftest import (
+    ROOT,
+    end_tree,
+    mpiexec_path,
+    rank_processes,
+    run_cli,
+    run_env,
+    stderr_of,
+    steps,
+)
+
+from hpc_multires.train.preempt import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.mpi
 
@@ -273,3 +287,47 @@ def test_resume_in_a_phase_equals_straight_run(replicas_config: Path, straight: 
     # It continued from the checkpoints (a fresh start would end the same way too).
     assert f"stage {phase}-0: resumed from epoch-0001.pt" in r.stderr
     assert_same_end(straight, run)
+
+
+def test_signal_to_one_part_stops_every_part_of_the_coherent_model(
+        replicas_config: Path, tmp_path: Path) -> None:
+    """2 sub-domains x 2 replicas; in the coherent phase only rank 3 (a replica of part 1)
+    is signalled. Every part must stop at the same step (their forward passes gather over
+    each other), each part's first rank writing its checkpoint there, and the resumed run
+    must end where a straight one ends."""
+    config = tmp_path / "c.toml"
+    config.write_text(replicas_config.read_text().replace("coherent_epochs = 2",
+                                                          "coherent_epochs = 8"))
+    straight = tmp_path / "straight"
+    r = run_cli(["train", str(config), "--run-dir", str(straight)], ranks=4, timeout=420)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    cmd = [mpiexec_path(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
+           "train", str(config), "--run-dir", str(run), "--auto-resume"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(r["stage"] == "coherent-0" and r["step"] >= 3 for r in steps(run)):
+            assert proc.poll() is None, stderr_of(proc)
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        by_rank = {int(p.environ().get("PMI_RANK", "-1")): p
+                   for p in rank_processes(proc.pid)}
+        os.kill(by_rank[3].pid, signal.SIGUSR1)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        end_tree(proc)
+    assert proc.returncode == PREEMPTED_EXIT, err[-3000:]
+    mids = [sorted(p.name for p in (run / "stages" / f"coherent-{d}" / "checkpoints")
+                   .glob("*-step-*.pt")) for d in range(2)]
+    assert mids[0] and mids[0] == mids[1], mids  # the same step in both parts
+    again = run_cli(["train", str(config), "--run-dir", str(run), "--auto-resume"], ranks=4,
+                    timeout=420)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage coherent-0: resumed from epoch-" in again.stderr
+    for d in range(2):
+        fa, fb = (torch.load(x / "stages" / f"coherent-{d}" / "final.pt",
+                             weights_only=False)["model"] for x in (straight, run))
+        for k in fa:
+            torch.testing.assert_close(fb[k], fa[k], rtol=1e-5, atol=1e-6)

@@ -262,3 +262,51 @@ def test_two_ranks_learn_the_classes(tmp_path: Path, classes32: Path) -> None:
     assert last["val_loss"] < np.log(4)  # below what uniform probabilities give
     table = run_cli(["report", str(run)]).stdout
     assert "val_acc" in table
+
+
+PLAN = """
+[[stages]]
+name = "coarse"
+level = 1
+crop = 8
+[stages.train]
+epochs = 1
+
+[[stages]]
+name = "fine"
+level = 0
+init = "fuse"
+fuse_from = ["coarse"]
+fusion = "transfer"
+[stages.train]
+epochs = 1
+estimator = "mge"
+mge_levels = 2
+"""
+
+
+@pytest.mark.slow
+def test_a_multiresolution_plan_classifies(tmp_path: Path) -> None:
+    """Classification under the plans' machinery: windows at a coarse level (validated on
+    whole samples), transfer fusion (the fused start scored by accuracy), MGE over two
+    levels; one rank."""
+    data = tmp_path / "c32"
+    r = run_cli(["data", "synth", "classes", "--out", str(data), "--samples", "128",
+                 "--size", "32", "--samples-per-shard", "64"])
+    assert r.returncode == 0, r.stderr
+    assert run_cli(["data", "pyramid", str(data), "--levels", "1"]).returncode == 0
+    cfg = config(tmp_path, data)
+    cfg.write_text(cfg.read_text().replace("global_batch = 32", "global_batch = 16") + PLAN)
+    run = tmp_path / "run"
+    r = run_cli(["train", str(cfg), "--run-dir", str(run)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = {rec["stage"]: rec for rec in records if rec["kind"] == "start"}
+    assert starts["fine"]["headline"] == "val_acc"
+    assert 0.0 <= starts["fine"]["start_val_acc"] <= 1.0  # the fused model, before training
+    epochs = {rec["stage"]: rec for rec in records if rec["kind"] == "epoch"}
+    for stage in ("coarse", "fine"):
+        assert 0.0 <= epochs[stage]["val_acc"] <= 1.0
+        assert epochs[stage]["level"] == starts[stage]["level"]
+    steps = [rec for rec in records if rec["kind"] == "step" and rec["stage"] == "fine"]
+    assert "mge_term1" in steps[-1]  # the MGE estimator's coarse term was logged

@@ -155,3 +155,15 @@ def test_same_dataset_on_any_rank_count(tmp_path) -> None:
         np.testing.assert_array_equal(store.labels()[:, 0], np.arange(10) % 5)
     for i in range(10):
         np.testing.assert_array_equal(stores[0].read_raw(i)[0], stores[1].read_raw(i)[0])
+
+
+def test_inspect_lists_the_classes(cli_in_process, tmp_path) -> None:
+    out = tmp_path / "d"
+    r = cli_in_process(["data", "synth", "classes", "--out", str(out), "--samples", "6",
+                        "--size", "32", "--classes", "3"])
+    assert r.returncode == 0, r.stderr
+    r = cli_in_process(["data", "inspect", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert "classes   3, samples per class: 0 o000-few (2), 1 o000-many (2), 2 o090-few (2)" \
+        in r.stdout
+    assert "outside [-1, 1]" not in r.stdout  # class indices are not scaled labels

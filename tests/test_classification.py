@@ -4,6 +4,7 @@ model, class indices in the store, config errors, and a 2-rank run that learns."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,7 @@ def test_config_errors_name_the_key_and_the_fix(cli_in_process, tmp_path: Path,
     cfg = config(tmp_path, tmp_path / "unused")
     args = [a for s in sets for a in ("--set", s)]
     line = one_error(cli_in_process(["plan", str(cfg), "--ranks", "1", *args]))
-    assert __import__("re").search(match, line), line
+    assert re.search(match, line), line
 
 
 def test_classify_needs_a_store_of_classes(cli_in_process, tmp_path: Path) -> None:
@@ -310,3 +311,15 @@ def test_a_multiresolution_plan_classifies(tmp_path: Path) -> None:
         assert epochs[stage]["level"] == starts[stage]["level"]
     steps = [rec for rec in records if rec["kind"] == "step" and rec["stage"] == "fine"]
     assert "mge_term1" in steps[-1]  # the MGE estimator's coarse term was logged
+
+
+def test_a_validation_set_needs_the_training_classes(cli_in_process, tmp_path: Path,
+                                                     classes32: Path) -> None:
+    other = tmp_path / "k3"
+    r = cli_in_process(["data", "synth", "classes", "--out", str(other), "--samples", "8",
+                        "--size", "32", "--classes", "3"])
+    assert r.returncode == 0, r.stderr
+    line = one_error(cli_in_process(["plan", str(config(tmp_path, classes32)), "--ranks", "1",
+                                     "--set", f"data.val_path={other}"]))
+    assert "holds the classes ['o000-few', 'o000-many', 'o090-few']" in line
+    assert "use a validation set with the training set's classes" in line

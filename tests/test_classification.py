@@ -323,3 +323,11 @@ def test_a_validation_set_needs_the_training_classes(cli_in_process, tmp_path: P
                                      "--set", f"data.val_path={other}"]))
     assert "holds the classes ['o000-few', 'o000-many', 'o090-few']" in line
     assert "use a validation set with the training set's classes" in line
+
+
+def test_the_shipped_config_plans_on_classes(cli_in_process, classes32: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    r = cli_in_process(["plan", str(root / "configs" / "images-classify.toml"), "--ranks", "2",
+                        "--set", f"data.path={classes32}"])
+    assert r.returncode == 0, r.stderr
+    assert "level 0 (1, 32, 32)" in r.stderr + r.stdout

@@ -4,6 +4,7 @@ model, class indices in the store, config errors, and a 2-rank run that learns."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,7 @@ def test_config_errors_name_the_key_and_the_fix(cli_in_process, tmp_path: Path,
     cfg = config(tmp_path, tmp_path / "unused")
     args = [a for s in sets for a in ("--set", s)]
     line = one_error(cli_in_process(["plan", str(cfg), "--ranks", "1", *args]))
-    assert __import__("re").search(match, line), line
+    assert re.search(match, line), line
 
 
 def test_classify_needs_a_store_of_classes(cli_in_process, tmp_path: Path) -> None:
@@ -262,3 +263,71 @@ def test_two_ranks_learn_the_classes(tmp_path: Path, classes32: Path) -> None:
     assert last["val_loss"] < np.log(4)  # below what uniform probabilities give
     table = run_cli(["report", str(run)]).stdout
     assert "val_acc" in table
+
+
+PLAN = """
+[[stages]]
+name = "coarse"
+level = 1
+crop = 8
+[stages.train]
+epochs = 1
+
+[[stages]]
+name = "fine"
+level = 0
+init = "fuse"
+fuse_from = ["coarse"]
+fusion = "transfer"
+[stages.train]
+epochs = 1
+estimator = "mge"
+mge_levels = 2
+"""
+
+
+@pytest.mark.slow
+def test_a_multiresolution_plan_classifies(tmp_path: Path) -> None:
+    """Classification under the plans' machinery: windows at a coarse level (validated on
+    whole samples), transfer fusion (the fused start scored by accuracy), MGE over two
+    levels; one rank."""
+    data = tmp_path / "c32"
+    r = run_cli(["data", "synth", "classes", "--out", str(data), "--samples", "128",
+                 "--size", "32", "--samples-per-shard", "64"])
+    assert r.returncode == 0, r.stderr
+    assert run_cli(["data", "pyramid", str(data), "--levels", "1"]).returncode == 0
+    cfg = config(tmp_path, data)
+    cfg.write_text(cfg.read_text().replace("global_batch = 32", "global_batch = 16") + PLAN)
+    run = tmp_path / "run"
+    r = run_cli(["train", str(cfg), "--run-dir", str(run)], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = {rec["stage"]: rec for rec in records if rec["kind"] == "start"}
+    assert starts["fine"]["headline"] == "val_acc"
+    assert 0.0 <= starts["fine"]["start_val_acc"] <= 1.0  # the fused model, before training
+    epochs = {rec["stage"]: rec for rec in records if rec["kind"] == "epoch"}
+    for stage in ("coarse", "fine"):
+        assert 0.0 <= epochs[stage]["val_acc"] <= 1.0
+        assert epochs[stage]["level"] == starts[stage]["level"]
+    steps = [rec for rec in records if rec["kind"] == "step" and rec["stage"] == "fine"]
+    assert "mge_term1" in steps[-1]  # the MGE estimator's coarse term was logged
+
+
+def test_a_validation_set_needs_the_training_classes(cli_in_process, tmp_path: Path,
+                                                     classes32: Path) -> None:
+    other = tmp_path / "k3"
+    r = cli_in_process(["data", "synth", "classes", "--out", str(other), "--samples", "8",
+                        "--size", "32", "--classes", "3"])
+    assert r.returncode == 0, r.stderr
+    line = one_error(cli_in_process(["plan", str(config(tmp_path, classes32)), "--ranks", "1",
+                                     "--set", f"data.val_path={other}"]))
+    assert "holds the classes ['o000-few', 'o000-many', 'o090-few']" in line
+    assert "use a validation set with the training set's classes" in line
+
+
+def test_the_shipped_config_plans_on_classes(cli_in_process, classes32: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    r = cli_in_process(["plan", str(root / "configs" / "images-classify.toml"), "--ranks", "2",
+                        "--set", f"data.path={classes32}"])
+    assert r.returncode == 0, r.stderr
+    assert "level 0 (1, 32, 32)" in r.stderr + r.stdout

@@ -3,6 +3,7 @@ store cannot hold is one line and nothing written."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -162,7 +163,7 @@ def test_a_class_layout_that_cannot_work_is_one_line(cli, tmp_path: Path, layout
         class_folder(folder / "a", {"deeper": 1})
     r = cli(["data", "convert", "--x", str(folder), "--out", str(tmp_path / "out")])
     line = one_error(r)
-    assert __import__("re").search(match, line), line
+    assert re.search(match, line), line
     assert "nothing was written" in line
     assert not (tmp_path / "out").exists()
 

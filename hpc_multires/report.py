@@ -51,7 +51,10 @@ def summarize(run_dir: Path) -> dict[str, Any]:
     reference = first.get("val_mae_mean_predictor",
                           first.get("val_acc_majority", last.get("val_psnr_input")))
     return {"run": run_dir.name, "status": run.status(), "stages": len(order),
-            "ranks": first.get("world_size"),
+            # the job's ranks: the widest stage (domain decomposition's stages each run on
+            # a sub-domain's ranks; an aggregator on all)
+            "ranks": max((int(st.get("world_size") or 0) for st in starts.values()),
+                         default=0) or None,
             "epochs": last.get("epoch", 0), "wall_s": max(r.get("wall_s") or 0 for r in records),
             "samples_per_s": last.get("samples_per_s"), "metric": metric,
             "higher_is_better": higher, "final": last.get(metric),

@@ -142,7 +142,8 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
                                level_work(s.level, spatial_dims, measured) * share * coarse
                                * estimator_work(s, spatial_dims)
                                * (1.0 if shared else world / len(s.ranks)),
-                               bool(s.train.time_budget_s), share < 1.0, coarse < 1.0))
+                               bool(s.train.time_budget_s), bool(s.config.crop) and share < 1.0,
+                               coarse < 1.0))
     waves: dict[int, float] = {}
     for c in costs:
         waves[c.wave] = waves.get(c.wave, 0.0) + c.total if shared else \

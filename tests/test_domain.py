@@ -162,3 +162,51 @@ def test_shipped_domain_configs_load() -> None:
     images = load_config(root / "configs" / "images-domain.toml")
     assert images.domain.grid == (2, 2) and images.task.classify
     assert [s.name for s in resolve(images, 4)][-1] == "coherent-3"
+
+
+def test_trainer_reads_trains_and_validates_on_its_region(tmp_path: Path) -> None:
+    """A stage given a region (a sub-domain) sees only that block of every sample, in
+    training and in validation: the model below takes 1x2x2x2 inputs only, and the first
+    batch it trains on is the block of the sampler's first samples."""
+    from conftest import write_arrays_store
+    from test_objective import one_process
+
+    from hpc_multires.data.config import DataConfig
+    from hpc_multires.data.sampler import GlobalBatchSampler
+    from hpc_multires.data.store import SampleStore
+    from hpc_multires.train.config import LogConfig, TrainConfig
+    from hpc_multires.train.loop import Split, Trainer
+    from hpc_multires.train.metrics import MetricsLog, Progress
+    from hpc_multires.train.spec import RunSettings, StageSpec
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 1, 4, 4, 4)).astype(np.float32)
+    y = rng.uniform(-1, 1, size=(12, 2)).astype(np.float32)
+    store = SampleStore(write_arrays_store(tmp_path / "data", x, y, per_shard=6))
+    seen: list[torch.Tensor] = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[1:] == (1, 2, 2, 2), x.shape
+            seen.append(x.detach().clone())
+            return self.linear(x.flatten(1))
+
+    stage = StageSpec(name="local-5", level=0, group="sub5", ranks=(0,),
+                      train=TrainConfig(epochs=1, global_batch=4, lr=0.01),
+                      region_start=(2, 0, 2), region_shape=(2, 2, 2))
+    run = RunSettings(seed=1, data=DataConfig(num_workers=0), log=LogConfig(every_steps=1))
+    trainer = Trainer(stage, run, one_process(), Probe(), Split(store, np.arange(8)),
+                      Split(store, np.arange(8, 12)), tmp_path / "ckpt",
+                      MetricsLog(tmp_path / "metrics.jsonl", enabled=True),
+                      Progress(2, enabled=False, interval_s=30.0), lambda: 0.0)
+    assert trainer.fit()["done"]
+    first = GlobalBatchSampler(np.arange(8), 4, 0, 1, seed=1).batches(0)[0]
+    block = np.stack([store.read(int(i), (slice(2, 4), slice(0, 2), slice(2, 4)))[0]
+                      for i in first])
+    torch.testing.assert_close(seen[0], torch.from_numpy(block))
+    start = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["region_start"] == [2, 0, 2] and start["region_shape"] == [2, 2, 2]

@@ -64,6 +64,11 @@ def test_overlap_keeps_one_size_and_moves_border_blocks_inwards() -> None:
     assert [p.start for p in parts] == [(0, 0), (0, 4), (4, 0), (4, 4)]
 
 
+def test_overlap_wider_than_the_sample_is_refused() -> None:
+    with pytest.raises(ConfigError, match="domain.overlap = 3 makes sub-domains of 10 points"):
+        subdomains((8, 8), (2, 2), overlap=3)
+
+
 def test_process_grid_is_subdomain_by_replica() -> None:
     g = process_grid(16, (2, 2, 2))
     assert (g.subdomains, g.replicas) == (8, 2)

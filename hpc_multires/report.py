@@ -2,10 +2,11 @@
 wall time.
 
 Each run is reported by its headline metric, which its start record names (`headline`,
-`higher_is_better`): val_mae (lower is better) for regression, val_psnr (higher is
-better) for the image tasks; records written before the name was recorded count as
-val_mae. Several runs share one plot, and every stage of a multi-stage run is its own curve
-on the run's wall-clock axis (coarse levels dashed), so methods compare at a glance.
+`higher_is_better`): val_mae (lower is better) for regression, val_acc (higher is better)
+for classification, val_psnr (higher is better) for the image tasks; records written
+before the name was recorded count as val_mae. Several runs share one plot, and every
+stage of a multi-stage run is its own curve on the run's wall-clock axis (coarse levels
+dashed), so methods compare at a glance.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from hpc_multires.driver.run_dir import RunDir
 from hpc_multires.errors import UserError
 from hpc_multires.train.metrics import read_metrics
+
+REFERENCE_LABELS = {"val_mae": "predict the mean", "val_acc": "predict the majority class"}
 
 
 def summarize(run_dir: Path) -> dict[str, Any]:
@@ -43,11 +46,15 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         c = curves.setdefault(r.get("stage", "main"), {"level": r.get("level", 0), "points": []})
         c["points"].append((r["wall_s"], r[metric]))
     values = [r[metric] for r in last_epochs if r.get(metric) is not None]
-    # What a trivial model scores: the training mean (regression), the corrupted input
-    # itself (an image task).
-    reference = first.get("val_mae_mean_predictor", last.get("val_psnr_input"))
+    # What a trivial model scores: the training mean (regression), the most frequent
+    # class (classification), the corrupted input itself (an image task).
+    reference = first.get("val_mae_mean_predictor",
+                          first.get("val_acc_majority", last.get("val_psnr_input")))
     return {"run": run_dir.name, "status": run.status(), "stages": len(order),
-            "ranks": first.get("world_size"),
+            # the job's ranks: the widest stage (domain decomposition's stages each run on
+            # a sub-domain's ranks; an aggregator on all)
+            "ranks": max((int(st.get("world_size") or 0) for st in starts.values()),
+                         default=0) or None,
             "epochs": last.get("epoch", 0), "wall_s": max(r.get("wall_s") or 0 for r in records),
             # Validation's share of wall_s: every epoch's and every fused start's (None
             # for logs written before it was recorded).
@@ -58,8 +65,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
             "higher_is_better": higher, "final": last.get(metric),
             "best": (max if higher else min)(values, default=None),
             "reference": reference,
-            "reference_label": "predict the mean" if metric == "val_mae" else
-            "the corrupted input", "curves": curves}
+            "reference_label": REFERENCE_LABELS.get(metric, "the corrupted input"),
+            "curves": curves}
 
 
 def _fmt(v: Any) -> str:

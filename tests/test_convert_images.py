@@ -3,6 +3,7 @@ store cannot hold is one line and nothing written."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +102,85 @@ def test_options_for_arrays_are_refused_for_a_folder(cli, tmp_path: Path) -> Non
     empty.mkdir()
     line = one_error(cli(["data", "convert", "--x", str(empty), "--out", str(tmp_path / "o")]))
     assert "holds no .png, .jpg or .jpeg files" in line
+
+
+def class_folder(root: Path, counts: dict[str, int], seed: int = 0) -> dict[str, list]:
+    """root/<class>/img<j>.png for each class, grey 16x24; returns the arrays by class."""
+    arrays: dict[str, list] = {}
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True)
+        arrays[name] = [grey(100 * seed + 10 * c + j) for j in range(n)]
+        for j, a in enumerate(arrays[name]):
+            save(root / name / f"img{j}.png", a)
+    return arrays
+
+
+def test_class_sub_folders_become_a_labelled_store(cli, tmp_path: Path) -> None:
+    folder = tmp_path / "pics"
+    arrays = class_folder(folder, {"zebra": 2, "ant": 4, "mole": 2})
+    (folder / ".hidden").mkdir()  # skipped, as names starting with "." are
+    (folder / "ant" / "notes.txt").write_text("not an image: left out")
+    out = tmp_path / "out"
+    r = cli(["data", "convert", "--x", str(folder), "--out", str(out),
+             "--samples-per-shard", "3"])
+    assert r.returncode == 0, r.stderr
+    store = SampleStore(out)
+    assert len(store) == 8 and store.sample_shape == (1, 16, 24)
+    assert store.schema.class_names == ("ant", "mole", "zebra")  # sorted names -> indices
+    assert store.schema.label_names == ("class",)
+    labels = store.labels()[:, 0]
+    assert sorted(labels.tolist()) == [0, 0, 0, 0, 1, 1, 2, 2]
+    # Interleaved in proportion: each half of the store holds half of every class.
+    assert sorted(labels[4:].tolist()) == [0, 0, 1, 2]
+    names = ("ant", "mole", "zebra")
+    seen: dict[int, int] = {}
+    for i in range(8):
+        x, y = store.read(i, normalise=False)
+        c = int(y[0])
+        j = seen.get(c, 0)  # each class's images in file-name order
+        seen[c] = j + 1
+        np.testing.assert_allclose(x[0], arrays[names[c]][j] / 255.0, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(("layout", "match"), [
+    ("mixed", r"holds both images \(loose.png\) and sub-folders \(a, b\); put every image"),
+    ("empty", r"class folder\(s\) b of .* hold no .png, .jpg or .jpeg images; add images or "
+              "remove"),
+    ("nested", r"class folder\(s\) a of .* hold folders of their own"),
+    ("single", r"has one class folder, a: a classification needs 2 classes"),
+])
+def test_a_class_layout_that_cannot_work_is_one_line(cli, tmp_path: Path, layout: str,
+                                                     match: str) -> None:
+    folder = tmp_path / "pics"
+    class_folder(folder, {"a": 2} if layout == "single" else {"a": 2, "b": 1})
+    if layout == "mixed":
+        save(folder / "loose.png", grey(9))
+    elif layout == "empty":
+        for f in (folder / "b").iterdir():
+            f.unlink()
+        (folder / "b" / "readme.txt").write_text("no images here")
+    elif layout == "nested":
+        class_folder(folder / "a", {"deeper": 1})
+    r = cli(["data", "convert", "--x", str(folder), "--out", str(tmp_path / "out")])
+    line = one_error(r)
+    assert re.search(match, line), line
+    assert "nothing was written" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.mpi
+def test_class_folders_convert_alike_on_two_ranks(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    folder = tmp_path / "pics"
+    class_folder(folder, {"a": 3, "b": 4})
+    stores = []
+    for ranks in (1, 2):
+        out = tmp_path / f"r{ranks}"
+        r = run_cli(["data", "convert", "--x", str(folder), "--out", str(out),
+                     "--samples-per-shard", "2"], ranks=ranks, timeout=120)
+        assert r.returncode == 0, r.stderr
+        stores.append(SampleStore(out))
+    np.testing.assert_array_equal(stores[0].labels(), stores[1].labels())
+    for i in range(7):
+        np.testing.assert_array_equal(stores[0].read_raw(i)[0], stores[1].read_raw(i)[0])

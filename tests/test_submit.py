@@ -28,6 +28,11 @@ CASES = {
                           run_dir=Path("/scratch/runs/gpu"), root=ROOT, nodes=4,
                           ntasks_per_node=4, cpus_per_task=8, gpus_per_node=4,
                           time="12:00:00", account="proj42", partition="gpu"),
+    # Domain decomposition: 2x2x2 sub-volumes, one local CNN per rank of 2 nodes x 4.
+    "domain-2nodes": JobSpec(config=ROOT / "configs/cosmoflow-domain.toml",
+                             run_dir=Path("/scratch/runs/domain"), root=ROOT, nodes=2,
+                             ntasks_per_node=4, time="02:00:00", partition="cpu",
+                             overrides=("data.path=/scratch/data/cosmoflow-blocks",)),
     "hostile": JobSpec(config=Path("/home/a b/it's \"mine\"/c.toml"),
                        run_dir=Path("/tmp/x; echo pwned/run $HOME"), root=Path("/opt/my repo"),
                        job_name="a'b", overrides=("data.path=/d; rm -rf ~", "run.name=`id`")),
@@ -128,6 +133,20 @@ def test_dry_run_cli_prints_the_script(cli, tmp_path: Path) -> None:
     assert missing.returncode == 2 and "nope.toml' not found" in missing.stderr
     bad = cli(["submit", "configs/cosmoflow-demo.toml", "--time", "1h; rm", "--dry-run"])
     assert bad.returncode == 2 and "--time" in bad.stderr
+
+
+def test_domain_job_must_hold_its_grid(cli, tmp_path: Path) -> None:
+    """2x2x2 sub-volumes need 8 ranks (or a multiple): a job of 2 x 2 is refused before it
+    waits in the queue, one of 2 x 4 is rendered."""
+    args = ["submit", "configs/cosmoflow-domain.toml", "--run-dir", str(tmp_path / "r"),
+            "--dry-run", "--nodes", "2"]
+    small = cli([*args, "--ntasks-per-node", "2"])
+    assert small.returncode == 2 and "makes 8 sub-domains, more than the 4 rank(s)" in \
+        small.stderr and "nothing submitted" in small.stderr
+    uneven = cli([*args, "--ntasks-per-node", "6"])
+    assert uneven.returncode == 2 and "12 ranks are not divisible by the 8" in uneven.stderr
+    ok = cli([*args, "--ntasks-per-node", "4"])
+    assert ok.returncode == 0 and "#SBATCH --ntasks-per-node=4" in ok.stdout, ok.stderr
 
 
 @pytest.mark.parametrize(("field", "value", "flag"), [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import math
 import os
 import sys
 import time
@@ -20,11 +21,16 @@ from hpc_multires.errors import UserError
 from hpc_multires.train.preempt import PREEMPTED_EXIT, Preempted
 
 OPTIONS = {"cosmoflow": ("size", "channels"), "neuron": ("bins", "probes"),
-           "images": ("size", "channels")}
+           "images": ("size", "channels"), "classes": ("size", "channels", "classes")}
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from hpc_multires.data.synth.writer import synth_cosmoflow, synth_images, synth_neuron
+    from hpc_multires.data.synth.writer import (
+        synth_classes,
+        synth_cosmoflow,
+        synth_images,
+        synth_neuron,
+    )
 
     other = sorted({n for names in OPTIONS.values() for n in names} - set(OPTIONS[args.app]))
     given = [f"--{name}" for name in other if getattr(args, name) is not None]
@@ -45,6 +51,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
                          seed=args.seed,
                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
                          chunk=args.chunk)
+    elif args.app == "classes":
+        n = synth_classes(args.out, num_samples=args.samples,
+                          size=64 if args.size is None else args.size,
+                          classes=4 if args.classes is None else args.classes,
+                          channels=1 if args.channels is None else args.channels,
+                          seed=args.seed, samples_per_shard=args.samples_per_shard,
+                          overwrite=args.overwrite, chunk=args.chunk)
     else:
         n = synth_cosmoflow(args.out, num_samples=args.samples,
                             size=32 if args.size is None else args.size,
@@ -85,7 +98,8 @@ def convert_folder(args: argparse.Namespace) -> int:
                                       ("--subvolume", args.subvolume)) if value]
     if given:
         raise UserError(f"{', '.join(given)} do(es) not apply to a folder of images "
-                        f"({args.x[0]}): images are stored as values in [0, 1] with no labels")
+                        f"({args.x[0]}): images are stored as values in [0, 1], labelled by "
+                        "their class sub-folder if they are in sub-folders, else unlabelled")
     n = convert_images(args.x[0], args.out, samples_per_shard=args.samples_per_shard,
                        overwrite=args.overwrite, compression=args.compression)
     _say(f"wrote {n} shard(s) to {args.out}")
@@ -154,9 +168,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     shapes = {level: train.store.sample_shape for level, (train, _) in splits.items()}
     dims = len(shapes[min(shapes)]) - 1
     train_samples = len(splits[min(splits)][0].indices)
+    share = 1.0
+    if cfg.domain.on:
+        from hpc_multires.methods.domain import subdomains
+
+        spatial = shapes[stages[0].level][1:]
+        part = subdomains(spatial, cfg.domain.grid, cfg.domain.overlap)[0]
+        share = math.prod(part.shape) / math.prod(spatial)
     costs, waves = plan_cost(stages, args.ranks, dims, measured, args.shared_cores,
                              {level: shape[1:] for level, shape in shapes.items()},
-                             train_samples)
+                             train_samples, share)
     _say(f"plan of {args.config} on {args.ranks} rank(s), data {cfg.data.path}: "
          + ", ".join(f"level {lv} {tuple(shapes[lv])}" for lv in sorted(shapes)))
     _say(describe_plan(stages))
@@ -242,17 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND",
                                parser_class=_Parser)
     synth = dsub.add_parser("synth", help="generate a synthetic dataset (parallel under mpiexec)")
-    synth.add_argument("app", choices=["cosmoflow", "neuron", "images"],
+    synth.add_argument("app", choices=["cosmoflow", "neuron", "images", "classes"],
                        help="cosmoflow: 3D fields (N, C, S, S, S); neuron: voltage traces "
                             "(N, probes, bins) of simulated neurons; images: 2D images "
-                            "(N, C, S, S) in [0, 1] for restoration tasks")
+                            "(N, C, S, S) in [0, 1] for restoration tasks; classes: 2D "
+                            "images (N, C, S, S) in [0, 1] of K classes whose evidence is "
+                            "spread over the image, for task.kind = \"classify\"")
     synth.add_argument("--out", type=Path, required=True, help="output directory")
     synth.add_argument("--samples", type=int, default=256, help="number of samples")
     synth.add_argument("--size", type=int, help="cosmoflow: side of the volume (default 32); "
-                       "images: side of the image (default 64)")
+                       "images, classes: side of the image (default 64)")
     synth.add_argument("--channels", type=int,
-                       help="cosmoflow: growth stages per sample (default 4); images: 1 (grey, "
-                            "the default) or 3 (RGB)")
+                       help="cosmoflow: growth stages per sample (default 4); images, "
+                            "classes: 1 (grey, the default) or 3 (RGB)")
+    synth.add_argument("--classes", type=int,
+                       help="classes: the number of classes K, 2 to 16 (default 4)")
     synth.add_argument("--bins", type=int, help="neuron: time bins at 8 kHz (default 1600)")
     synth.add_argument("--probes", type=int, help="neuron: recorded compartments (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="same seed, same dataset")
@@ -270,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--x", type=Path, required=True, nargs="+", metavar="X",
                       help="inputs (N, C, *spatial) as .npy, or .npz with arrays x and y; a "
                            "folder of .png/.jpg images of one size (values stored in [0, 1], "
-                           "for the image tasks); or HDF5 files of ExaLearn universes ('full', "
+                           "for the image tasks), or a folder of one sub-folder of such "
+                           "images per class (labelled by class, for task.kind = "
+                           "\"classify\"); or HDF5 files of ExaLearn universes ('full', "
                            "'unitPar') or MRT/MRMF maps ('3Dmap', 'unitPar'), several at once")
     conv.add_argument("--y", type=Path, help="labels (N, P) as .npy (not needed with .npz)")
     conv.add_argument("--out", type=Path, required=True, help="output directory")

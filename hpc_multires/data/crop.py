@@ -20,9 +20,11 @@ def window_starts(spatial: Sequence[int], size: int, count: int,
     return np.stack([rng.integers(0, n - size + 1, size=count) for n in spatial], axis=1)
 
 
-def region(starts: Sequence[int], size: int) -> tuple[slice, ...]:
-    """The spatial slices of one window."""
-    return tuple(slice(int(a), int(a) + size) for a in starts)
+def region(starts: Sequence[int], size: int | Sequence[int]) -> tuple[slice, ...]:
+    """The spatial slices of one window: `size` points along every axis, or size[k] along
+    axis k."""
+    sizes = [size] * len(starts) if isinstance(size, int) else list(size)
+    return tuple(slice(int(a), int(a) + int(n)) for a, n in zip(starts, sizes, strict=True))
 
 
 def tiles(x: torch.Tensor, size: int) -> list[torch.Tensor]:

@@ -8,10 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from hpc_multires.data.store import checksum_shard, open_store
 from hpc_multires.data.volumes import VolumeStore
 from hpc_multires.errors import DataError
+
+
+def _classes(names: tuple[str, ...], labels: np.ndarray) -> str:
+    """The classes of a classification store and how many samples each has."""
+    counts = np.bincount(labels[:, 0].astype(np.int64), minlength=len(names))
+    return (f"classes   {len(names)}, samples per class: "
+            + ", ".join(f"{i} {n} ({c})" for i, (n, c) in enumerate(zip(names, counts,
+                                                                         strict=True))))
 
 
 def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
@@ -33,12 +42,12 @@ def inspect_store(path: Path, verify: bool = True) -> tuple[str, bool]:
         f"channels  mean {[round(float(v), 4) for v in store.mean]} "
         f"std {[round(float(v), 4) for v in store.std]} (after transform)",
         f"source    {prov.get('generator')} ({prov.get('created')}) seed {prov.get('seed', '-')}",
-        "labels    " + "; ".join(
+        _classes(s.class_names, labels) if s.class_names else "labels    " + "; ".join(
             f"{n} [{col.min():.3f}, {col.max():.3f}] mean {col.mean():.3f}"
             for n, col in zip(s.label_names, labels.T, strict=True)),
     ]
     outside = [n for n, col in zip(s.label_names, labels.T, strict=True)
-               if col.size and (col.min() < -1.0 or col.max() > 1.0)]
+               if col.size and (col.min() < -1.0 or col.max() > 1.0) and not s.class_names]
     if outside:  # trains, but the output layer reaches only (-1.2, 1.2)
         lines.append(f"labels    {', '.join(outside)} outside [-1, 1]: the models end in "
                      "1.2 * tanh and cannot fit values beyond 1.2; map each label into "

@@ -89,11 +89,11 @@ PIPE_BYTES = 4 * 2**20
 
 class WindowedBatch(NamedTuple):
     """A batch of windows: from sample indices[i], the block of `size` points per spatial
-    axis that starts at starts[i]. Only that block is read."""
+    axis (or `size[k]` along axis k) that starts at starts[i]. Only that block is read."""
 
     indices: np.ndarray  # (b,)
     starts: np.ndarray  # (b, spatial axes)
-    size: int
+    size: int | tuple[int, ...]
 
 
 class ReadCorruption(NamedTuple):

@@ -65,6 +65,9 @@ class Schema:
     num_samples: int
     """Samples in the whole store."""
     num_shards: int
+    class_names: tuple[str, ...] = ()
+    """A classification store's classes, by index: its one label column holds each
+    sample's class index (0 .. K-1, not scaled); empty for a store of regression labels."""
 
     @property
     def channels(self) -> int:
@@ -80,6 +83,11 @@ class Schema:
 
     def spatial_at(self, level: int) -> tuple[int, ...]:
         return tuple(s >> level for s in self.spatial)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a classification store; 0 for a store of regression labels."""
+        return len(self.class_names)
 
 
 def transform(x: np.ndarray, name: str) -> np.ndarray:
@@ -102,11 +110,19 @@ class ShardWriter:
                  total_samples: int, num_samples: int, sample_shape: Sequence[int],
                  x_dtype: str | np.dtype, label_names: Sequence[str], x_transform: str,
                  prov: dict[str, Any], compression: str | None = None,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, class_names: Sequence[str] = ()) -> None:
         """`chunk`: /x in blocks of that many points per spatial axis, one channel each
-        (`data/chunks.py`); None: one sample per chunk."""
+        (`data/chunks.py`); None: one sample per chunk. `class_names`: a classification
+        store's classes; its one label column then holds class indices 0 .. K-1."""
         if x_transform not in TRANSFORMS:
             raise DataError(f"unknown transform {x_transform!r}; use one of {TRANSFORMS}")
+        self.class_names = tuple(str(n) for n in class_names)
+        if self.class_names and len(label_names) != 1:
+            raise DataError(f"a classification store has one label column (the class index), "
+                            f"not {len(label_names)}: {list(label_names)}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise DataError(f"class names {list(self.class_names)} repeat a name; give each "
+                            "class its own")
         self.path = Path(directory) / shard_name(index)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.num_samples = num_samples
@@ -129,6 +145,8 @@ class ShardWriter:
         a["x_dtype"] = np.dtype(x_dtype).name
         a["x_transform"] = x_transform
         a["label_names"] = json.dumps(list(label_names))
+        if self.class_names:  # absent: regression labels (a store written before classes)
+            a["class_names"] = json.dumps(list(self.class_names))
         a["shard_index"] = index
         a["num_shards"] = num_shards
         a["first_sample"] = first_sample
@@ -151,6 +169,10 @@ class ShardWriter:
         if not np.isfinite(y).all() or (x.dtype.kind == "f" and not np.isfinite(x).all()):
             raise DataError(f"sample {self._next} of {self.path.name} holds NaN or infinity; "
                             "clean the input arrays before writing them")
+        k = len(self.class_names)
+        if k and not (float(y[0]).is_integer() and 0 <= y[0] < k):
+            raise DataError(f"sample {self._next} of {self.path.name} has class {y[0]}, not "
+                            f"an index of its {k} classes (0 .. {k - 1})")
         self._x[self._next] = x
         self._y[self._next] = y
         t = transform(x, self.x_transform).reshape(x.shape[0], -1)  # (C, voxels)
@@ -337,6 +359,8 @@ class SampleStore:
             x_transform=x_transform,
             num_samples=int(_attr(f, p, "total_samples")),
             num_shards=int(_attr(f, p, "num_shards")),
+            class_names=tuple(json.loads(_attr(f, p, "class_names")))
+            if "class_names" in f.attrs else (),
         )
 
     def _check_datasets(self, f: h5py.File, p: Path, s: Schema) -> None:

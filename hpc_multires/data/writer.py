@@ -39,9 +39,11 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample_fn: SampleFn,
                   sample_shape: tuple[int, ...], x_dtype: str, label_names: tuple[str, ...],
                   x_transform: str, prov: dict[str, object], overwrite: bool = False,
-                  compression: str | None = None, chunk: int | None = None) -> int:
+                  compression: str | None = None, chunk: int | None = None,
+                  class_names: tuple[str, ...] = ()) -> int:
     """Write `num_samples` samples made by `sample_fn(i)`; returns the number of shards.
-    `chunk`: /x in blocks of that many points per spatial axis (`data/chunks.py`)."""
+    `chunk`: /x in blocks of that many points per spatial axis (`data/chunks.py`).
+    `class_names`: a classification store's classes (its one label is the class index)."""
     if samples_per_shard < 1:
         raise UserError(f"--samples-per-shard {samples_per_shard}: need at least 1")
     if num_samples < 1:
@@ -72,7 +74,8 @@ def write_dataset(out: Path, *, num_samples: int, samples_per_shard: int, sample
                              total_samples=num_samples, num_samples=count,
                              sample_shape=sample_shape, x_dtype=x_dtype,
                              label_names=label_names, x_transform=x_transform, prov=prov,
-                             compression=compression, chunk=chunk) as w:
+                             compression=compression, chunk=chunk,
+                             class_names=class_names) as w:
                 for i in range(first, first + count):
                     x, y = sample_fn(i)
                     w.write(x, y)

@@ -25,10 +25,12 @@ from hpc_multires.comm import dist as comm_dist
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.config import DataConfig
-from hpc_multires.data.store import SampleStore, open_store
+from hpc_multires.data.store import SampleStore, Schema, open_store
 from hpc_multires.data.volumes import mpio_communicator
+from hpc_multires.driver.domain import DomainPhases
 from hpc_multires.driver.run_dir import ResumePoint, RunDir
 from hpc_multires.errors import ConfigError, DataError, UserError
+from hpc_multires.methods.domain import subdomains
 from hpc_multires.methods.dynamic import Downsampling
 from hpc_multires.methods.fusion import check_bottom_layers, fuse, shrink
 from hpc_multires.methods.mge import MultiscaleGradient, level_batch_sizes
@@ -37,11 +39,13 @@ from hpc_multires.plan.config import Config
 from hpc_multires.plan.load import config_to_dict
 from hpc_multires.plan.stages import Stage, apply_level_rules, describe_plan, resolve
 from hpc_multires.train import preempt
+from hpc_multires.train.classification import Classification
 from hpc_multires.train.loop import Split, StopAt, Trainer
 from hpc_multires.train.metrics import MetricsLog, Progress
 from hpc_multires.train.objective import Objective, Regression
 from hpc_multires.train.restoration import Restoration
 from hpc_multires.train.spec import RunSettings, StageSpec
+from hpc_multires.train.task import TaskConfig
 
 
 def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
@@ -60,6 +64,11 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
                 f"data.val_path {cfg.val_path!r} holds samples {b.sample_shape} with labels "
                 f"{b.label_names}, data.path holds {a.sample_shape} with {a.label_names}; "
                 "use a validation set made the same way as the training set")
+        if a.class_names != b.class_names:
+            raise DataError(
+                f"data.val_path {cfg.val_path!r} holds the classes {list(b.class_names)}, "
+                f"data.path {list(a.class_names)}; use a validation set with the training "
+                "set's classes (class sub-folders of the same names)")
         # Normalise validation inputs with the training set's statistics.
         val.mean, val.std = store.mean, store.std
         return (Split(store, np.arange(len(store))), Split(val, np.arange(len(val))))
@@ -72,19 +81,47 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
     return (Split(store, np.arange(n_train)), Split(store, np.arange(n_train, len(store))))
 
 
-def build_objective(cfg: Config, stage: Stage, train_samples: int = 0) -> Objective:
-    """What the stage's steps compute: the task's objective (regression, or an image task),
-    under the stage's gradient estimator, with dynamic downsampling mixed in when its
-    train.downsample is on (`train_samples`, the training split's size, sizes its
-    schedule; 0 where only the objective's requests are asked for)."""
+def build_objective(cfg: Config, stage: Stage, train_samples: int = 0,
+                    class_names: tuple[str, ...] = ()) -> Objective:
+    """What the stage's steps compute: the task's objective (regression, classification of
+    `class_names`, or an image task), under the stage's gradient estimator, with dynamic
+    downsampling mixed in when its train.downsample is on (`train_samples`, the training
+    split's size, sizes its schedule; 0 where only the objective's requests are asked
+    for)."""
     task = cfg.task
-    base: Objective = Regression() if not task.restoration else Restoration(
-        task.corruption(), seed=cfg.run.seed, val_seed=task.val_seed,
-        ssim_weight=task.ssim_weight)
+    base: Objective
+    if task.restoration:
+        base = Restoration(task.corruption(), seed=cfg.run.seed, val_seed=task.val_seed,
+                           ssim_weight=task.ssim_weight)
+    elif task.classify:
+        base = Classification(class_names, task.label_smoothing)
+    else:
+        base = Regression()
     t = stage.train
     if t.estimator == "mge":
         base = MultiscaleGradient(base, t.mge_levels, t.mge_growth, t.restriction)
     return stage_objective(stage, cfg.run.seed, train_samples, base)
+
+
+def num_outputs(task: TaskConfig, schema: Schema) -> int:
+    """What the model outputs: a logit per class (classify), else a value per label (the
+    image-to-image networks ignore it)."""
+    return schema.num_classes if task.classify else schema.num_labels
+
+
+def check_labels(task: TaskConfig, schema: Schema, path: str) -> None:
+    """A classification needs a store of classes, a regression one of labels in [-1, 1]."""
+    if task.classify and not schema.class_names:
+        raise DataError(
+            f"task.kind = \"classify\" needs a store of class indices, but {path} holds "
+            f"regression labels ({', '.join(schema.label_names)}); make one with `hpc-multires "
+            "data synth classes` or `hpc-multires data convert --x FOLDER` of a folder with "
+            "one sub-folder of images per class")
+    if schema.class_names and not task.classify and not task.restoration:
+        raise ConfigError(
+            f"{path} holds the class of each sample ({len(schema.class_names)} classes: "
+            f"{', '.join(schema.class_names[:4])}{', ...' if schema.num_classes > 4 else ''}), "
+            f"not regression labels; set task.kind = \"classify\"")
 
 
 def stage_levels(cfg: Config, stage: Stage) -> list[int]:
@@ -157,6 +194,18 @@ def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
     fix then builds every level needed."""
     base = open_splits(data, 0)  # the level-0 headers give every level's sample size
     schema, n_train = base[0].store.schema, len(base[0].indices)
+    check_labels(cfg.task, schema, data.path)
+    if cfg.domain.on:  # the grid against the samples, the local CNN against a sub-domain
+        dom, level = cfg.domain, stages[0].level
+        spatial = schema.spatial_at(level)
+        part = subdomains(spatial, dom.grid, dom.overlap)[0]
+        try:
+            build_model(cfg.model, (schema.channels, *part.shape),
+                        num_outputs(cfg.task, schema), level)
+        except ConfigError as e:
+            raise ConfigError(f"domain.grid = {list(dom.grid)}: the local CNNs take "
+                              f"sub-domains of {'x'.join(map(str, part.shape))}, and {e}"
+                              ) from None
     stages = apply_level_rules(cfg, stages, schema.spatial_at, n_train)
     for s in stages:
         check_mge(s, schema.spatial_at(s.level), n_train)
@@ -171,7 +220,7 @@ def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
             try:
                 models[level] = build_model(cfg.model, (schema.channels,
                                                         *schema.spatial_at(level)),
-                                            schema.num_labels, level)
+                                            num_outputs(cfg.task, schema), level)
             except ConfigError as e:
                 raise ConfigError(f"stage {s.name!r} at level {level}: {e}") from None
     by_name = {s.name: s for s in stages}
@@ -218,11 +267,18 @@ def check_downsample_fits(cfg: Config, stage: Stage, store: SampleStore) -> None
             f"them ({', '.join(map(str, divisors[:4])) or 'none does: set fraction = 0'})")
     coarse = (store.sample_shape[0], *(n // down.factor for n in spatial))
     try:
-        build_model(cfg.model, coarse, store.schema.num_labels, stage.level)
+        build_model(cfg.model, coarse, num_outputs(cfg.task, store.schema), stage.level)
     except ConfigError as e:
         raise ConfigError(f"stage {stage.name!r}: {key} leaves inputs of "
                           f"{'x'.join(map(str, coarse[1:]))}, too small for the model ({e}); "
                           "use a smaller factor") from None
+
+
+def _labels(schema: Schema) -> str:
+    """The store's labels, or its classes, for the start message."""
+    if schema.class_names:
+        return f"{schema.num_classes} classes {', '.join(schema.class_names)}"
+    return f"labels {', '.join(schema.label_names)}"
 
 
 class PlanRunner:
@@ -243,7 +299,8 @@ class PlanRunner:
         # data: where to read (a node-local copy when staged)
         self.stages, self.splits = open_levels(cfg, data or cfg.data, self.stages)
         run_dir.check_resume(resume, cfg)
-        self.num_outputs = self.splits[self.stages[0].level][0].store.schema.num_labels
+        self.num_outputs = num_outputs(cfg.task,
+                                       self.splits[self.stages[0].level][0].store.schema)
         # Process groups: every rank creates every group, in plan order (torch requires it).
         self.groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for s in self.stages:
@@ -251,6 +308,8 @@ class PlanRunner:
                 whole = len(s.ranks) == comm.world_size
                 self.groups[s.ranks] = None if whole or not comm.distributed else \
                     dist.new_group(list(s.ranks))
+        # Domain decomposition: its sub-domains, process grid, and the replicas' groups.
+        self.domain = DomainPhases(self) if cfg.domain.on else None
         self.horovod = HorovodGroups([s.ranks for s in self.stages], comm.world_size) \
             if cfg.comm.backend == "horovod" else None
         self._t0 = time.monotonic()
@@ -271,8 +330,8 @@ class PlanRunner:
             print(f"hpc-multires train: {comm.world_size} rank(s) on {comm.info.node_count} "
                   f"node(s) ({comm.info.launcher}), device {comm.device.type}, "
                   f"{self.cfg.comm.backend}\n  data    {train.store.path}: "
-                  f"{len(train.store)} samples of {train.store.schema.sample_shape}, labels "
-                  f"{', '.join(train.store.schema.label_names)}\n  run dir {self.run_dir}\n"
+                  f"{len(train.store)} samples of {train.store.schema.sample_shape}, "
+                  f"{_labels(train.store.schema)}\n  run dir {self.run_dir}\n"
                   f"  plan\n{describe_plan(self.stages)}", file=sys.stderr, flush=True)
         self._offset = float(comm.broadcast_object(offset))
         comm.barrier()
@@ -321,6 +380,8 @@ class PlanRunner:
         comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks])
         start: ResumePoint = run_dir.resume_point(stage, comm, cfg) if self.resume else \
             ("fresh", None, None)
+        if stage.phase == "coherent" and self.domain is not None and self.resume:
+            start = self.domain.agree_on_checkpoint(stage, self.comm, start)
         kind, value, loaded = start
         if kind == "final":
             if comm.is_root:
@@ -329,10 +390,28 @@ class PlanRunner:
         resume_from = value if kind == "checkpoint" else None
         resuming = resume_from is not None
         train, val = self.splits[stage.level]
-        objective = build_objective(cfg, stage, len(train.indices))
+        objective = build_objective(cfg, stage, len(train.indices),
+                                    train.store.schema.class_names)
         levels = {level: self.splits[level][0] for level in stage_levels(cfg, stage)}
+        domain = self.domain
+        if stage.phase == "aggregator" and domain is not None:
+            return domain.run_aggregator(stage, comm, objective, start)
         torch.manual_seed(cfg.run.seed)  # same initial weights on every rank count
-        model = build_model(cfg.model, train.store.sample_shape, self.num_outputs, stage.level)
+        model: torch.nn.Module
+        region: dict[str, tuple[int, ...]] = {}
+        vote_comm = None
+        logs = comm.is_root
+        if domain is not None:  # a local CNN, or a part of the coherent model
+            region = domain.region(stage)
+            if stage.phase == "coherent":
+                model = domain.coherent_model(stage, comm, self.comm, resuming)
+                vote_comm = self.comm  # its forward gathers over every stage of its wave
+                logs = comm.is_root and stage.subdomain == 0  # one model: one part logs
+            else:
+                model = domain.local_model(stage.level)
+        else:
+            model = build_model(cfg.model, train.store.sample_shape, self.num_outputs,
+                                stage.level)
         if stage.config.init == "fuse" and not resuming and comm.is_root:
             # Fusion runs on the consuming stage's root; DDP's construction then
             # broadcasts the fused weights to the rest of the stage's ranks.
@@ -340,12 +419,12 @@ class PlanRunner:
             model.load_state_dict(fused)
             run_dir.save_init(stage.name, {"model": fused, "fusion": stage.config.fusion,
                                            "fuse_from": list(stage.config.fuse_from)})
-        log = MetricsLog(run_dir.metrics, enabled=comm.is_root)
-        progress = Progress(0, comm.is_root, cfg.log.progress_s)
+        log = MetricsLog(run_dir.metrics, enabled=logs)
+        progress = Progress(0, logs, cfg.log.progress_s)
         spec = StageSpec(name=stage.name, level=stage.level, group=stage.group,
                          ranks=stage.ranks, train=stage.train, lr_factor=stage.lr_factor,
                          crop=stage.config.crop,
-                         fused=stage.config.init == "fuse")
+                         fused=stage.config.init == "fuse", **region)
         run = RunSettings(seed=cfg.run.seed, data=cfg.data, log=cfg.log, comm=cfg.comm,
                           dropout=cfg.model.dropout > 0,  # the only random layers
                           config_record=config_to_dict(cfg))
@@ -353,9 +432,15 @@ class PlanRunner:
             if stage.config.carry_optimizer and not resuming else None
         trainer = Trainer(spec, run, comm, model, levels, val,
                           run_dir.checkpoint_dir(stage.name), log, progress, self.clock,
-                          self.horovod, objective, optimizer_state=carried)
+                          self.horovod, objective, optimizer_state=carried,
+                          vote_comm=vote_comm)
         progress.total = trainer.total_steps
-        result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
+        stop = self.stop
+        if stage.phase == "coherent" and stop is not None and stop.stage is not None \
+                and stop.stage.startswith("coherent-"):
+            # The coherent model's parts step together: a stop in one is a stop in all.
+            stop = StopAt(stop.epoch, stage.name)
+        result = trainer.fit(resume_from, stop=stop, loaded=loaded)
         if result["done"] and comm.is_root:
             run_dir.save_final(stage.name, {"model": model.state_dict(), "stage": stage.name,
                                             "level": stage.level, "result": result,

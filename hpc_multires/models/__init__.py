@@ -7,6 +7,7 @@ from torch import nn
 from hpc_multires.errors import ConfigError
 from hpc_multires.models.config import ModelConfig
 from hpc_multires.models.conv import CONV_KINDS, conv_layer
+from hpc_multires.models.convnet2d import ConvNet2d
 from hpc_multires.models.cosmoflow import CosmoFlow
 from hpc_multires.models.espcn import ESPCN
 from hpc_multires.models.meshfree import level_spacing, set_spacing
@@ -62,6 +63,17 @@ def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
                               cfg.stem_level),
             stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
             grid_factor=factor, norm=cfg.norm, conv=cfg.conv)
+    if cfg.name == "convnet2d":
+        if len(sample_shape) != 3:
+            raise ConfigError(
+                f"model.name = 'convnet2d' takes 2D images (C, H, W); the dataset's samples "
+                f"have shape {sample_shape}")
+        return ConvNet2d(
+            in_channels=sample_shape[0], spatial=sample_shape[1:], num_outputs=num_outputs,
+            width=cfg.width, depth=cfg.depth, kernel_size=cfg.kernel_size, head=cfg.head,
+            fc_sizes=cfg.fc_sizes, dropout=cfg.dropout,
+            pools=block_pools(2, cfg.depth, level, cfg.coarse_pools),
+            pool_type=cfg.pool_type, norm=cfg.norm)
     raise ConfigError(f"unknown model.name {cfg.name!r}")
 
 
@@ -88,5 +100,5 @@ def _image_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> nn.Module:
     return ESPCN(in_channels=channels, channels=cfg.espcn_channels)
 
 
-__all__ = ["CONV_KINDS", "ESPCN", "CosmoFlow", "NeuronInverter", "ResNet2d", "UNet",
+__all__ = ["CONV_KINDS", "ESPCN", "ConvNet2d", "CosmoFlow", "NeuronInverter", "ResNet2d", "UNet",
            "build_model", "conv_layer"]

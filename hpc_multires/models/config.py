@@ -14,16 +14,20 @@ IMAGE_MODELS = ("unet", "resnet2d", "espcn")
 class ModelConfig:
     """The network. Input channels, sample shape and outputs come from the dataset."""
 
-    name: Literal["cosmoflow", "neuron_inverter", "unet", "resnet2d", "espcn"] = "cosmoflow"
+    name: Literal["cosmoflow", "neuron_inverter", "convnet2d", "unet", "resnet2d",
+                  "espcn"] = "cosmoflow"
     """Architecture: cosmoflow (3D samples) or neuron_inverter (1D traces), regressing the
-    labels; unet, resnet2d or espcn (2D images, for the image tasks of [task]): image to
+    labels (a scaled tanh output); convnet2d (2D images: conv blocks, then gap or flatten
+    head, unbounded outputs: the class logits of task.kind = "classify");
+    unet, resnet2d or espcn (2D images, for the image tasks of [task]): image to
     image, fully convolutional, one set of weights on every pyramid level."""
     width: float = 1.0
     """Width multiplier. cosmoflow: the first conv block has round(32 * width) filters,
-    doubling per block; neuron_inverter: each block has round(conv_channels[i] * width)."""
+    doubling per block; convnet2d: round(16 * width), doubling per block;
+    neuron_inverter: each block has round(conv_channels[i] * width)."""
     depth: int = 5
-    """cosmoflow: conv blocks, each halving every axis (with the flatten head the input side
-    must be >= 2^depth; the gap head takes any size)."""
+    """cosmoflow, convnet2d: conv blocks, each halving every axis (with the flatten head the
+    input side must be >= 2^depth; the gap head takes any size)."""
     kernel_size: int = 3
     """Convolution kernel size (odd for cosmoflow and for conv = "meshfree"; the shipped
     Neuron configs use 4, the reference network's)."""
@@ -146,6 +150,13 @@ class ModelConfig:
         require(len(m.espcn_channels) == 2 and min(m.espcn_channels) >= 1,
                 "model.espcn_channels", m.espcn_channels, "give the two hidden widths, e.g. "
                 "[64, 32]")
+        if m.name == "convnet2d":
+            for key, value, ok in (("conv", m.conv, m.conv == "standard"),
+                                   ("stem_level", m.stem_level, m.stem_level == 0),
+                                   ("kernel_level", m.kernel_level, m.kernel_level == 0)):
+                require(ok, f"model.{key}", value,
+                        "model.name = 'convnet2d' has plain convolutions only: leave "
+                        f"model.{key} at its default")
         require(not (m.image_to_image and m.conv == "meshfree"), "model.conv", m.conv,
                 f"model.name = {m.name!r} (a 2D image network) has standard convolutions "
                 "only: use model.conv = 'standard'")

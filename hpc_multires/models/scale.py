@@ -114,6 +114,7 @@ def grid_pool(dims: int, kind: str, pool: int, factor: int, ceil_mode: bool) -> 
         return nn.Identity()
     window = factor * (pool - 1) + 1
     layer = {("max", 1): nn.MaxPool1d, ("avg", 1): nn.AvgPool1d,
+             ("max", 2): nn.MaxPool2d, ("avg", 2): nn.AvgPool2d,
              ("max", 3): nn.MaxPool3d, ("avg", 3): nn.AvgPool3d}[(kind, dims)]
     if factor == 1:
         return layer(pool, ceil_mode=ceil_mode)

@@ -21,7 +21,8 @@ RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "train.steps",
                      "data.path", "data.val_path",
                      "data.stage_to", "data.verify_reads", "data.mpio",
                      "data.num_workers", "data.prefetch", "data.read_timeout_s",
-                     "comm.timeout_s", "log.*")
+                     "comm.timeout_s", "log.*", "domain.local_epochs",
+                     "domain.aggregator_epochs", "domain.coherent_epochs")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

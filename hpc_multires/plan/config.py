@@ -17,6 +17,7 @@ from typing import Literal
 from hpc_multires.comm.config import CommConfig
 from hpc_multires.data.config import DataConfig
 from hpc_multires.errors import ConfigError, require
+from hpc_multires.methods.domain import DomainConfig
 from hpc_multires.models.config import ModelConfig
 from hpc_multires.train.config import LogConfig, TrainConfig
 from hpc_multires.train.task import TaskConfig
@@ -97,6 +98,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    domain: DomainConfig = field(default_factory=DomainConfig)
+    """Domain decomposition (CNN-DNN): local CNNs on sub-domains, an aggregator, a
+    coherent model; its phases are the plan (`plan.stages.domain_stages`)."""
     groups: dict[str, str] = field(default_factory=dict)
     """Named rank groups, "START:END" of the world: "0:1/2", "1/2:end", "0:2" (counts)."""
     stages: tuple[StageConfig, ...] = ()
@@ -134,10 +138,35 @@ def _check_values(cfg: Config) -> None:
         _check_downsample_model(prefix, train, cfg.model)
     cfg.comm.check()
     cfg.log.check()
+    cfg.domain.check()
+    _check_domain(cfg)
+
+
+def _check_domain(cfg: Config) -> None:
+    """Domain decomposition makes its own plan, on whole samples of one level, with the
+    gradient reduction of its coherent model: what it cannot be combined with."""
+    if not cfg.domain.on:
+        return
+    key, grid = "domain.grid", list(cfg.domain.grid)
+    require(not cfg.stages, key, grid,
+            "domain decomposition makes its own plan (local CNNs, aggregator, coherent "
+            "model); remove the [[stages]] tables, or the [domain] table")
+    require(cfg.comm.backend != "horovod", key, grid,
+            "the coherent model reduces its gradients over two kinds of rank groups, which "
+            "runs on torch.distributed only: set comm.backend = \"ddp\"")
+    require(not cfg.task.restoration, key, grid,
+            f"task.kind = {cfg.task.kind!r} maps images to images; domain decomposition "
+            "combines local predictions of labels or classes: use task.kind = "
+            "\"regression\" or \"classify\"")
+    t = cfg.train
+    require(t.estimator != "mge" and not t.downsample.on, key, grid,
+            "the local CNNs train on their sub-domains at one level: set train.estimator = "
+            "\"single\" and train.downsample.fraction = 0")
 
 
 def _check_task_and_model(cfg: Config) -> None:
-    """An image task needs an image-to-image network, and labels need the others."""
+    """An image task needs an image-to-image network, labels the others, and classes a
+    network that outputs logits."""
     task, model = cfg.task, cfg.model
     if task.restoration and not model.image_to_image:
         raise ConfigError(
@@ -148,7 +177,13 @@ def _check_task_and_model(cfg: Config) -> None:
         raise ConfigError(
             f"model.name = {model.name!r} maps images to images, but task.kind = "
             f"{task.kind!r} fits labels; set task.kind to an image task (denoise, noise, "
-            "deblur, inpaint, sr) or use model.name = \"cosmoflow\" or \"neuron_inverter\"")
+            "deblur, inpaint, sr) or use model.name = \"cosmoflow\", \"neuron_inverter\" "
+            "or \"convnet2d\"")
+    if task.classify and model.name != "convnet2d":
+        raise ConfigError(
+            f"task.kind = \"classify\" needs class logits, but model.name = {model.name!r} "
+            "ends in a scaled tanh for labels in [-1, 1]; use model.name = \"convnet2d\" "
+            "(2D images)")
     half = task.kind == "sr" and task.sr_input == "half"
     if (model.name == "espcn") != half:
         raise ConfigError(

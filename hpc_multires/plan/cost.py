@@ -115,12 +115,16 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
               measured: Mapping[int, float] | None = None,
               shared: bool = False,
               spatial: Mapping[int, Sequence[int]] | None = None,
-              train_samples: int | None = None
+              train_samples: int | None = None,
+              subdomain_share: float = 1.0
               ) -> tuple[list[StageCost], dict[int, float]]:
     """Each stage's cost and each wave's, in level-0 epochs on `world` ranks. `measured`
     maps levels to measured epoch-time ratios that replace 2^(-d L); `spatial` maps levels
     to their sample size (for stages on windows, whose work is the windows' share);
-    `train_samples`, the training set's size (for stages sized in steps).
+    `train_samples`, the training set's size (for stages sized in steps);
+    `subdomain_share`, a sub-domain's share of a sample (domain decomposition: its local
+    and coherent stages read only their sub-domains; its aggregator, on the local outputs,
+    is counted as free).
 
     Each rank on its own devices (`shared` false): a stage on n ranks takes world / n times
     as long per epoch, and a wave lasts as long as its longest stage. All ranks on the same
@@ -131,12 +135,15 @@ def plan_cost(stages: Sequence[Stage], world: int, spatial_dims: int,
     costs = []
     for s in stages:
         share = window_work(s.config.crop, (spatial or {}).get(s.level))
+        if s.phase:
+            share *= 0.0 if s.phase == "aggregator" else subdomain_share
         coarse = downsample_work(s.train.downsample, spatial_dims)
         costs.append(StageCost(s.name, s.wave, stage_epochs(s, train_samples),
                                level_work(s.level, spatial_dims, measured) * share * coarse
                                * estimator_work(s, spatial_dims)
                                * (1.0 if shared else world / len(s.ranks)),
-                               bool(s.train.time_budget_s), share < 1.0, coarse < 1.0))
+                               bool(s.train.time_budget_s), bool(s.config.crop) and share < 1.0,
+                               coarse < 1.0))
     waves: dict[int, float] = {}
     for c in costs:
         waves[c.wave] = waves.get(c.wave, 0.0) + c.total if shared else \

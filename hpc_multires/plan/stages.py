@@ -33,6 +33,10 @@ class Stage:
     ranks: tuple[int, ...]
     wave: int
     config: StageConfig
+    phase: str = ""
+    """Domain decomposition: "local", "aggregator" or "coherent" ("": an ordinary stage)."""
+    subdomain: int = -1
+    """The sub-domain of a local or coherent stage."""
     scale: LevelScale | None = None
     """What the per-level rules made of its batch and rate (`apply_level_rules`; None
     before the data's shape is known): `config.train` then holds the scaled values."""
@@ -188,8 +192,56 @@ def _check_stage_task(cfg: Config, st: StageConfig) -> None:
                           "\"avg\" or \"nearest\"")
 
 
+def domain_stages(cfg: Config, world: int) -> list[Stage]:
+    """The plan of domain decomposition on `world` ranks: wave 0, a local CNN per
+    sub-domain (`local-D`, on its ranks of the process grid, all at the same time); wave 1,
+    the aggregator on the gathered outputs (all ranks); wave 2, the coherent CNN-DNN, one
+    stage per sub-domain (`coherent-D`, each checkpointing its part) trained as one model."""
+    from dataclasses import replace
+
+    from hpc_multires.methods.domain import process_grid
+    from hpc_multires.plan.config import StageConfig
+
+    dom, t = cfg.domain, cfg.train
+    grid = process_grid(world, dom.grid)
+    local = replace(t, epochs=dom.local_epochs or t.epochs)
+    aggregator = replace(t, epochs=dom.aggregator_epochs, lr=dom.aggregator_lr,
+                         global_batch=dom.aggregator_batch or t.global_batch,
+                         optimizer="adam", warmup_epochs=0, steps=0)
+    coherent = replace(t, epochs=dom.coherent_epochs, lr=dom.coherent_lr or t.lr / 10,
+                       warmup_epochs=0, steps=0)
+    stages: list[Stage] = []
+    for d in range(grid.subdomains):
+        name = f"local-{d}"
+        stages.append(Stage(name, cfg.data.level, f"sub{d}", grid.subdomain_ranks(d), 0,
+                            StageConfig(name=name, level=cfg.data.level, train=local),
+                            "local", d))
+    everyone = tuple(range(world))
+    stages.append(Stage("aggregator", cfg.data.level, "all", everyone, 1,
+                        StageConfig(name="aggregator", level=cfg.data.level,
+                                    after=tuple(s.name for s in stages), train=aggregator),
+                        "aggregator"))
+    if dom.coherent_epochs:
+        for d in range(grid.subdomains):
+            name = f"coherent-{d}"
+            stages.append(Stage(name, cfg.data.level, f"sub{d}", grid.subdomain_ranks(d), 2,
+                                StageConfig(name=name, level=cfg.data.level,
+                                            after=("aggregator",), train=coherent),
+                                "coherent", d))
+    for s in stages:
+        if s.phase != "aggregator" and s.train.global_batch % grid.replicas:
+            b, n = s.train.global_batch, grid.replicas
+            raise ConfigError(
+                f"train.global_batch = {b} is not divisible by the {n} replicas of each "
+                f"sub-domain ({world} ranks / {grid.subdomains} sub-domains); set it to a "
+                f"multiple of {n} (e.g. --set train.global_batch={max(b // n, 1) * n})")
+    return stages
+
+
 def resolve(cfg: Config, world: int) -> list[Stage]:
     """The plan's stages with ranks and waves for `world` ranks; raises on a bad plan."""
+    if cfg.domain.on:
+        return domain_stages(cfg, world)
     stages: list[Stage] = []
     by_name: dict[str, Stage] = {}
     for st in cfg.plan():

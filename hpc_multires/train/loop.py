@@ -11,6 +11,12 @@ and the stage's last the objective's validation metrics are computed (each rank 
 disjoint share; on `train.eval_samples` of the validation set, the last on all of it),
 their time logged apart from the training's.
 
+A stage may read a fixed block of every sample instead of the whole (`StageSpec.region_*`,
+a sub-domain of domain decomposition): it trains and validates on that block, and only its
+chunks are read. A model that reduces its own gradients (`reduces_gradients`, the coherent
+CNN-DNN whose ranks hold different parameters) is not wrapped in DDP; the loop calls its
+`reduce_gradients()` after backward.
+
 The trainer is given its stage and the run's settings (`spec.py`); it never reads the
 plan. Whether a checkpoint's config allows resuming from it is the driver's question.
 """
@@ -18,6 +24,7 @@ plan. Whether a checkpoint's config allows resuming from it is the driver's ques
 from __future__ import annotations
 
 import math
+import resource
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +66,21 @@ class Split:
     indices: np.ndarray
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (the kernel's high-water mark;
+    psutil reports only the current resident set on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return max(peak / 1024, psutil.Process().memory_info().rss / 2**20)
+
+
+def peak_memory(comm: Comm) -> dict[str, Any]:
+    """The epoch record's memory: this rank's peak (`peak_rss_mb`, the root's where one
+    rank writes) and every rank's of the stage, in rank order (a gather)."""
+    mine = peak_rss_mb()
+    every = [float(v) for v in comm.gather_object(mine)]
+    return {"peak_rss_mb": mine, "peak_rss_mb_ranks": every}
+
+
 def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
     """The torch seed of one training step (its dropout masks), fixed by the run's seed, the
     stage, the step and the rank: a stage resumed inside an epoch draws the masks it would
@@ -95,10 +117,13 @@ class Trainer:
                  progress: Progress, clock: Callable[[], float],
                  horovod: HorovodGroups | None = None,
                  objective: Objective | None = None,
-                 optimizer_state: dict[str, Any] | None = None) -> None:
+                 optimizer_state: dict[str, Any] | None = None,
+                 vote_comm: Comm | None = None) -> None:
         """`train`: the stage level's training split, or every level's the objective reads;
         `optimizer_state`: an earlier stage's optimizer to start from (a resumed stage's
-        checkpoint replaces it)."""
+        checkpoint replaces it); `vote_comm`: the ranks that must stop at the same step
+        (default: the stage's; the coherent model of domain decomposition, whose forward
+        gathers over other stages' ranks too, votes over the job)."""
         self.stage = stage
         self.run = run
         self.tcfg = stage.train
@@ -132,6 +157,7 @@ class Trainer:
         self.num_epochs = -(-self.total_steps // self.steps_per_epoch)
         self.step_samples = sum(r.global_batch for r in self.requests)  # over the ranks
         self.crop = stage.crop  # 0: whole samples
+        self.vote_comm = vote_comm if vote_comm is not None else comm
         # data.transform_on = "device": the readers send stored values, transformed here.
         self.transform_device = comm.device if run.data.transform_on == "device" else None
         self.eval_s = 0.0  # seconds the stage's validations took (kept in its checkpoints)
@@ -152,6 +178,8 @@ class Trainer:
         windows, each with its windows' places, drawn per step (a resumed epoch draws the
         same ones)."""
         batches = self.samplers[request].batches(epoch, start_step, self.epoch_steps(epoch))
+        if self.stage.region_shape:
+            return [self.in_region(b) for b in batches]
         if not self.crop:
             return batches
         spatial = self.train.store.sample_shape[1:]
@@ -159,6 +187,12 @@ class Trainer:
                     self.run.seed, self.stage.name, epoch, start_step + k, self.comm.rank)),
                               self.crop)
                 for k, b in enumerate(batches)]
+
+    def in_region(self, indices: np.ndarray) -> WindowedBatch:
+        """The stage's fixed block (its sub-domain) of samples `indices`: only it is read."""
+        start = np.asarray(self.stage.region_start, dtype=np.int64)
+        return WindowedBatch(indices, np.tile(start, (len(indices), 1)),
+                             self.stage.region_shape)
 
     def read(self, epoch: int, start_step: int) -> Iterator[list[Batch]]:
         """Each step's batches of `epoch` from `start_step` on, on the device: one per
@@ -229,7 +263,7 @@ class Trainer:
                 start.update(self.fused_start())  # after distribute: every rank has the weights
             self.log.write(start)
         stage_start = self.clock() - at.elapsed_s
-        vote = StopVote(self.comm, self.clock, stage_start)
+        vote = StopVote(self.vote_comm, self.clock, stage_start)
         last_val: dict[str, float] = {}
         # A stage that ended on its time budget and is resumed from its last epoch (its
         # final.pt was not written) stays ended: no step past the budget.
@@ -301,6 +335,8 @@ class Trainer:
         out = self.objective.loss(ddp, batches, step)
         self.optimizer.zero_grad()  # set_to_none, torch's default
         out.loss.backward()  # DDP allreduces the gradients here
+        if getattr(ddp, "reduces_gradients", False):  # a model that reduces its own
+            ddp.reduce_gradients()  # type: ignore[operator]
         self.optimizer.step()
         return out
 
@@ -375,7 +411,8 @@ class Trainer:
                         "samples_per_s": at.step * self.step_samples / max(train_s, 1e-9),
                         "train_s": train_s, "eval_s": eval_s,
                         "loss": epoch_loss, **val,
-                        "rss_mb": psutil.Process().memory_info().rss / 2**20})
+                        "rss_mb": psutil.Process().memory_info().rss / 2**20,
+                        **peak_memory(comm)})
         headline = self.objective.headline
         shown = f" {headline} {val[headline]:.4f}" if val else ""
         self.progress.line(
@@ -394,6 +431,10 @@ class Trainer:
         for the averaged gradients) and the root's weights and optimizer state are
         broadcast once, unless they came from a checkpoint every rank loaded.
         """
+        if getattr(self.model, "reduces_gradients", False):
+            # Its ranks do not all hold the same parameters (the coherent model of domain
+            # decomposition): it averages its gradients itself, after backward.
+            return self.model
         if self.horovod is None:
             return self.comm.wrap(self.model)
         self.optimizer = self.horovod.distribute(
@@ -415,6 +456,9 @@ class Trainer:
                 "step_work": self.objective.step_work(self.requests, dims),
                 "train_samples": len(self.train.indices), "val_samples": len(self.val.indices),
                 "sample_shape": list(self.train.store.sample_shape),
+                **({"region_start": list(self.stage.region_start),
+                    "region_shape": list(self.stage.region_shape)}
+                   if self.stage.region_shape else {}),
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 **self.objective.reference(train_y, val_y)}
 
@@ -451,7 +495,8 @@ class Trainer:
         items = [mine[i:i + size] for i in range(0, len(mine), size)]
         metrics = self.objective.validation(self.val.store.schema.label_names, self.crop)
         data, device = self.run.data, self.comm.device
-        loaded = iterate_batches(self.val.store, items, data.num_workers, data.prefetch,
+        tasks = [self.in_region(i) for i in items] if self.stage.region_shape else items
+        loaded = iterate_batches(self.val.store, tasks, data.num_workers, data.prefetch,
                                  data.read_timeout_s, self.objective.corruption(None),
                                  self.transform_device)
         for (x, y), indices in zip(loaded, items, strict=True):

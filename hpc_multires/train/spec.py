@@ -38,6 +38,11 @@ class StageSpec:
     """Window size in points per axis (0: whole samples)."""
     fused: bool = False
     """Its start is a fusion of earlier stages (logged: the fused model's metrics)."""
+    region_start: tuple[int, ...] = ()
+    """A fixed block of every sample it reads, trains and validates on (a sub-domain of
+    domain decomposition): where it starts per spatial axis; empty: whole samples."""
+    region_shape: tuple[int, ...] = ()
+    """That block's points per spatial axis."""
 
 
 @dataclass(frozen=True, kw_only=True)

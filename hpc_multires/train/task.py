@@ -1,6 +1,9 @@
 """The task component's settings: what a run learns from its samples.
 
-`regression` (the default) fits the store's labels from its samples. The image tasks
+`regression` (the default) fits the store's labels from its samples; `classify` predicts
+the class of each sample of a classification store (`data synth classes`, or `data
+convert` of a folder with one sub-folder per class), whose one label is the class index.
+The image tasks
 (`denoise`, `noise`, `deblur`, `inpaint`, `sr`) restore images: the reader takes the clean
 images as stored (values in [0, 1], not normalised), corrupts each one at read time as
 `data/corrupt.py` describes (its draws follow from a seed and the sample's index alone, so a
@@ -23,8 +26,12 @@ RESTORATION_KINDS = ("denoise", "noise", "deblur", "inpaint", "sr")
 class TaskConfig:
     """What the model learns: labels, or a clean image from a corrupted one."""
 
-    kind: Literal["regression", "denoise", "noise", "deblur", "inpaint", "sr"] = "regression"
-    """regression: the labels, by MSE (validated by MAE). denoise: x_t = t x + (1 - t) z,
+    kind: Literal["regression", "classify", "denoise", "noise", "deblur", "inpaint",
+                  "sr"] = "regression"
+    """regression: the labels, by MSE (validated by MAE). classify: the class of each
+    sample, from a store of class indices (its schema names the classes), by cross-entropy
+    of the model's class logits (validated by accuracy, `val_acc`, the headline; a model
+    that outputs logits: model.name = "convnet2d"). denoise: x_t = t x + (1 - t) z,
     z ~ N(0, 1); noise: x + sigma z; deblur: Gaussian blur plus noise; inpaint: boxes set to
     `fill` plus noise; sr: super-resolution by 2 plus noise. The image tasks need images
     (N, C, H, W) in [0, 1] (`data synth images`, or `data convert` of an image folder) and
@@ -53,6 +60,9 @@ class TaskConfig:
     """sr with sr_input "prolonged": how the half-size image is brought back."""
     ssim_weight: float = 0.0
     """Image tasks: the loss is MSE + ssim_weight * (1 - SSIM) (0: MSE alone)."""
+    label_smoothing: float = 0.0
+    """classify: the cross-entropy's label smoothing in [0, 1) (0: none): the target puts
+    1 - label_smoothing on the class and spreads the rest evenly over all classes."""
     val_seed: int = 0
     """Image tasks: the seed of the validation set's corruptions, fixed for the whole run
     and independent of run.seed, so runs of different seeds are validated on the same
@@ -62,6 +72,10 @@ class TaskConfig:
     @property
     def restoration(self) -> bool:
         return self.kind in RESTORATION_KINDS
+
+    @property
+    def classify(self) -> bool:
+        return self.kind == "classify"
 
     def corruption(self) -> Corruption:
         """The corruption of an image task (`data/corrupt.py`)."""
@@ -87,5 +101,11 @@ class TaskConfig:
         require(self.ssim_weight >= 0, "task.ssim_weight", self.ssim_weight,
                 "use 0 (MSE alone) or a positive weight of 1 - SSIM")
         require(self.val_seed >= 0, "task.val_seed", self.val_seed, "use 0 or more")
+        require(0.0 <= self.label_smoothing < 1.0, "task.label_smoothing",
+                self.label_smoothing, "use a value in [0, 1), e.g. 0 (none) or 0.1")
+        require(self.label_smoothing == 0.0 or self.classify, "task.label_smoothing",
+                self.label_smoothing,
+                f"it smooths a classification's targets: set task.kind = \"classify\" or "
+                f"leave it 0 (task.kind = {self.kind!r})")
         if self.restoration:
             self.corruption()

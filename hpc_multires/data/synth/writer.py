@@ -91,3 +91,25 @@ def synth_images(out: Path, *, num_samples: int, size: int, channels: int, seed:
         prov=provenance(images.GENERATOR_NAME, seed=seed, size=size, channels=channels,
                         label_ranges=[[p.name, p.low, p.high, p.log] for p in images.PARAMS]),
         overwrite=overwrite, chunk=chunk)
+
+
+def synth_classes(out: Path, *, num_samples: int, size: int, classes: int, channels: int,
+                  seed: int, samples_per_shard: int, overwrite: bool = False,
+                  chunk: int | None = None) -> int:
+    from hpc_multires.data.synth import classes as cl
+
+    if num_samples < 1:
+        raise UserError(f"--samples {num_samples}: need at least 1")
+    try:
+        cl.check_args(size, classes, channels)
+    except ValueError as e:
+        raise UserError(f"data synth classes: {e}") from None
+    names = cl.class_names(classes)
+    return write_dataset(
+        out, num_samples=num_samples, samples_per_shard=samples_per_shard,
+        sample_fn=lambda i: cl.generate(i, seed, size, classes, channels),
+        sample_shape=(channels, size, size), x_dtype="float32",
+        label_names=cl.LABEL_NAMES, x_transform="none",
+        prov=provenance(cl.GENERATOR_NAME, seed=seed, size=size, channels=channels,
+                        classes=classes, class_names=list(names)),
+        overwrite=overwrite, chunk=chunk, class_names=names)

@@ -15,6 +15,7 @@ plan. Whether a checkpoint's config allows resuming from it is the driver's ques
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.crop import window_rng, window_starts
 from hpc_multires.data.loader import WindowedBatch, iterate_batches, iterate_steps
-from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
+from hpc_multires.data.sampler import GlobalBatchSampler, Shares, shard_evenly
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import UserError
 from hpc_multires.train import checkpoint, preempt
@@ -55,6 +56,9 @@ class Split:
 
     store: SampleStore
     indices: np.ndarray
+    shares: Shares | None = None
+    """A training set partitioned across nodes (data.stage = "partition"): each node's
+    samples; the sampler draws each rank's batches from its node's."""
 
 
 def step_seed(seed: int, stage: str, step: int, rank: int) -> int:
@@ -91,10 +95,12 @@ class Trainer:
                  progress: Progress, clock: Callable[[], float],
                  horovod: HorovodGroups | None = None,
                  objective: Objective | None = None,
-                 optimizer_state: dict[str, Any] | None = None) -> None:
+                 optimizer_state: dict[str, Any] | None = None,
+                 sample_log: Path | None = None) -> None:
         """`train`: the stage level's training split, or every level's the objective reads;
         `optimizer_state`: an earlier stage's optimizer to start from (a resumed stage's
-        checkpoint replaces it)."""
+        checkpoint replaces it); `sample_log`: a file to append this rank's samples of each
+        step to (log.samples)."""
         self.stage = stage
         self.run = run
         self.tcfg = stage.train
@@ -119,9 +125,13 @@ class Trainer:
         # One sampler per request, each its own draw (stream); the first sets the epoch. At
         # least one step per epoch: driver.run.open_levels checked the training set against
         # the global batch before any stage ran.
+        # A partitioned training set: each rank's batches come from its node's share.
         self.samplers = [GlobalBatchSampler(self.train_levels[r.level].indices, r.global_batch,
-                                            comm.rank, comm.world_size, run.seed, stream=i)
+                                            comm.rank, comm.world_size, run.seed, stream=i,
+                                            shares=self.train_levels[r.level].shares,
+                                            ranks=comm.global_ranks)
                          for i, r in enumerate(self.requests)]
+        self.sample_log = sample_log
         self.sampler = self.samplers[0]
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.tcfg.steps or self.tcfg.epochs * self.steps_per_epoch
@@ -182,7 +192,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "stage": self.stage.name,
                 "epoch": epoch, "step": step, "epoch_step": epoch_step, "loss_sum": loss_sum,
                 "stage_elapsed_s": elapsed, "wall_s": self.clock(),
-                "world_size": self.comm.world_size, "config": self.run.config_record}
+                "world_size": self.comm.world_size, "config": self.run.config_record,
+                "data_layout": self.sampler.layout}
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Load a checkpoint's model and optimizer. Its config was checked by the driver
@@ -197,6 +208,13 @@ class Trainer:
                 "labels than the run was trained on: resume with the run's own data, or "
                 "start a new --run-dir") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("data_layout", [])
+        if saved != self.sampler.layout and state.get("epoch_step", 0):
+            raise UserError(
+                f"{path} was written inside an epoch of a training set partitioned across "
+                f"nodes as (ranks, samples) per node {saved}; here it is {self.sampler.layout}, "
+                "and the rest of that epoch would read other samples: resume on the same "
+                "nodes and ranks per node, or from a checkpoint at an epoch's end")
 
     def save(self, state: dict[str, Any], epoch: int, mid_epoch_step: int | None) -> None:
         if not self.comm.is_root:
@@ -273,6 +291,8 @@ class Trainer:
             loss_sum += step_loss.loss.detach()  # no sync: stays on the device until epoch end
             at.step += 1
             at.epoch_step += 1
+            if self.sample_log is not None:
+                self.log_samples(at, batches)
             # .item() is a device sync point; only pay it on log steps.
             if at.step % self.run.log.every_steps == 0 or at.epoch_step == this_epoch:
                 mark = self.log_step(at, step_loss, lr, mark)
@@ -297,6 +317,16 @@ class Trainer:
         out.loss.backward()  # DDP allreduces the gradients here
         self.optimizer.step()
         return out
+
+    def log_samples(self, at: Position, batches: list[Batch]) -> None:
+        """This rank's samples of the step just taken, one line of the sample log."""
+        assert self.sample_log is not None
+        self.sample_log.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"stage": self.stage.name, "epoch": at.epoch, "step": at.step,
+                           "rank": self.comm.global_ranks[self.comm.rank],
+                           "indices": [np.asarray(b.indices).tolist() for b in batches]})
+        with open(self.sample_log, "a") as f:
+            f.write(line + "\n")
 
     def log_step(self, at: Position, step_loss: StepLoss, lr: float,
                  mark: tuple[float, int]) -> tuple[float, int]:
@@ -386,6 +416,8 @@ class Trainer:
                 "global_batch": self.tcfg.global_batch,
                 "local_batch": self.sampler.local_batch,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                # data.stage = "partition": (the stage's ranks, training samples) per node
+                **({"node_shares": self.sampler.layout} if self.sampler.layout else {}),
                 "level_batches": [[r.level, r.global_batch] for r in self.requests],
                 "headline": self.objective.headline,
                 "higher_is_better": self.objective.higher_is_better,

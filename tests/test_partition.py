@@ -117,3 +117,39 @@ def test_a_second_stream_reads_its_node_s_share_too() -> None:
     got = second.batches(0, num_steps=first.steps_per_epoch)
     assert len(got) == first.steps_per_epoch == 12
     assert all(len(b) == 8 and b.min() >= 48 and len(set(b.tolist())) == 8 for b in got)
+
+
+def test_config_refuses_a_partition_it_cannot_stage() -> None:
+    from hpc_multires.data.config import DataConfig
+    from hpc_multires.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.stage = 'partition': .*set data.stage_to"):
+        DataConfig(path="d", stage="partition").check()
+    with pytest.raises(ConfigError, match=r"data.stage = 'partition': MPI-IO .* 'auto' or 'off'"):
+        DataConfig(path="d", stage="partition", stage_to="/tmp", mpio="on").check()
+    with pytest.raises(ConfigError, match=r"data.stage = 'part': use one of 'copy', 'partition'"):
+        DataConfig(path="d", stage="part").check()
+
+
+def test_a_stage_must_reach_every_node_and_fill_its_batches_from_each_share() -> None:
+    from conftest import ROOT
+
+    from hpc_multires.driver.run import check_partition
+    from hpc_multires.errors import ConfigError
+    from hpc_multires.plan.load import load_config
+    from hpc_multires.plan.stages import resolve
+    from hpc_multires.train.loop import Split
+
+    shares = Shares((np.arange(0, 40), np.arange(40, 60)), (0, 0, 1, 1))
+    split = Split(None, np.arange(60), shares)  # type: ignore[arg-type]
+    mrmf = load_config(ROOT / "configs" / "cosmoflow-mrmf.toml", ["train.global_batch=8"])
+    coarse2, _, fine = resolve(mrmf, 4)
+    with pytest.raises(ConfigError, match=r"stage 'coarse2' has no rank on node\(s\) \[1\].*"
+                                          r"--distribution=cyclic"):
+        check_partition(mrmf, coarse2, split)
+    check_partition(mrmf, fine, split)  # 20 samples fill 2 ranks x 2
+    big = load_config(ROOT / "configs" / "cosmoflow-mrmf.toml", ["train.global_batch=48"])
+    with pytest.raises(ConfigError, match=r"stage 'fine': node 1's share of the training set, "
+                                          r"20 samples, cannot fill its part of a global batch "
+                                          r"of 48 at level 0 \(2 rank\(s\) x 12\)"):
+        check_partition(big, resolve(big, 4)[2], split)

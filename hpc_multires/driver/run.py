@@ -244,8 +244,9 @@ def check_partition(cfg: Config, stage: Stage, train: Split) -> None:
         raise ConfigError(
             f"stage {stage.name!r} has no rank on node(s) {missing}: with data.stage = "
             "'partition' each node holds only its share of the training set, so a stage "
-            "needs ranks on every node to read all of it; give the stage a group with ranks "
-            "on each node, or set data.stage = 'copy'")
+            "needs ranks on every node to read all of it; give it a group with ranks on each "
+            "node (ranks placed round-robin, srun --distribution=cyclic, put consecutive "
+            "ranks on different nodes), or set data.stage = 'copy'")
     for r in build_objective(cfg, stage).requests(stage.level, stage.train.global_batch):
         local = r.global_batch // len(stage.ranks)
         for k, g in enumerate(groups):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,7 @@ class Trainer:
                                             ranks=comm.global_ranks)
                          for i, r in enumerate(self.requests)]
         self.sample_log = sample_log
+        self.data_wait_s = 0.0  # seconds this process waited for batches (`read`)
         self.sampler = self.samplers[0]
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.tcfg.steps or self.tcfg.epochs * self.steps_per_epoch
@@ -176,13 +178,18 @@ class Trainer:
         loaded = iterate_steps([self.train_levels[r.level].store for r in self.requests],
                                steps, data.num_workers, data.prefetch, data.read_timeout_s,
                                [corruption] * len(self.requests), self.transform_device)
-        # The loader first in zip: once done, it ends its reader processes at once.
+        # The loader first in zip: once done, it ends its reader processes at once. The time
+        # from asking for a step's batches to having them on the device is the data wait.
+        asked = time.perf_counter()
         for arrays, items in zip(loaded, steps, strict=True):
-            yield [Batch(r.level,
+            batches = [Batch(r.level,
                          x.to(device, non_blocking=True),  # (b, C, *spatial)
                          y.to(device, non_blocking=True),  # (b, P) or clean (b, C, *spatial)
                          b.indices if isinstance(b, WindowedBatch) else b)  # (b,)
-                   for r, (x, y), b in zip(self.requests, arrays, items, strict=True)]
+                       for r, (x, y), b in zip(self.requests, arrays, items, strict=True)]
+            self.data_wait_s += time.perf_counter() - asked
+            yield batches
+            asked = time.perf_counter()
 
     # ------------------------------------------------------------------ state
 
@@ -283,7 +290,8 @@ class Trainer:
         this_epoch = self.epoch_steps(at.epoch)
         ddp.train()
         loss_sum = torch.tensor(at.loss_carry, dtype=torch.float64, device=comm.device)
-        mark = (self.clock(), at.step)  # the last log step, for samples/s since then
+        # The last log step: for samples/s and the data wait since then.
+        mark = (self.clock(), at.step, self.data_wait_s)
         out_of_time = False
         for batches in self.read(at.epoch, at.epoch_step):
             lr = learning_rate(tcfg, at.step, self.total_steps, spe)
@@ -329,14 +337,18 @@ class Trainer:
             f.write(line + "\n")
 
     def log_step(self, at: Position, step_loss: StepLoss, lr: float,
-                 mark: tuple[float, int]) -> tuple[float, int]:
-        """The step record: the loss and the objective's scalars, averaged over ranks, and
-        the samples per second since `mark` (the last log step's time and step); returns
-        this step's mark."""
+                 mark: tuple[float, int, float]) -> tuple[float, int, float]:
+        """The step record: the loss and the objective's scalars, averaged over ranks, the
+        samples per second since `mark` (the last log step's time, step and data wait), and
+        the seconds waited for data since then (`data_wait_s`, the mean over ranks: set
+        beside the time since that record, the fraction of the steps spent waiting for
+        their batches); returns this step's mark."""
         comm = self.comm
         names = list(step_loss.logged)
         means = [v / comm.world_size for v in comm.sum(
-            [step_loss.loss.item(), *(step_loss.logged[n].item() for n in names)])]
+            [self.data_wait_s - mark[2], step_loss.loss.item(),
+             *(step_loss.logged[n].item() for n in names)])]
+        waited, means = means[0], means[1:]
         mean_loss = means[0]
         if not math.isfinite(mean_loss):
             raise UserError(
@@ -346,11 +358,11 @@ class Trainer:
         now = self.clock()
         samples_per_s = (at.step - mark[1]) * self.step_samples / max(now - mark[0], 1e-9)
         self.log.write({"kind": "step", **self.tag(), "epoch": at.epoch, "step": at.step,
-                        "wall_s": now, "samples_per_s": samples_per_s, "loss": mean_loss,
-                        "lr": lr, **dict(zip(names, means[1:], strict=True))})
+                        "wall_s": now, "samples_per_s": samples_per_s, "data_wait_s": waited,
+                        "loss": mean_loss, "lr": lr, **dict(zip(names, means[1:], strict=True))})
         self.progress.update(at.step, at.epoch + 1, f"{self.stage.name} loss "
                              f"{mean_loss:.4f} {samples_per_s:.1f} samples/s")
-        return now, at.step
+        return now, at.step, self.data_wait_s
 
     def act_on(self, vote: Vote | None, at: Position, loss_sum: torch.Tensor,
                stage_start: float) -> bool:

@@ -153,3 +153,50 @@ def test_a_stage_must_reach_every_node_and_fill_its_batches_from_each_share() ->
                                           r"20 samples, cannot fill its part of a global batch "
                                           r"of 48 at level 0 \(2 rank\(s\) x 12\)"):
         check_partition(big, resolve(big, 4)[2], split)
+
+
+def test_a_mid_epoch_checkpoint_is_refused_on_another_node_layout(tmp_path: Path) -> None:
+    """The rest of an epoch follows the node layout: a checkpoint written inside an epoch
+    resumes on the layout that wrote it, and is refused on another with one line."""
+    import time
+
+    import torch
+    from conftest import write_arrays_store
+
+    from hpc_multires.comm.dist import Comm
+    from hpc_multires.comm.ranks import RankInfo
+    from hpc_multires.data.config import DataConfig
+    from hpc_multires.data.store import SampleStore
+    from hpc_multires.errors import UserError
+    from hpc_multires.train.config import LogConfig, TrainConfig
+    from hpc_multires.train.loop import Split, Trainer
+    from hpc_multires.train.metrics import MetricsLog, Progress
+    from hpc_multires.train.spec import RunSettings, StageSpec
+
+    rng = np.random.default_rng(0)
+    store = SampleStore(write_arrays_store(tmp_path / "data",
+                                           rng.normal(size=(24, 2, 16)).astype(np.float32),
+                                           rng.uniform(-1, 1, (24, 2)).astype(np.float32)))
+    stage = StageSpec(name="s", level=0, group="all", ranks=(0,),
+                      train=TrainConfig(epochs=1, global_batch=4, lr=0.01,
+                                        checkpoint_every_steps=2, checkpoint_keep=10))
+    run = RunSettings(seed=1, data=DataConfig(num_workers=0), log=LogConfig(every_steps=1))
+
+    def trainer(share: int, run_dir: Path) -> Trainer:
+        run_dir.mkdir()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32, 2))
+        split = Split(store, np.arange(16), Shares((np.arange(share),), (0,)))
+        return Trainer(stage, run, Comm(RankInfo(0, 1, 0, 1, 0, 1, "single"),
+                                        torch.device("cpu")),
+                       model, split, Split(store, np.arange(16, 24)), run_dir / "ckpt",
+                       MetricsLog(run_dir / "metrics.jsonl", enabled=True),
+                       Progress(4, enabled=False, interval_s=30.0), time.monotonic)
+
+    assert trainer(16, tmp_path / "a").fit()["step"] == 4
+    mid = sorted((tmp_path / "a" / "ckpt").glob("*step*"))[0]
+    assert torch.load(mid, weights_only=False)["data_layout"] == [[1, 16]]
+    assert trainer(16, tmp_path / "b").fit(resume_from=mid)["step"] == 4
+    with pytest.raises(UserError, match=r"partitioned across nodes as \(ranks, samples\) per "
+                                        r"node \[\[1, 16\]\]; here it is \[\[1, 12\]\]"):
+        trainer(12, tmp_path / "c").fit(resume_from=mid)

@@ -1,4 +1,4 @@
-"""Training samples/s at 1, 2 and 4 ranks, and the weak-scaling efficiency.
+"""Training samples/s at 1, 2 and 4 ranks, the weak-scaling efficiency, and the data wait.
 
     python benchmarks/throughput.py [--ranks 1,2,4] [--local-batch 8] [--size 32]
 
@@ -7,6 +7,12 @@ the ranks. Efficiency(n) = throughput(n) / (n * throughput(1)). Throughput is ta
 from the training's own metrics (step records after the first epoch's warm-up steps).
 On a machine with fewer cores than ranks, the ranks share cores and the efficiency
 says so: read it beside the core count printed first.
+
+"wait": the fraction of the steps' time the training process spent waiting for its
+batches (the step records' `data_wait_s`, the mean over ranks, over the same steps as
+the throughput); "+start": the same over whole epochs after the first, each epoch's
+first step included, whose batches the freshly started reader processes read while the
+training waits (acceptance: wait at most 2%).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--data", type=Path)
+    ap.add_argument("--workers", type=int, default=1, help="data.num_workers")
+    ap.add_argument("--prefetch", type=int, default=4, help="data.prefetch")
     args = ap.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
 
@@ -45,9 +53,10 @@ def main() -> None:
                  "--size", str(args.size)], ranks=2)
         print(f"machine: {machine()}; {psutil.cpu_count(logical=False)} physical cores")
         print(f"model: configs/cosmoflow-demo.toml, {args.size}^3 x 4, per-rank batch "
-              f"{args.local_batch}, {args.epochs} epochs, throughput excludes epoch 1")
+              f"{args.local_batch}, {args.epochs} epochs, throughput excludes epoch 1; "
+              f"data: {args.workers} reader process(es) per rank, prefetch {args.prefetch}")
         print(f"{'ranks':>5} {'global batch':>12} {'samples/s':>10} {'per rank':>9} "
-              f"{'efficiency':>10}")
+              f"{'efficiency':>10} {'wait':>6} {'+start':>6}")
         base = 0.0
         for n in ranks:
             run = tmp / f"run-{n}"
@@ -55,9 +64,12 @@ def main() -> None:
                  "--set", f"data.path={data}",
                  "--set", f"train.global_batch={args.local_batch * n}",
                  "--set", f"train.epochs={args.epochs}", "--set", "log.every_steps=1",
-                 "--set", "train.warmup_epochs=0"], ranks=n)
+                 "--set", "train.warmup_epochs=0",
+                 "--set", f"data.num_workers={args.workers}",
+                 "--set", f"data.prefetch={args.prefetch}"], ranks=n)
             recs = read_metrics(RunDir(run).metrics)
             steps = [r for r in recs if r["kind"] == "step" and r["epoch"] >= 1]
+            ends = {r["epoch"]: r["wall_s"] for r in recs if r["kind"] == "epoch"}
             # samples/s between the first and last step record of the later epochs
             # (evaluation at the epoch boundary excluded).
             per_epoch: dict[int, list[dict]] = {}
@@ -72,8 +84,14 @@ def main() -> None:
                          "more and enough --samples for two steps per epoch")
             sps = samples / seconds
             base = base or sps / n
+            # The wait over the same steps (each record's covers the steps since the one
+            # before), and over whole epochs: from the previous epoch's record (its end,
+            # validation included) to the epoch's last step.
+            wait = sum(r["data_wait_s"] for v in per_epoch.values() for r in v[1:]) / seconds
+            whole = sum(v[-1]["wall_s"] - ends[e] for e, v in per_epoch.items())
+            wait_start = sum(r["data_wait_s"] for r in steps) / whole
             print(f"{n:5d} {args.local_batch * n:12d} {sps:10.1f} {sps / n:9.1f} "
-                  f"{sps / (n * base):10.2f}")
+                  f"{sps / (n * base):10.2f} {100 * wait:5.1f}% {100 * wait_start:5.1f}%")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the generated data and the runs
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, read_line, run_env, write_arrays_store
 from package_source import package_statements
 
-from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.loader import SLOT_BYTES, BatchReader, iterate_batches, read_ahead
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import SampleError
 
@@ -126,7 +126,7 @@ KILLED_MID_BATCH = """
 import os, signal, sys, time
 import numpy as np
 import psutil
-from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.loader import SLOT_BYTES, BatchReader, iterate_batches, read_ahead
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import SampleError
 
@@ -169,7 +169,7 @@ TRAINER = """
 import os, sys, time
 import numpy as np
 import psutil
-from hpc_multires.data.loader import iterate_batches
+from hpc_multires.data.loader import SLOT_BYTES, BatchReader, iterate_batches, read_ahead
 from hpc_multires.data.store import SampleStore
 
 if __name__ == "__main__":
@@ -242,3 +242,45 @@ def test_the_package_uses_no_private_name_of_torch_or_any_other_module() -> None
             found.append(f"{path}:{n}: {text.strip()}")
     assert not found, found
     assert any("os . _exit" in text for _, _, text in package_statements())  # it reads code
+
+
+class _Policy(BatchReader):
+    """Reads nothing: sends the scheduling policy of the reader process it runs in."""
+
+    def read(self, item):  # type: ignore[no-untyped-def]
+        return np.array([os.sched_getscheduler(0)]), np.zeros(1)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_readers_run_under_sched_batch(tmp_path: Path) -> None:
+    """A reader woken by the next task must not take the core from the training process
+    (docs/experiments/data-wait.md): readers run under SCHED_BATCH, the trainer does not."""
+    reader = _Policy(_store(tmp_path / "s"))
+    (x, _), = read_ahead(reader, [np.array([0])], num_workers=1, prefetch=1)
+    assert int(x[0]) == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_batches_above_a_pipe_buffer_cross_in_slots(tmp_path: Path) -> None:
+    """A batch larger than SLOT_BYTES (32 samples of 2 x 512 float32 = 128 KiB) arrives as a
+    view of a shared-memory slot, not through the pipe; a small one through the pipe."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 2, 512)).astype(np.float32)
+    y = rng.uniform(-1, 1, size=(64, 2)).astype(np.float32)
+    store = SampleStore(write_arrays_store(tmp_path / "big", x, y))
+    assert 32 * x[0].nbytes > SLOT_BYTES > 2 * x[0].nbytes
+    from hpc_multires.data import slots
+
+    for size, in_slot in ((32, True), (2, False)):
+        batches = [np.arange(k, k + size) for k in range(0, 64, size)]
+        slots._IDLE.clear()
+        pointers = []
+        for (bx, _), b in zip(iterate_batches(store, batches, 1, 2), batches, strict=True):
+            assert bx.shape == (size, 2, 512)
+            assert np.allclose(bx.numpy(), (x[b] - store.mean[:, None]) / store.std[:, None],
+                               atol=1e-5)
+            pointers.append(bx.data_ptr())
+        # The loader's slots wait for the next one in slots._IDLE.
+        ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in slots._IDLE]
+        assert all(any(lo <= p < hi for lo, hi in ranges) for p in pointers) == in_slot
+        assert bool(ranges) == in_slot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import ROOT, TINY_CONFIG, steps
+from conftest import ROOT, TINY_CONFIG, run_cli, steps
 from slurm_cluster import cluster, wait_gone
 
 from hpc_multires.data.store import checksum_shard
@@ -146,6 +147,56 @@ def test_staging_on_each_node(slurm, tiny_config, tiny_cosmo: Path, tmp_path: Pa
     wait_gone(job, slurm, timeout=240)
     assert "done: val_mae" in output(run, job)
     assert not any(local.iterdir())
+
+
+def test_partitioned_staging_reads_every_sample_once_per_epoch(
+        slurm, tmp_path: Path) -> None:
+    """data.stage = "partition" on 2 nodes of 2 tasks: 5 shards of 16 samples, the last
+    (val_fraction 0.2) the validation set. Each node holds 2 of the 4 training shards and
+    the validation shard; each epoch every training sample is read once across the job,
+    each by a rank of the node that holds its shard."""
+    data = tmp_path / "data"
+    r = run_cli(["data", "synth", "cosmoflow", "--out", str(data), "--samples", "80", "--size",
+                 "16", "--samples-per-shard", "16", "--seed", "4"])
+    assert r.returncode == 0, r.stderr
+    local = tmp_path / "local"
+    cfg = tmp_path / "partition.toml"
+    cfg.write_text(TINY_CONFIG.format(data=data, epochs=4, workers=1)
+                   .replace("val_fraction = 0.25", "val_fraction = 0.2")
+                   .replace("[data]", f'[data]\nstage_to = "{local}"\nstage = "partition"')
+                   .replace("[log]", "[log]\nsamples = true"))
+    run = tmp_path / "run"
+    job = sbatch(slurm, run, cfg)
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").exists():
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    held = {node: sorted(p.name for p in local.glob(
+                f"hpc-multires-{job}-node{node}/0-data/shard-*.h5")) for node in (0, 1)}
+    wait_gone(job, slurm, timeout=240)
+    out = output(run, job)
+    assert "done: val_mae" in out, out
+    assert "training samples per node [32, 32], ranks per node [2, 2]" in out, out
+    training = {f"shard-{i:05d}.h5" for i in range(4)}
+    for node in (0, 1):  # half the training shards each, and the validation shard
+        assert len(held[node]) == 3 and "shard-00004.h5" in held[node], held
+    assert set(held[0]) & set(held[1]) & training == set()
+    assert (set(held[0]) | set(held[1])) == training | {"shard-00004.h5"}
+    start = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "start")
+    assert start["node_shares"] == [[2, 32], [2, 32]] and start["steps_per_epoch"] == 8
+    reads: dict[int, list[int]] = {}
+    for rank in range(4):  # ranks 0, 1 on node 0 and 2, 3 on node 1
+        shards = {int(name[6:11]) for name in held[rank // 2]}
+        for line in (run / "logs" / f"samples-rank-{rank:04d}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            assert all(i // 16 in shards for i in rec["indices"][0]), (rank, rec)
+            reads.setdefault(rec["epoch"], []).extend(rec["indices"][0])
+    assert sorted(reads) == [0, 1, 2, 3]
+    for epoch, seen in reads.items():
+        assert sorted(seen) == list(range(64)), epoch  # every training sample once
+    assert reads[0] != reads[1]
+    assert not any(local.iterdir())  # removed at the end
 
 
 def test_submit_renders_submits_and_runs(slurm, tiny_config, tmp_path: Path) -> None:

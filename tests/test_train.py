@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -29,6 +30,12 @@ def test_train_writes_metrics_config_and_checkpoints(cli, tiny_config, tmp_path:
     assert start["train_samples"] == 72 and start["local_batch"] == 8
     steps, epochs = records(run, "step"), records(run, "epoch")
     assert [s["step"] for s in steps] == list(range(1, 19))  # every_steps = 1, 9 per epoch
+    # The time each step waited for its batch: the first step of each epoch waits for the
+    # reader processes to start; its batch is the first they read.
+    intervals = [b["wall_s"] - a["wall_s"] for a, b in itertools.pairwise(steps)]
+    assert all(s["data_wait_s"] >= 0 for s in steps)
+    assert all(s["data_wait_s"] <= t + 1e-6 for s, t in zip(steps[1:], intervals, strict=True))
+    assert steps[0]["data_wait_s"] > 0
     assert [e["epoch"] for e in epochs] == [1, 2]
     for rec in epochs:
         assert {"epoch", "step", "wall_s", "samples_per_s", "loss", "val_mae"} <= rec.keys()

@@ -10,6 +10,7 @@ from hpc_multires.errors import require
 VERIFY_READS = ("auto", "on", "off")
 TRANSFORM_ON = ("reader", "device")
 MPIO = ("auto", "on", "off")
+STAGE = ("copy", "partition")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,12 @@ class DataConfig:
     stage_to: str = ""
     """Node-local directory (e.g. "$TMPDIR") to copy the shards to before training, once
     per node, checksums verified, removed at the end; empty: read in place."""
+    stage: str = "copy"
+    """What data.stage_to copies to each node: "copy", the whole dataset; "partition",
+    only the node's share of the training shards (balanced by samples; the validation
+    samples whole), for data larger than a node's disk or memory. Each rank then draws its
+    part of every global batch from its node's share: an epoch still reads every training
+    sample once across the job, but shuffles within node shares (docs/slurm.md)."""
     verify_reads: str = "auto"
     """Whether training reads check each chunk's Fletcher-32 checksum: "on" (HDF5's filter,
     4-5x the CPU time of the read itself), "off" (chunks read directly, unchecked;
@@ -70,6 +77,15 @@ class DataConfig:
                 f"use one of {', '.join(map(repr, TRANSFORM_ON))}")
         require(self.mpio in MPIO, "data.mpio", self.mpio,
                 f"use one of {', '.join(map(repr, MPIO))}")
+        require(self.stage in STAGE, "data.stage", self.stage,
+                f"use one of {', '.join(map(repr, STAGE))}")
+        if self.stage == "partition":
+            require(bool(self.stage_to), "data.stage", self.stage,
+                    "a partition is staged to node-local disks: set data.stage_to (e.g. "
+                    "\"$TMPDIR\"), or use 'copy'")
+            require(self.mpio != "on", "data.stage", self.stage,
+                    "MPI-IO opens every file on every rank, and a node holds only its share: "
+                    "set data.mpio = 'auto' or 'off', or data.stage = 'copy'")
         if self.mpio == "on":
             import h5py
 

@@ -76,8 +76,9 @@ class _Crash:
         self.text = text
 
 
-# Batches up to this size cross from the reader process as pickled arrays through its pipe;
-# larger ones as tensors in shared memory (torch's pickling of tensors, registered with
+# Where slots do not apply (a step of several stores, a read with corruption), batches up
+# to this size cross from the reader process as pickled arrays through its pipe; larger
+# ones as tensors in shared memory (torch's pickling of tensors, registered with
 # multiprocessing by `import torch`), where not copying pays. Each shared-memory tensor
 # costs a descriptor handshake with the reader (a socket connection and an authentication
 # round trip), which waits on the reader being scheduled: 4 Neuron ranks on 2 cores
@@ -85,6 +86,14 @@ class _Crash:
 # and the training process spends 0.14-0.18 ms of CPU on a batch of 8 Neuron samples this
 # way against 0.63-0.70 ms (benchmarks/step_cost.py, docs/benchmarks.md).
 PIPE_BYTES = 4 * 2**20
+# A step's batch of one store, read without corruption (the common case), crosses in a
+# shared-memory slot (data/slots.py) from this size on, whatever PIPE_BYTES says: only the
+# slot's number goes through the pipe. A larger batch through the pipe takes a round trip
+# between the reader and the training process per 64 KiB (what a Linux pipe holds), each
+# waiting for the other to be scheduled: a batch of 4 x 16^3 samples (256 KiB) kept the
+# training process waiting 11-19 ms a step on a loaded node, its slot 0.5 ms
+# (docs/experiments/data-wait.md).
+SLOT_BYTES = 64 * 2**10
 
 
 class WindowedBatch(NamedTuple):
@@ -145,7 +154,7 @@ class BatchReader:
                                spec=self.corruption.spec), x  # (b, C, H, W) each
             except ValueError as e:  # the driver checks the sizes first; say it in one line
                 return _Failure(f"cannot corrupt samples {batch[:4].tolist()}...: {e}")
-        if x.nbytes + y.nbytes <= self.pipe_bytes:
+        if x.nbytes <= self.pipe_bytes:  # x's size, as slot_bytes measures it
             return x, y
         return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -213,11 +222,23 @@ def _end_with_trainer(trainer_pid: int) -> None:
 _END = None  # end of the tasks, and of a reader's batches
 
 
+def _batch_priority() -> None:
+    """Run this reader (and the threads it starts) under SCHED_BATCH: its fair share of the
+    CPU, but its waking up does not preempt the process running. The training process
+    wakes its reader at every step, sending the next batch to read; with the reader under
+    the default policy, that write handed the core to the reader on the spot and the
+    training process waited for its next turn, 10-15 ms a step on a loaded node, counted
+    as waiting for data (docs/experiments/data-wait.md)."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 def _reader_main(reader: AnyReader, tasks: Connection, results: Connection,
                  trainer_pid: int) -> None:
     """A reader process: read the batches `tasks` names, in order, and send them on
     `results`. A thread sends, so the next read starts while a batch is still being
     written to the pipe (the training process reads it when its step is done)."""
+    _batch_priority()
     _end_with_trainer(trainer_pid)
     torch.set_num_threads(1)  # one core per reader; the training process has its own
     outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -446,7 +467,7 @@ def iterate_batches(store: SampleStore, batches: Sequence[Task], num_workers: in
     with it every rank, until the job's time limit. With `corruption`, x is the corrupted
     image and y the clean one (`ReadCorruption`).
 
-    A batch larger than PIPE_BYTES arrives in a shared-memory slot that is reused once the
+    A batch larger than SLOT_BYTES arrives in a shared-memory slot that is reused once the
     batch after the next one has been taken (`data/slots.py`): copy x to keep it longer.
     With `transform_device` (and no corruption), the readers send the stored values and the
     read-time transform runs here, on that device, after the copy (`data.transform_on =
@@ -459,7 +480,7 @@ def iterate_batches(store: SampleStore, batches: Sequence[Task], num_workers: in
     normalise = transform_device is None
     loaded: Iterator[tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]
     if (corruption is None and num_workers and batches
-            and slot_bytes(store, batches, normalise) > PIPE_BYTES):
+            and slot_bytes(store, batches, normalise) > SLOT_BYTES):
         # Large batches: into shared buffers allocated once (data/slots.py).
         loaded = read_in_slots(store, batches, num_workers, prefetch, timeout_s, normalise)
     else:

@@ -9,6 +9,11 @@ job left in that folder is removed before the free-space check. Training then re
 local copy; the directory is removed at the end, on a preemption and on an error every rank
 meets. After a crash or one rank's error (its node's other ranks may still read the copy)
 the job's next attempt clears it (`stage_root`).
+
+With `data.stage = "partition"` each node copies only the shard files named for it
+(`data/partition.py`: its share of the training shards, and those holding validation
+samples); the copy is then a part of the dataset, read through the store opened at its
+source (`SampleStore.relocate`).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ def _node_barrier(comm: Comm) -> None:
         comm.barrier()
 
 
-def copy_verified(src: Path, dst: Path) -> None:
+def copy_verified(src: Path, dst: Path, only: set[str] | None = None) -> None:
+    """Copy the dataset `src` (or of its files, those named in `only`) into `dst`."""
     # The folder is this job's own: what is in it was left by an earlier attempt of the
     # same job on this node (killed before its clean-up) and is copied again anyway, so it
     # goes first rather than counting against the free space.
@@ -48,7 +54,8 @@ def copy_verified(src: Path, dst: Path) -> None:
                         "failed or was interrupted; run it again with --overwrite")
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True, exist_ok=True)
-    shards = sorted(p for p in src.iterdir() if store_file(p.name))
+    shards = sorted(p for p in src.iterdir() if store_file(p.name)
+                    and (only is None or p.name in only))
     free = shutil.disk_usage(dst).free
     need = sum(p.stat().st_size for p in shards)
     print(f"staging {len(shards)} shard(s), {need / 2**30:.2f} GiB, from {src} to {dst}",
@@ -67,14 +74,16 @@ def copy_verified(src: Path, dst: Path) -> None:
         os.replace(tmp, dst / shard.name)
 
 
-def stage(paths: list[str], stage_to: str, comm: Comm) -> tuple[list[str], Path]:
-    """Stage each dataset path; returns the local paths (same order) and the staging root."""
+def stage(paths: list[str], stage_to: str, comm: Comm,
+          only: list[set[str] | None] | None = None) -> tuple[list[str], Path]:
+    """Stage each dataset path (of each, the files named in `only`, None: all of them);
+    returns the local paths (same order) and the staging root."""
     root = stage_root(stage_to, comm)
     local = [str(root / f"{i}-{Path(p).name}") if p else "" for i, p in enumerate(paths)]
     if comm.info.local_rank == 0:
-        for src, dst in zip(paths, local, strict=True):
+        for i, (src, dst) in enumerate(zip(paths, local, strict=True)):
             if src:
-                copy_verified(Path(src), Path(dst))
+                copy_verified(Path(src), Path(dst), None if only is None else only[i])
         print(f"staged {sum(map(bool, paths))} dataset(s) to {root} on node "
               f"{comm.info.node_index}", file=sys.stderr, flush=True)
     _node_barrier(comm)

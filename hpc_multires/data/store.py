@@ -18,8 +18,8 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence, Set
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +332,13 @@ class SampleStore:
         self._direct: dict[int, DirectChunks | None] = {}
         self._labels: dict[int, np.ndarray] = {}
         self._row_offsets: dict[int, list[int]] = {}
+
+    def relocate(self, directory: Path, names: Set[str]) -> None:
+        """Read the shards named in `names` from copies in `directory` (a node's share of a
+        partitioned dataset, data/partition.py); the others stay where they are. Before
+        any read: handles open lazily."""
+        self.shards = [replace(s, path=directory / s.path.name) if s.path.name in names
+                       else s for s in self.shards]
 
     def _read_header(self, f: h5py.File, p: Path) -> Schema:
         fmt = _attr(f, p, "format")

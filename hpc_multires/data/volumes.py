@@ -24,8 +24,8 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +369,11 @@ class VolumeStore(SampleStore):
         if mpio is not None:  # collective opens: every rank, every file, in this order
             for k, v in enumerate(self.files):
                 self._files[k] = h5py.File(v.path, "r", driver="mpio", comm=mpio)
+
+    def relocate(self, directory: Path, names: Set[str]) -> None:
+        super().relocate(directory, names)
+        self.files = [replace(v, path=directory / v.path.name) if v.path.name in names else v
+                      for v in self.files]
 
     def __getstate__(self) -> dict[str, Any]:
         if self.mpio is not None:

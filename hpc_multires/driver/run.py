@@ -25,6 +25,8 @@ from hpc_multires.comm import dist as comm_dist
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.config import DataConfig
+from hpc_multires.data.partition import LocalShare, Partition, plan_partition
+from hpc_multires.data.sampler import GlobalBatchSampler
 from hpc_multires.data.store import SampleStore, Schema, open_store
 from hpc_multires.data.volumes import mpio_communicator
 from hpc_multires.driver.domain import DomainPhases
@@ -48,14 +50,22 @@ from hpc_multires.train.spec import RunSettings, StageSpec
 from hpc_multires.train.task import TaskConfig
 
 
-def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
-    """Training and validation samples at `level`, from one store (held-out tail) or two."""
+def open_splits(cfg: DataConfig, level: int, share: LocalShare | None = None
+                ) -> tuple[Split, Split]:
+    """Training and validation samples at `level`, from one store (held-out tail) or two.
+    `share`: this node's share of a partitioned data.path (`cfg.path`, its source, gives
+    the headers and statistics; the share's files are read from the node's copy)."""
     if not cfg.path:
         raise ConfigError("data.path is empty; set it in the config or pass "
                           "--set data.path=DIR (a directory made by `hpc-multires data`)")
     verify = cfg.verified_reads(staged=False)  # a staged copy's comes resolved
-    mpio = mpio_communicator(cfg.mpio, cfg.num_workers)  # volume stores only
+    # Volume stores only; not on a partition, whose files are not on every node.
+    mpio = mpio_communicator(cfg.mpio, cfg.num_workers) if share is None else None
     store = open_store(cfg.path, level=level, verify_reads=verify, mpio=mpio)
+    shares = None
+    if share is not None:
+        store.relocate(share.directory, share.files)
+        shares = share.shares
     if cfg.val_path:
         val = open_store(cfg.val_path, level=level, verify_reads=verify, mpio=mpio)
         a, b = store.schema, val.schema
@@ -71,14 +81,38 @@ def open_splits(cfg: DataConfig, level: int) -> tuple[Split, Split]:
                 "set's classes (class sub-folders of the same names)")
         # Normalise validation inputs with the training set's statistics.
         val.mean, val.std = store.mean, store.std
-        return (Split(store, np.arange(len(store))), Split(val, np.arange(len(val))))
-    n_val = round(len(store) * cfg.val_fraction)
+        return (Split(store, np.arange(len(store)), shares), Split(val, np.arange(len(val))))
+    n_train = train_count(cfg, len(store))
+    return (Split(store, np.arange(n_train), shares),
+            Split(store, np.arange(n_train, len(store))))
+
+
+def train_count(cfg: DataConfig, num_samples: int) -> int:
+    """How many of data.path's first samples are the training set (the rest, with no
+    data.val_path, the held-out validation set)."""
+    if cfg.val_path:
+        return num_samples
+    n_val = round(num_samples * cfg.val_fraction)
     if n_val == 0:
         raise ConfigError(
-            f"no validation samples: {len(store)} samples x data.val_fraction = "
+            f"no validation samples: {num_samples} samples x data.val_fraction = "
             f"{cfg.val_fraction} rounds to 0; raise data.val_fraction or set data.val_path")
-    n_train = len(store) - n_val
-    return (Split(store, np.arange(n_train)), Split(store, np.arange(n_train, len(store))))
+    return num_samples - n_val
+
+
+def partition_data(cfg: DataConfig, comm: Comm) -> Partition:
+    """data.stage = "partition": which shards each node stages, from data.path's headers
+    and the node of every rank (comm/ranks.py), the same on every rank."""
+    rank_nodes = tuple(int(k) for k in comm.gather_object(comm.info.node_index))
+    store = open_store(cfg.path, verify_reads=False)  # the headers only
+    return plan_partition(store.shards, train_count(cfg, len(store)), rank_nodes,
+                          repr(cfg.path))
+
+
+def epoch_steps(split: Split, global_batch: int, ranks: tuple[int, ...]) -> int:
+    """Full global batches per epoch of a stage on `ranks` (the sampler's count)."""
+    return GlobalBatchSampler(split.indices, global_batch, 0, len(ranks), 0,
+                              shares=split.shares, ranks=ranks).steps_per_epoch
 
 
 def build_objective(cfg: Config, stage: Stage, train_samples: int = 0,
@@ -182,7 +216,8 @@ def stage_objective(stage: Stage, seed: int, train_samples: int,
     return objective
 
 
-def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
+def open_levels(cfg: Config, data: DataConfig, stages: list[Stage],
+                share: LocalShare | None = None
                 ) -> tuple[list[Stage], dict[int, tuple[Split, Split]]]:
     """The stages with their per-level batch and rate rules applied (they need the
     samples' size), and every level they need, opened (and so checked) before anything
@@ -191,8 +226,9 @@ def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
     it fuses from have trained; a stage whose global batch exceeds its training set fails
     here too, and an MGE stage whose levels the samples cannot take. `hpc-multires plan`
     runs the same checks. The highest level is opened first: if the pyramid is missing, its
-    fix then builds every level needed."""
-    base = open_splits(data, 0)  # the level-0 headers give every level's sample size
+    fix then builds every level needed. `share`: this node's share of a partitioned
+    data.path."""
+    base = open_splits(data, 0, share)  # the level-0 headers give every level's size
     schema, n_train = base[0].store.schema, len(base[0].indices)
     check_labels(cfg.task, schema, data.path)
     if cfg.domain.on:  # the grid against the samples, the local CNN against a sub-domain
@@ -210,7 +246,7 @@ def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
     for s in stages:
         check_mge(s, schema.spatial_at(s.level), n_train)
     levels = {level for s in stages for level in stage_levels(cfg, s)}
-    splits = {level: base if level == 0 else open_splits(data, level)
+    splits = {level: base if level == 0 else open_splits(data, level, share)
               for level in sorted(levels, reverse=True)}
     models = {}
     for s in stages:
@@ -230,6 +266,8 @@ def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
             raise ConfigError(
                 f"stage {s.name!r}: the training set has {n_train} samples, fewer than its "
                 f"global batch {s.train.global_batch}; lower the global batch or use more data")
+        if share is not None:
+            check_partition(cfg, s, splits[s.level][0])
         spatial = splits[s.level][0].store.sample_shape[1:]
         if cfg.task.kind == "sr" and any(n % 2 for n in spatial):
             raise ConfigError(
@@ -246,6 +284,32 @@ def open_levels(cfg: Config, data: DataConfig, stages: list[Stage]
             check_bottom_layers(models[bottom.level].state_dict(), models[s.level].state_dict(),
                                 s.config.bottom_layers, stage=s.name)
     return stages, splits
+
+
+def check_partition(cfg: Config, stage: Stage, train: Split) -> None:
+    """A stage on a partitioned training set: ranks on every node (a node's share is read
+    only there), and each node's share fills its part of every batch the stage reads."""
+    assert train.shares is not None
+    shares = train.shares
+    groups = shares.groups(stage.ranks)
+    missing = [k for k, g in enumerate(groups) if not g]
+    if missing:
+        raise ConfigError(
+            f"stage {stage.name!r} has no rank on node(s) {missing}: with data.stage = "
+            "'partition' each node holds only its share of the training set, so a stage "
+            "needs ranks on every node to read all of it; give it a group with ranks on each "
+            "node (ranks placed round-robin, srun --distribution=cyclic, put consecutive "
+            "ranks on different nodes), or set data.stage = 'copy'")
+    for r in build_objective(cfg, stage).requests(stage.level, stage.train.global_batch):
+        local = r.global_batch // len(stage.ranks)
+        for k, g in enumerate(groups):
+            have = len(shares.indices[k])
+            if have < len(g) * local:
+                raise ConfigError(
+                    f"stage {stage.name!r}: node {k}'s share of the training set, {have} "
+                    f"samples, cannot fill its part of a global batch of {r.global_batch} "
+                    f"at level {r.level} ({len(g)} rank(s) x {local}); lower the global "
+                    "batch, run on fewer nodes, or set data.stage = 'copy'")
 
 
 def check_downsample_fits(cfg: Config, stage: Stage, store: SampleStore) -> None:
@@ -285,7 +349,8 @@ class PlanRunner:
     """Holds what the stages of one run share: config, job, data, groups, clock, log."""
 
     def __init__(self, cfg: Config, comm: Comm, run_dir: RunDir, resume: bool,
-                 stop: StopAt | None, data: DataConfig | None = None) -> None:
+                 stop: StopAt | None, data: DataConfig | None = None,
+                 share: LocalShare | None = None) -> None:
         self.cfg = cfg
         self.comm = comm
         self.run_dir = run_dir
@@ -296,8 +361,8 @@ class PlanRunner:
         if stop is not None and stop.stage is not None and stop.stage not in names:
             raise UserError(f"--stop-stage {stop.stage!r} is not a stage of the plan; "
                             f"use one of {', '.join(names)}")
-        # data: where to read (a node-local copy when staged)
-        self.stages, self.splits = open_levels(cfg, data or cfg.data, self.stages)
+        # data: where to read (a node-local copy when staged, or this node's share)
+        self.stages, self.splits = open_levels(cfg, data or cfg.data, self.stages, share)
         run_dir.check_resume(resume, cfg)
         self.num_outputs = num_outputs(cfg.task,
                                        self.splits[self.stages[0].level][0].store.schema)
@@ -390,8 +455,10 @@ class PlanRunner:
         resume_from = value if kind == "checkpoint" else None
         resuming = resume_from is not None
         train, val = self.splits[stage.level]
-        objective = build_objective(cfg, stage, len(train.indices),
-                                    train.store.schema.class_names)
+        # The training samples an epoch reads (a partition's: as its node shares allow).
+        used = len(train.indices) if train.shares is None else \
+            epoch_steps(train, stage.train.global_batch, stage.ranks) * stage.train.global_batch
+        objective = build_objective(cfg, stage, used, train.store.schema.class_names)
         levels = {level: self.splits[level][0] for level in stage_levels(cfg, stage)}
         domain = self.domain
         if stage.phase == "aggregator" and domain is not None:
@@ -433,7 +500,9 @@ class PlanRunner:
         trainer = Trainer(spec, run, comm, model, levels, val,
                           run_dir.checkpoint_dir(stage.name), log, progress, self.clock,
                           self.horovod, objective, optimizer_state=carried,
-                          vote_comm=vote_comm)
+                          vote_comm=vote_comm,
+                          sample_log=run_dir.sample_log(self.comm.rank)
+                          if cfg.log.samples else None)
         progress.total = trainer.total_steps
         stop = self.stop
         if stage.phase == "coherent" and stop is not None and stop.stage is not None \
@@ -523,21 +592,32 @@ def train(cfg: Config, run_dir: Path | None = None, resume: bool | str = False,
 def _train_locked(cfg: Config, comm: Comm, run_dir: RunDir, resume: bool,
                   stop: StopAt | None) -> dict[str, Any]:
     staged: Path | None = None
+    share: LocalShare | None = None
     if cfg.data.stage_to and cfg.data.path:
         from hpc_multires.data import staging
 
+        partition = partition_data(cfg.data, comm) if cfg.data.stage == "partition" else None
+        only = None if partition is None else [partition.files(comm.info.node_index), None]
+        if partition is not None and comm.is_root:
+            print(f"data.stage = 'partition': {cfg.data.path} {partition.describe()}",
+                  file=sys.stderr, flush=True)
         (path, val_path), staged = staging.stage([cfg.data.path, cfg.data.val_path],
-                                                 cfg.data.stage_to, comm)
-        # Read the local copies; the saved config keeps the shared paths.
+                                                 cfg.data.stage_to, comm, only)
+        # Read the local copies; the saved config keeps the shared paths. A partition is
+        # opened at its source (every shard's header) and reads its node's files locally.
+        if partition is not None:
+            share = LocalShare(Path(path), frozenset(partition.files(comm.info.node_index)),
+                               partition.shares)
         read_cfg = replace(cfg, data=replace(
-            cfg.data, path=path, val_path=val_path if cfg.data.val_path else "",
+            cfg.data, path=cfg.data.path if share is not None else path,
+            val_path=val_path if cfg.data.val_path else "",
             verify_reads="on" if cfg.data.verified_reads(staged=True) else "off"))
     else:
         read_cfg = cfg
     # On an error the CLI reports it and aborts the MPI job: no collective cleanup then,
     # since a barrier could wait for a rank that is gone.
     try:
-        runner = PlanRunner(cfg, comm, run_dir, resume, stop, read_cfg.data)
+        runner = PlanRunner(cfg, comm, run_dir, resume, stop, read_cfg.data, share)
         result = runner.run()
     except preempt.Preempted as e:
         if comm.is_root:

@@ -7,6 +7,7 @@
       summary.json              the last stage's result: the run's last write
       PREEMPTED                 a signal stopped the run: the batch script requeues it
       logs/rank-NNNN.log        when each rank started and ended which stage
+      logs/samples-rank-NNNN.jsonl  with log.samples: the samples of each of its steps
       stages/NAME/checkpoints/  the stage's checkpoints (train/checkpoint.py names them)
       stages/NAME/init.pt       a fused stage's start
       stages/NAME/final.pt      the stage's model once done
@@ -97,6 +98,9 @@ class RunDir:
 
     def rank_log(self, rank: int) -> Path:
         return self.path / "logs" / f"rank-{rank:04d}.log"
+
+    def sample_log(self, rank: int) -> Path:
+        return self.path / "logs" / f"samples-rank-{rank:04d}.jsonl"
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / "stages" / stage

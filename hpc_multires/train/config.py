@@ -205,6 +205,10 @@ class LogConfig:
     """Log the global mean loss every this many steps (an allreduce each time)."""
     progress_s: float = 30.0
     """Seconds between plain progress lines when stderr is not a terminal (batch logs)."""
+    samples: bool = False
+    """Each rank also writes the training samples of each of its steps to
+    RUN_DIR/logs/samples-rank-NNNN.jsonl (one line per step: stage, epoch, step, indices
+    per request), to check what a run, a partitioned one say, reads."""
 
     def check(self) -> None:
         """Raise ConfigError naming the key and the fix for a value that cannot work."""

@@ -23,8 +23,10 @@ plan. Whether a checkpoint's config allows resuming from it is the driver's ques
 
 from __future__ import annotations
 
+import json
 import math
 import resource
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.data.crop import window_rng, window_starts
 from hpc_multires.data.loader import WindowedBatch, iterate_batches, iterate_steps
-from hpc_multires.data.sampler import GlobalBatchSampler, shard_evenly
+from hpc_multires.data.sampler import GlobalBatchSampler, Shares, shard_evenly
 from hpc_multires.data.store import SampleStore
 from hpc_multires.errors import UserError
 from hpc_multires.train import checkpoint, preempt
@@ -64,6 +66,9 @@ class Split:
 
     store: SampleStore
     indices: np.ndarray
+    shares: Shares | None = None
+    """A training set partitioned across nodes (data.stage = "partition"): each node's
+    samples; the sampler draws each rank's batches from its node's."""
 
 
 def peak_rss_mb() -> float:
@@ -118,12 +123,14 @@ class Trainer:
                  horovod: HorovodGroups | None = None,
                  objective: Objective | None = None,
                  optimizer_state: dict[str, Any] | None = None,
-                 vote_comm: Comm | None = None) -> None:
+                 vote_comm: Comm | None = None,
+                 sample_log: Path | None = None) -> None:
         """`train`: the stage level's training split, or every level's the objective reads;
         `optimizer_state`: an earlier stage's optimizer to start from (a resumed stage's
         checkpoint replaces it); `vote_comm`: the ranks that must stop at the same step
         (default: the stage's; the coherent model of domain decomposition, whose forward
-        gathers over other stages' ranks too, votes over the job)."""
+        gathers over other stages' ranks too, votes over the job); `sample_log`: a file to
+        append this rank's samples of each step to (log.samples)."""
         self.stage = stage
         self.run = run
         self.tcfg = stage.train
@@ -148,9 +155,14 @@ class Trainer:
         # One sampler per request, each its own draw (stream); the first sets the epoch. At
         # least one step per epoch: driver.run.open_levels checked the training set against
         # the global batch before any stage ran.
+        # A partitioned training set: each rank's batches come from its node's share.
         self.samplers = [GlobalBatchSampler(self.train_levels[r.level].indices, r.global_batch,
-                                            comm.rank, comm.world_size, run.seed, stream=i)
+                                            comm.rank, comm.world_size, run.seed, stream=i,
+                                            shares=self.train_levels[r.level].shares,
+                                            ranks=comm.global_ranks)
                          for i, r in enumerate(self.requests)]
+        self.sample_log = sample_log
+        self.data_wait_s = 0.0  # seconds this process waited for batches (`read`)
         self.sampler = self.samplers[0]
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.total_steps = self.tcfg.steps or self.tcfg.epochs * self.steps_per_epoch
@@ -205,13 +217,18 @@ class Trainer:
         loaded = iterate_steps([self.train_levels[r.level].store for r in self.requests],
                                steps, data.num_workers, data.prefetch, data.read_timeout_s,
                                [corruption] * len(self.requests), self.transform_device)
-        # The loader first in zip: once done, it ends its reader processes at once.
+        # The loader first in zip: once done, it ends its reader processes at once. The time
+        # from asking for a step's batches to having them on the device is the data wait.
+        asked = time.perf_counter()
         for arrays, items in zip(loaded, steps, strict=True):
-            yield [Batch(r.level,
+            batches = [Batch(r.level,
                          x.to(device, non_blocking=True),  # (b, C, *spatial)
                          y.to(device, non_blocking=True),  # (b, P) or clean (b, C, *spatial)
                          b.indices if isinstance(b, WindowedBatch) else b)  # (b,)
-                   for r, (x, y), b in zip(self.requests, arrays, items, strict=True)]
+                       for r, (x, y), b in zip(self.requests, arrays, items, strict=True)]
+            self.data_wait_s += time.perf_counter() - asked
+            yield batches
+            asked = time.perf_counter()
 
     # ------------------------------------------------------------------ state
 
@@ -221,7 +238,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "stage": self.stage.name,
                 "epoch": epoch, "step": step, "epoch_step": epoch_step, "loss_sum": loss_sum,
                 "stage_elapsed_s": elapsed, "stage_eval_s": self.eval_s, "wall_s": self.clock(),
-                "world_size": self.comm.world_size, "config": self.run.config_record}
+                "world_size": self.comm.world_size, "config": self.run.config_record,
+                "data_layout": self.sampler.layout}
 
     def restore(self, state: dict[str, Any], path: Path) -> None:
         """Load a checkpoint's model and optimizer. Its config was checked by the driver
@@ -236,6 +254,13 @@ class Trainer:
                 "labels than the run was trained on: resume with the run's own data, or "
                 "start a new --run-dir") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("data_layout", [])
+        if saved != self.sampler.layout and state.get("epoch_step", 0):
+            raise UserError(
+                f"{path} was written inside an epoch of a training set partitioned across "
+                f"nodes as (ranks, samples) per node {saved}; here it is {self.sampler.layout}, "
+                "and the rest of that epoch would read other samples: resume on the same "
+                "nodes and ranks per node, or from a checkpoint at an epoch's end")
 
     def save(self, state: dict[str, Any], epoch: int, mid_epoch_step: int | None) -> None:
         if not self.comm.is_root:
@@ -305,7 +330,8 @@ class Trainer:
         this_epoch = self.epoch_steps(at.epoch)
         ddp.train()
         loss_sum = torch.tensor(at.loss_carry, dtype=torch.float64, device=comm.device)
-        mark = (self.clock(), at.step)  # the last log step, for samples/s since then
+        # The last log step: for samples/s and the data wait since then.
+        mark = (self.clock(), at.step, self.data_wait_s)
         out_of_time = False
         for batches in self.read(at.epoch, at.epoch_step):
             lr = learning_rate(tcfg, at.step, self.total_steps, spe, self.stage.lr_factor)
@@ -313,6 +339,8 @@ class Trainer:
             loss_sum += step_loss.loss.detach()  # no sync: stays on the device until epoch end
             at.step += 1
             at.epoch_step += 1
+            if self.sample_log is not None:
+                self.log_samples(at, batches)
             # .item() is a device sync point; only pay it on log steps.
             if at.step % self.run.log.every_steps == 0 or at.epoch_step == this_epoch:
                 mark = self.log_step(at, step_loss, lr, mark)
@@ -340,15 +368,29 @@ class Trainer:
         self.optimizer.step()
         return out
 
+    def log_samples(self, at: Position, batches: list[Batch]) -> None:
+        """This rank's samples of the step just taken, one line of the sample log."""
+        assert self.sample_log is not None
+        self.sample_log.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"stage": self.stage.name, "epoch": at.epoch, "step": at.step,
+                           "rank": self.comm.global_ranks[self.comm.rank],
+                           "indices": [np.asarray(b.indices).tolist() for b in batches]})
+        with open(self.sample_log, "a") as f:
+            f.write(line + "\n")
+
     def log_step(self, at: Position, step_loss: StepLoss, lr: float,
-                 mark: tuple[float, int]) -> tuple[float, int]:
-        """The step record: the loss and the objective's scalars, averaged over ranks, and
-        the samples per second since `mark` (the last log step's time and step); returns
-        this step's mark."""
+                 mark: tuple[float, int, float]) -> tuple[float, int, float]:
+        """The step record: the loss and the objective's scalars, averaged over ranks, the
+        samples per second since `mark` (the last log step's time, step and data wait), and
+        the seconds waited for data since then (`data_wait_s`, the mean over ranks: set
+        beside the time since that record, the fraction of the steps spent waiting for
+        their batches); returns this step's mark."""
         comm = self.comm
         names = list(step_loss.logged)
         means = [v / comm.world_size for v in comm.sum(
-            [step_loss.loss.item(), *(step_loss.logged[n].item() for n in names)])]
+            [self.data_wait_s - mark[2], step_loss.loss.item(),
+             *(step_loss.logged[n].item() for n in names)])]
+        waited, means = means[0], means[1:]
         mean_loss = means[0]
         if not math.isfinite(mean_loss):
             raise UserError(
@@ -358,11 +400,11 @@ class Trainer:
         now = self.clock()
         samples_per_s = (at.step - mark[1]) * self.step_samples / max(now - mark[0], 1e-9)
         self.log.write({"kind": "step", **self.tag(), "epoch": at.epoch, "step": at.step,
-                        "wall_s": now, "samples_per_s": samples_per_s, "loss": mean_loss,
-                        "lr": lr, **dict(zip(names, means[1:], strict=True))})
+                        "wall_s": now, "samples_per_s": samples_per_s, "data_wait_s": waited,
+                        "loss": mean_loss, "lr": lr, **dict(zip(names, means[1:], strict=True))})
         self.progress.update(at.step, at.epoch + 1, f"{self.stage.name} loss "
                              f"{mean_loss:.4f} {samples_per_s:.1f} samples/s")
-        return now, at.step
+        return now, at.step, self.data_wait_s
 
     def act_on(self, vote: Vote | None, at: Position, loss_sum: torch.Tensor,
                stage_start: float) -> bool:
@@ -449,6 +491,8 @@ class Trainer:
                 "global_batch": self.tcfg.global_batch,
                 "local_batch": self.sampler.local_batch,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+                # data.stage = "partition": (the stage's ranks, training samples) per node
+                **({"node_shares": self.sampler.layout} if self.sampler.layout else {}),
                 "level_batches": [[r.level, r.global_batch] for r in self.requests],
                 "headline": self.objective.headline,
                 "higher_is_better": self.objective.higher_is_better,

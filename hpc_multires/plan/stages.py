@@ -282,7 +282,9 @@ def apply_level_rules(cfg: Config, stages: list[Stage],
         key = f"stages.{s.name}.train" if cfg.stages else "train"
         where = f"stage {s.name!r}: " if cfg.stages else ""
         n = len(s.ranks)
-        if scale.batch % n:  # only a binding cap can do this: global_batch divides
+        # Only a binding cap can do this (an unscaled batch is checked where it is used: the
+        # aggregator of domain decomposition, for one, splits its batch its own way).
+        if scale.batch_factor != 1 and scale.batch % n:
             fits = sorted({max(scale.batch // n * n, n), scale.batch // n * n + n})
             raise ConfigError(
                 f"{where}{key}.batch_cap = {t.batch_cap} caps the scaled batch at level "

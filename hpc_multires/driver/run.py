@@ -24,6 +24,7 @@ import torch.distributed as dist
 from hpc_multires.comm import dist as comm_dist
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
+from hpc_multires.comm.mpi_allreduce import MpiGroups
 from hpc_multires.data.config import DataConfig
 from hpc_multires.data.store import SampleStore, open_store
 from hpc_multires.data.volumes import mpio_communicator
@@ -251,6 +252,8 @@ class PlanRunner:
                     dist.new_group(list(s.ranks))
         self.horovod = HorovodGroups([s.ranks for s in self.stages], comm.world_size) \
             if cfg.comm.backend == "horovod" else None
+        self.mpi = MpiGroups([s.ranks for s in self.stages], comm.info, comm.device) \
+            if cfg.comm.backend == "mpi" else None
         self._t0 = time.monotonic()
         self._offset = 0.0
 
@@ -350,7 +353,7 @@ class PlanRunner:
             if stage.config.carry_optimizer and not resuming else None
         trainer = Trainer(spec, run, comm, model, levels, val,
                           run_dir.checkpoint_dir(stage.name), log, progress, self.clock,
-                          self.horovod, objective, optimizer_state=carried)
+                          self.horovod, objective, optimizer_state=carried, mpi=self.mpi)
         progress.total = trainer.total_steps
         result = trainer.fit(resume_from, stop=self.stop, loaded=loaded)
         if result["done"] and comm.is_root:
@@ -472,6 +475,8 @@ def _train_locked(cfg: Config, comm: Comm, run_dir: RunDir, resume: bool,
         raise
     if runner.horovod is not None:
         runner.horovod.shutdown()
+    if runner.mpi is not None:
+        runner.mpi.free()
     if staged is not None:
         staging.cleanup(staged, comm)
     if comm.is_root:

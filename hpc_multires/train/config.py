@@ -165,6 +165,10 @@ class LogConfig:
     """Log the global mean loss every this many steps (an allreduce each time)."""
     progress_s: float = 30.0
     """Seconds between plain progress lines when stderr is not a terminal (batch logs)."""
+    step_parts: bool = False
+    """Time the parts of each step (batch fetch, forward, backward, allreduce, optimizer,
+    stop vote, logging, ...) and write their mean milliseconds per step since the last
+    record as `parts_ms` in each step record (`benchmarks/step_cost.py` turns it on)."""
 
     def check(self) -> None:
         """Raise ConfigError naming the key and the fix for a value that cannot work."""

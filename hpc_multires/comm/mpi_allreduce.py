@@ -42,7 +42,8 @@ class MpiGroups:
                 f"comm.backend = 'mpi' with {device.type} tensors: the mpi backend reduces "
                 "CPU gradients; use backend = \"ddp\" (NCCL) on GPUs")
         self.rank = info.rank
-        self.comms: dict[tuple[int, ...], Any] = {}
+        self.comms: dict[tuple[int, ...], Any] = {}  # the gradients'
+        self.control: dict[tuple[int, ...], Any] = {}  # the scalar collectives' (Comm.mpi)
         world = mpi_of(info)
         if world is None:
             if info.world_size > 1:
@@ -60,6 +61,12 @@ class MpiGroups:
             sub = world.Split(0 if info.rank in group else MPI.UNDEFINED, key=info.rank)
             if sub != MPI.COMM_NULL:
                 self.comms[group] = sub
+                self.control[group] = sub.Dup()
+
+    def control_comm(self, ranks: tuple[int, ...]) -> Any:
+        """The communicator of `ranks` for the stage's scalar collectives (its losses, stop
+        vote, barriers: `Comm.mpi`), apart from the gradients' (None with one rank)."""
+        return self.control.get(ranks)
 
     def reducer(self, model: nn.Module, ranks: tuple[int, ...]) -> GradientReducer | None:
         """Gradient averaging over `ranks` (this rank's stage group) for `model`, whose
@@ -73,9 +80,10 @@ class MpiGroups:
         return GradientReducer(list(model.parameters()), comm)
 
     def free(self) -> None:
-        for comm in self.comms.values():
+        for comm in [*self.comms.values(), *self.control.values()]:
             comm.Free()
         self.comms.clear()
+        self.control.clear()
 
 
 class GradientReducer:

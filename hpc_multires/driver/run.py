@@ -319,7 +319,8 @@ class PlanRunner:
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
         cfg, run_dir = self.cfg, self.run_dir
-        comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks])
+        comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks],
+                                  self.mpi.control_comm(stage.ranks) if self.mpi else None)
         start: ResumePoint = run_dir.resume_point(stage, comm, cfg) if self.resume else \
             ("fresh", None, None)
         kind, value, loaded = start

@@ -102,6 +102,8 @@ def main() -> None:
                                    args.epochs)
                 runs[(n, b, level)].append(parts)
                 steps_per_epoch[level] = spe
+                print(f"  run {repeat + 1}: {n} rank(s), {b}, level {level}: step "
+                      f"{parts['step']:.1f} ms", file=sys.stderr, flush=True)
         shown = [p for p in PARTS if p != "h2d"]  # h2d: no copy on a CPU
         print(f"{'ranks':>5} {'backend':>7} {'level':>5} {'step':>7} "
               + " ".join(f"{p:>9}" for p in shown)
@@ -120,12 +122,14 @@ def main() -> None:
                           + f" {steps_per_epoch[level]:8d} {epoch[level]:8.2f} "
                           f"1/{epoch[0] / epoch[level]:<5.1f}")
                 coarse = levels[-1]
-                fixed = [p for p in shown if med[0][p] > 0.05
-                         and med[coarse][p] >= 0.5 * med[0][p]]
-                print(f"      fixed per step (level {coarse} >= 1/2 of level 0): "
-                      f"{', '.join(f'{p} {med[coarse][p]:.1f} ms' for p in fixed) or 'none'}"
-                      f"; level {coarse} step {med[coarse]['step']:.1f} ms against "
-                      f"{med[0]['step'] * 2.0 ** (-3 * coarse):.1f} ms ideal")
+                ideal = 2.0 ** (-3 * coarse)  # a level-k step's share of level 0's work
+                fixed = {p: med[coarse][p] - ideal * med[0][p] for p in shown
+                         if med[coarse][p] >= max(1.0, 4 * ideal * med[0][p])}
+                print(f"      fixed per step (level {coarse}: >= 1 ms and >= 4x its share "
+                      f"of level 0's), ms over that share: "
+                      f"{', '.join(f'{p} {v:.1f}' for p, v in fixed.items()) or 'none'}; "
+                      f"level {coarse} step {med[coarse]['step']:.1f} ms against "
+                      f"{ideal * med[0]['step']:.1f} ms ideal")
                 last = "epoch cost vs level 0: " + ", ".join(
                     f"level {level} = 1/{epoch[0] / epoch[level]:.1f}" for level in levels[1:])
                 print(f"      ranks {n}, {b}: {last}")

@@ -1,186 +1,141 @@
-"""Per-step costs that do not shrink with the input, each beside the way it was done before.
+"""Where a training step's time goes, per pyramid level and rank count, and which parts of
+it are fixed per step (do not shrink with the level's input).
 
-    python benchmarks/step_cost.py [--ranks 4] [--samples 256]
+    python benchmarks/step_cost.py [--ranks 1,2,4] [--levels 0,1,2] [--backends ddp,mpi]
 
-On a generated Neuron-style dataset (4 x 1,600 float32 per sample) and the Neuron
-Inverter network at its defaults, in one run:
+The CosmoFlow demo model (configs/cosmoflow-demo.toml: width 0.25, depth 4, gap head) at
+global batch 32 on a generated 32^3, 1-channel dataset with a pyramid (`data synth
+cosmoflow --size 32 --channels 1`, `data pyramid`), trained by `hpc-multires train` under
+mpiexec (OMP_NUM_THREADS=1) with `log.step_parts = true`: each step record then carries the
+mean milliseconds per step of each part of the step since the previous record (batch
+fetch, host-to-device, forward, backward, allreduce, optimizer, stop vote, logging,
+other; `hpc_multires/train/step_parts.py`). The figures are the medians over the step
+records after the first epoch (its first steps start the reader processes).
 
-1. one sample read: the HDF5 dataset looked up by name for every read, against the
-   dataset handle the store keeps (`SampleStore.read_raw`);
-2. a batch of 8 from the reader process: as shared-memory tensors, against pickled arrays
-   through the reader's pipe; the training process's CPU time per batch;
-3. the optimizer step: AdamW's per-tensor loop against the fused kernel;
-4. under mpiexec with --ranks ranks (the network at width 0.5, random batches of 8): a
-   DDP training step followed by a blocking allreduce of the stop vote, against the vote
-   started after the step and collected after the next (`Comm.max_started`); and, for
-   scale, the step with no vote at all.
+For each rank count and backend, the table gives each level's step time and parts, its
+steps per epoch, and its epoch cost (median step x steps per epoch) against level 0's;
+a part is called fixed where the coarsest level's is at least half of level 0's (ideal:
+1/8 per level in 3D). Every case is run `--repeats` times, the repeats of all cases
+interleaved (a loaded machine then slows each alike), and the medians taken.
 
-Each line prints both and their ratio. Lower is better everywhere.
+The last line: the largest rank count, the last backend of --backends:
+    epoch cost vs level 0: level 1 = 1/X, level 2 = 1/Y
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import shutil
+import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import h5py
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BIN, ROOT, best_seconds, cli, env, machine
+from _common import ROOT, cli, machine
 
-from hpc_multires.data import loader
-from hpc_multires.data.store import SampleStore
+from hpc_multires.driver.run_dir import RunDir
+from hpc_multires.train.metrics import read_metrics
+from hpc_multires.train.step_parts import PARTS
 
-
-def per_call(fn: Callable[[], object], n: int, repeats: int = 3) -> float:
-    """Best of `repeats` mean seconds per call over `n` calls."""
-    def calls() -> None:
-        for _ in range(n):
-            fn()
-    return best_seconds(calls, repeats) / n
+GLOBAL_BATCH = 32
 
 
-def line(what: str, before: float, after: float, unit: str) -> None:
-    print(f"{what:<44} {before:9.3f} {after:9.3f} {unit:<3} {before / after:7.1f}x")
-
-
-def reads(store: SampleStore, n: int) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    rows = rng.integers(0, store.shards[0].num_samples, n)
-    f = h5py.File(store.shards[0].path, "r", locking=False)
-    it = iter(np.tile(rows, 4))
-
-    def by_name() -> None:
-        row = int(next(it))
-        f["x"][row]
-        f["y"][row]
-
-    before = per_call(by_name, n)
-    f.close()
-    it = iter(np.tile(rows, 4))
-    after = per_call(lambda: store.read_raw(int(next(it))), n)
-    return before * 1e6, after * 1e6
-
-
-def read_batches(store: SampleStore, idx: list[np.ndarray], pipe_bytes: int) -> bool:
-    """Every batch through one reader process, as `loader.iterate_batches` reads them, with
-    the reader's threshold for shared memory set to `pipe_bytes`; True if the batches came
-    as shared-memory tensors."""
-    reader = loader.BatchReader(store, pipe_bytes=pipe_bytes)
-    shared = []
-    for x, y in loader.read_ahead(reader, idx, num_workers=1, prefetch=4):
-        shared.append(isinstance(x, torch.Tensor) and x.is_shared())
-        torch.as_tensor(x), torch.as_tensor(y)
-    return all(shared)
-
-
-def batches(store: SampleStore, count: int) -> tuple[float, float]:
-    rng = np.random.default_rng(0)
-    idx = [rng.choice(len(store), 8, replace=False) for _ in range(count)]
-    out = []
-    for pipe_bytes in (0, 2**62):  # 0: every batch as shared-memory tensors; then all piped
-        read_batches(store, idx[:8], pipe_bytes)  # forkserver start-up
-        cpu = time.process_time()
-        shared = read_batches(store, idx, pipe_bytes)
-        out.append((time.process_time() - cpu) / count * 1e3)
-        if shared != (pipe_bytes == 0):
-            sys.exit(f"the reader sent batches {'as' if shared else 'not as'} shared-memory "
-                     f"tensors with PIPE_BYTES = {pipe_bytes}: the comparison would not be "
-                     "shared memory against the pipe")
-    return out[0], out[1]
-
-
-def optimizer_step() -> tuple[float, float]:
-    from hpc_multires.models.neuron_inverter import NeuronInverter
-
-    model = NeuronInverter(in_channels=4, length=1600, num_outputs=6)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    times = []
-    for fused in (False, True):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
-        times.append(per_call(opt.step, 50) * 1e3)
-    return times[0], times[1]
-
-
-def vote_worker(steps: int) -> None:
-    """One rank of part 4 (run under mpiexec): mean ms per step with each vote."""
-    from hpc_multires.comm import dist as comm_dist
-    from hpc_multires.models.neuron_inverter import NeuronInverter
-
-    torch.set_num_threads(1)
-    comm = comm_dist.init()
-    model = NeuronInverter(in_channels=4, length=1600, num_outputs=6, width=0.5)
-    ddp = comm.wrap(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    x, y = torch.randn(8, 4, 1600), torch.rand(8, 6)
-    result = {}
-    for mode in ("none", "blocking", "started") * 2:
-        pending = None
-        comm.barrier()
-        t = time.perf_counter()
-        for _ in range(steps):
-            loss = torch.nn.functional.mse_loss(ddp(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if mode == "blocking":
-                comm.max(0.0)
-            elif mode == "started":
-                vote = comm.max_started([0.0, 0.0])
-                if pending is not None:
-                    pending()
-                pending = vote
-        if pending is not None:
-            pending()
-        comm.barrier()
-        ms = (time.perf_counter() - t) / steps * 1e3
-        result[mode] = min(ms, result.get(mode, float("inf")))  # best of two passes
-    if comm.is_root:
-        print(json.dumps(result))
-    comm_dist.shutdown(comm)
+def train(data: Path, run: Path, ranks: int, level: int, backend: str, epochs: int
+          ) -> tuple[dict[str, float], int]:
+    """One run; returns the median ms per step of each part (and "step", their sum) over
+    the step records after the first epoch, and the steps per epoch."""
+    cli(["train", str(ROOT / "configs" / "cosmoflow-demo.toml"), "--run-dir", str(run),
+         "--set", f"data.path={data}", "--set", f"data.level={level}",
+         "--set", f"train.global_batch={GLOBAL_BATCH}", "--set", f"train.epochs={epochs}",
+         "--set", "train.warmup_epochs=0", "--set", f"comm.backend={backend}",
+         "--set", "log.step_parts=true"], ranks=ranks, mpiexec=True)
+    records = read_metrics(RunDir(run).metrics)
+    start = next(r for r in records if r["kind"] == "start")
+    steps = [r["parts_ms"] for r in records if r["kind"] == "step" and r["epoch"] >= 1]
+    if not steps:
+        sys.exit(f"{run}: no step records after the first epoch; use --epochs 2 or more")
+    parts = {p: statistics.median(s[p] for s in steps) for p in PARTS}
+    parts["step"] = statistics.median(sum(s.values()) for s in steps)
+    shutil.rmtree(run, ignore_errors=True)
+    return parts, int(start["steps_per_epoch"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--ranks", type=int, default=4)
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--vote-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ranks", default="1,2,4", help="rank counts (default 1,2,4)")
+    ap.add_argument("--levels", default="0,1,2", help="pyramid levels (default 0,1,2)")
+    ap.add_argument("--backends", default="ddp,mpi",
+                    help="gradient backends, compared side by side (default ddp,mpi)")
+    ap.add_argument("--samples", type=int, default=2048)
+    ap.add_argument("--epochs", type=int, default=2,
+                    help="epochs per run; the first is not counted (default 2)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each case, interleaved; medians taken (default 1)")
+    ap.add_argument("--data", type=Path, help="a 32^3 dataset with its pyramid (default: "
+                    "generated, 1 channel)")
     args = ap.parse_args()
-    if args.vote_worker:
-        vote_worker(args.steps)
-        return
-    torch.set_num_threads(1)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    levels = sorted(int(v) for v in args.levels.split(","))
+    backends = args.backends.split(",")
+    if levels[0] != 0:
+        sys.exit("--levels must include 0: costs are given against level 0")
     print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "neuron"
-        cli(["data", "synth", "neuron", "--out", str(data), "--samples", str(args.samples)])
-        store = SampleStore(data)
-        print(f"{'cost':<44} {'before':>9} {'after':>9} {'':<3} {'ratio':>8}")
-        line("1 sample read: name lookup / kept handle", *reads(store, 2000), "us")
-        line("batch of 8 from reader: shm / pipe (CPU)", *batches(store, 200), "ms")
-        line("AdamW step, 2.5M params: loop / fused", *optimizer_step(), "ms")
-        store.close()
-    cmd = [str(BIN / "mpiexec"), "-n", str(args.ranks), sys.executable, __file__,
-           "--vote-worker", "--steps", str(args.steps)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env())
-    if r.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr}")
-    votes = json.loads(r.stdout.strip().splitlines()[-1])
-    line(f"DDP step + vote, {args.ranks} ranks: blocking / started",
-         votes["blocking"], votes["started"], "ms")
-    line(f"DDP step, {args.ranks} ranks: blocking vote / none",
-         votes["blocking"], votes["none"], "ms")
+    tmp = Path(tempfile.mkdtemp(prefix="hpcmr-step-cost-"))
+    try:
+        data = args.data or tmp / "data"
+        if args.data is None:
+            cli(["data", "synth", "cosmoflow", "--out", str(data), "--samples",
+                 str(args.samples), "--size", "32", "--channels", "1"])
+            if levels[-1] > 0:
+                cli(["data", "pyramid", str(data), "--levels", str(levels[-1])])
+        print(f"model: configs/cosmoflow-demo.toml, global batch {GLOBAL_BATCH}, "
+              f"{args.epochs} epochs per run (the first not counted), {args.repeats} "
+              "run(s) per case interleaved; ms per step, medians")
+        cases = [(n, b, level) for n in ranks for b in backends for level in levels]
+        runs: dict[tuple[int, str, int], list[dict[str, float]]] = {c: [] for c in cases}
+        steps_per_epoch: dict[int, int] = {}
+        for repeat in range(args.repeats):
+            for n, b, level in cases:
+                parts, spe = train(data, tmp / f"run-{n}-{b}-{level}-{repeat}", n, level, b,
+                                   args.epochs)
+                runs[(n, b, level)].append(parts)
+                steps_per_epoch[level] = spe
+                print(f"  run {repeat + 1}: {n} rank(s), {b}, level {level}: step "
+                      f"{parts['step']:.1f} ms", file=sys.stderr, flush=True)
+        shown = [p for p in PARTS if p != "h2d"]  # h2d: no copy on a CPU
+        print(f"{'ranks':>5} {'backend':>7} {'level':>5} {'step':>7} "
+              + " ".join(f"{p:>9}" for p in shown)
+              + f" {'steps/ep':>8} {'epoch s':>8} {'vs L0':>7}")
+        last = ""
+        for n in ranks:
+            for b in backends:
+                med = {level: {k: statistics.median(r[k] for r in runs[(n, b, level)])
+                               for k in [*PARTS, "step"]} for level in levels}
+                epoch = {level: med[level]["step"] * steps_per_epoch[level] / 1e3
+                         for level in levels}
+                for level in levels:
+                    m = med[level]
+                    print(f"{n:5d} {b:>7} {level:5d} {m['step']:7.1f} "
+                          + " ".join(f"{m[p]:9.2f}" for p in shown)
+                          + f" {steps_per_epoch[level]:8d} {epoch[level]:8.2f} "
+                          f"1/{epoch[0] / epoch[level]:<5.1f}")
+                coarse = levels[-1]
+                ideal = 2.0 ** (-3 * coarse)  # a level-k step's share of level 0's work
+                fixed = {p: med[coarse][p] - ideal * med[0][p] for p in shown
+                         if med[coarse][p] >= max(1.0, 4 * ideal * med[0][p])}
+                print(f"      fixed per step (level {coarse}: >= 1 ms and >= 4x its share "
+                      f"of level 0's), ms over that share: "
+                      f"{', '.join(f'{p} {v:.1f}' for p, v in fixed.items()) or 'none'}; "
+                      f"level {coarse} step {med[coarse]['step']:.1f} ms against "
+                      f"{ideal * med[0]['step']:.1f} ms ideal")
+                last = "epoch cost vs level 0: " + ", ".join(
+                    f"level {level} = 1/{epoch[0] / epoch[level]:.1f}" for level in levels[1:])
+                print(f"      ranks {n}, {b}: {last}")
+        print(last)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

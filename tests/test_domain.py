@@ -139,6 +139,7 @@ def test_good_grid_plans(cli_in_process, tmp_path: Path, tiny_cosmo: Path) -> No
 
 @pytest.mark.parametrize(("extra", "expected"), [
     ("[comm]\nbackend = \"horovod\"\n", "runs on torch.distributed only"),
+    ("[comm]\nbackend = \"mpi\"\n", "runs on torch.distributed only"),
     ("[[stages]]\nname = \"a\"\n", "makes its own plan"),
     ("", "a vote has no gradient"),
 ])

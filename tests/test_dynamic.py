@@ -230,7 +230,8 @@ def test_a_resume_may_not_change_the_downsampling(cli, tiny_config, tmp_path: Pa
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("backend", ["ddp", pytest.param("horovod", marks=needs_horovod)])
+@pytest.mark.parametrize("backend", ["ddp", "mpi",
+                                     pytest.param("horovod", marks=needs_horovod)])
 def test_two_ranks_take_the_same_decisions_and_the_losses_of_one(cli, tiny_config,
                                                                  tmp_path: Path,
                                                                  backend: str) -> None:

@@ -12,9 +12,11 @@ from hpc_multires.errors import require
 class CommConfig:
     """How ranks talk."""
 
-    backend: Literal["ddp", "horovod"] = "ddp"
-    """Gradient allreduce: ddp (torch.distributed DDP: gloo on CPU, NCCL on GPU) or horovod
-    (hvd.DistributedOptimizer; one Horovod process set per stage group; `make horovod`)."""
+    backend: Literal["ddp", "mpi", "horovod"] = "ddp"
+    """Gradient allreduce: ddp (torch.distributed DDP: gloo on CPU, NCCL on GPU), mpi (CPU
+    only: mpi4py Iallreduce of bucketed gradients during backward, one MPI communicator
+    per stage group; needs an MPI launch) or horovod (hvd.DistributedOptimizer; one
+    Horovod process set per stage group; `make horovod`)."""
     compression: Literal["none", "fp16"] = "none"
     """horovod: compress gradients to fp16 for the allreduce (none: full precision)."""
     timeout_s: float = 300.0

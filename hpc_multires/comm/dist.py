@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -60,17 +61,21 @@ class Comm:
     """A set of ranks (the whole job, or one stage's group), its device, its collectives.
 
     `rank` and `world_size` are within the set; `global_ranks` maps them to job ranks.
+    With `mpi` (an MPI communicator of the same ranks, the `mpi` backend's), the scalar
+    collectives of every step (`sum`, `max_started`) and `barrier` go through MPI rather
+    than gloo: a few microseconds in shared memory, no gloo thread woken per step.
     """
 
     def __init__(self, info: RankInfo, device: torch.device,
                  group: dist.ProcessGroup | None = None,
                  global_ranks: tuple[int, ...] | None = None,
-                 store: dist.Store | None = None) -> None:
+                 store: dist.Store | None = None, mpi: Any = None) -> None:
         self.info = info
         self.device = device
         self.group = group
         self.global_ranks = global_ranks or tuple(range(info.world_size))
         self.store = store
+        self.mpi = mpi
 
     @property
     def rank(self) -> int:
@@ -90,6 +95,12 @@ class Comm:
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks of a few scalars, in float64 (a sync point)."""
+        if self.mpi is not None and self.distributed:
+            from mpi4py import MPI
+
+            a = np.array(values, dtype=np.float64)
+            self.mpi.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+            return [float(v) for v in a]
         t = torch.tensor(list(values), dtype=torch.float64)
         if self.distributed:
             dist.all_reduce(t, group=self.group)
@@ -106,6 +117,16 @@ class Comm:
         it is complete by then, so the step never waits on it (a blocking one waits for the
         slowest rank's round trip).
         """
+        if self.mpi is not None and self.distributed:
+            from mpi4py import MPI
+
+            a = np.array(values, dtype=np.float64)
+            request = self.mpi.Iallreduce(MPI.IN_PLACE, a, op=MPI.MAX)
+
+            def counted() -> list[float]:
+                request.Wait()
+                return [float(v) for v in a]
+            return counted
         t = torch.tensor(list(values), dtype=torch.float64)
         if not self.distributed:
             return lambda: [float(v) for v in t.tolist()]
@@ -117,7 +138,9 @@ class Comm:
         return result
 
     def barrier(self) -> None:
-        if self.distributed:
+        if self.mpi is not None and self.distributed:
+            self.mpi.Barrier()
+        elif self.distributed:
             dist.barrier(group=self.group)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -136,10 +159,12 @@ class Comm:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
-    def subgroup(self, ranks: tuple[int, ...], group: dist.ProcessGroup | None) -> Comm:
-        """The Comm of a subset of this job's ranks (this rank must be in it)."""
+    def subgroup(self, ranks: tuple[int, ...], group: dist.ProcessGroup | None,
+                 mpi: Any = None) -> Comm:
+        """The Comm of a subset of this job's ranks (this rank must be in it); `mpi`: an MPI
+        communicator of those ranks for the scalar collectives."""
         info = replace(self.info, rank=ranks.index(self.info.rank), world_size=len(ranks))
-        return Comm(info, self.device, group, ranks, self.store)
+        return Comm(info, self.device, group, ranks, self.store, mpi)
 
     def wait_all(self, tag: str, poll_s: float = 0.2,
                  interrupt: Callable[[], None] | None = None) -> None:

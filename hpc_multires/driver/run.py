@@ -24,6 +24,7 @@ import torch.distributed as dist
 from hpc_multires.comm import dist as comm_dist
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
+from hpc_multires.comm.mpi_allreduce import MpiGroups
 from hpc_multires.data.config import DataConfig
 from hpc_multires.data.partition import LocalShare, Partition, plan_partition
 from hpc_multires.data.sampler import GlobalBatchSampler
@@ -377,6 +378,8 @@ class PlanRunner:
         self.domain = DomainPhases(self) if cfg.domain.on else None
         self.horovod = HorovodGroups([s.ranks for s in self.stages], comm.world_size) \
             if cfg.comm.backend == "horovod" else None
+        self.mpi = MpiGroups([s.ranks for s in self.stages], comm.info, comm.device) \
+            if cfg.comm.backend == "mpi" else None
         self._t0 = time.monotonic()
         self._offset = 0.0
 
@@ -442,7 +445,8 @@ class PlanRunner:
 
     def run_stage(self, stage: Stage) -> dict[str, Any]:
         cfg, run_dir = self.cfg, self.run_dir
-        comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks])
+        comm = self.comm.subgroup(stage.ranks, self.groups[stage.ranks],
+                                  self.mpi.control_comm(stage.ranks) if self.mpi else None)
         start: ResumePoint = run_dir.resume_point(stage, comm, cfg) if self.resume else \
             ("fresh", None, None)
         if stage.phase == "coherent" and self.domain is not None and self.resume:
@@ -502,7 +506,7 @@ class PlanRunner:
                           self.horovod, objective, optimizer_state=carried,
                           vote_comm=vote_comm,
                           sample_log=run_dir.sample_log(self.comm.rank)
-                          if cfg.log.samples else None)
+                          if cfg.log.samples else None, mpi=self.mpi)
         progress.total = trainer.total_steps
         stop = self.stop
         if stage.phase == "coherent" and stop is not None and stop.stage is not None \
@@ -640,6 +644,8 @@ def _train_locked(cfg: Config, comm: Comm, run_dir: RunDir, resume: bool,
         raise
     if runner.horovod is not None:
         runner.horovod.shutdown()
+    if runner.mpi is not None:
+        runner.mpi.free()
     if staged is not None:
         staging.cleanup(staged, comm)
     if comm.is_root:

@@ -151,7 +151,7 @@ def _check_domain(cfg: Config) -> None:
     require(not cfg.stages, key, grid,
             "domain decomposition makes its own plan (local CNNs, aggregator, coherent "
             "model); remove the [[stages]] tables, or the [domain] table")
-    require(cfg.comm.backend != "horovod", key, grid,
+    require(cfg.comm.backend == "ddp", key, grid,
             "the coherent model reduces its gradients over two kinds of rank groups, which "
             "runs on torch.distributed only: set comm.backend = \"ddp\"")
     require(not cfg.task.restoration, key, grid,

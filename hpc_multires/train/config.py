@@ -209,6 +209,10 @@ class LogConfig:
     """Each rank also writes the training samples of each of its steps to
     RUN_DIR/logs/samples-rank-NNNN.jsonl (one line per step: stage, epoch, step, indices
     per request), to check what a run, a partitioned one say, reads."""
+    step_parts: bool = False
+    """Time the parts of each step (batch fetch, forward, backward, allreduce, optimizer,
+    stop vote, logging, ...) and write their mean milliseconds per step since the last
+    record as `parts_ms` in each step record (`benchmarks/step_cost.py` turns it on)."""
 
     def check(self) -> None:
         """Raise ConfigError naming the key and the fix for a value that cannot work."""

@@ -39,6 +39,7 @@ from torch import nn
 
 from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
+from hpc_multires.comm.mpi_allreduce import GradientReducer, MpiGroups
 from hpc_multires.data.crop import window_rng, window_starts
 from hpc_multires.data.loader import WindowedBatch, iterate_batches, iterate_steps
 from hpc_multires.data.sampler import GlobalBatchSampler, Shares, shard_evenly
@@ -55,6 +56,7 @@ from hpc_multires.train.objective import (
 )
 from hpc_multires.train.optim import build_optimizer, learning_rate, set_learning_rate
 from hpc_multires.train.spec import RunSettings, StageSpec
+from hpc_multires.train.step_parts import StepParts
 from hpc_multires.train.stop import StopAt, StopVote, Vote
 
 __all__ = ["Position", "Split", "StopAt", "Trainer", "step_seed"]
@@ -124,13 +126,15 @@ class Trainer:
                  objective: Objective | None = None,
                  optimizer_state: dict[str, Any] | None = None,
                  vote_comm: Comm | None = None,
-                 sample_log: Path | None = None) -> None:
+                 sample_log: Path | None = None,
+                 mpi: MpiGroups | None = None) -> None:
         """`train`: the stage level's training split, or every level's the objective reads;
         `optimizer_state`: an earlier stage's optimizer to start from (a resumed stage's
-        checkpoint replaces it); `vote_comm`: the ranks that must stop at the same step
-        (default: the stage's; the coherent model of domain decomposition, whose forward
-        gathers over other stages' ranks too, votes over the job); `sample_log`: a file to
-        append this rank's samples of each step to (log.samples)."""
+        checkpoint replaces it); `horovod`, `mpi`: the gradient backend when not DDP;
+        `vote_comm`: the ranks that must stop at the same step (default: the stage's; the
+        coherent model of domain decomposition, whose forward gathers over other stages'
+        ranks too, votes over the job); `sample_log`: a file to append this rank's samples
+        of each step to (log.samples)."""
         self.stage = stage
         self.run = run
         self.tcfg = stage.train
@@ -145,6 +149,9 @@ class Trainer:
         self.progress = progress
         self.clock = clock
         self.horovod = horovod
+        self.mpi = mpi
+        self.reducer: GradientReducer | None = None  # the mpi backend's, once distributed
+        self.parts = StepParts(run.log.step_parts)  # where a step's time goes (off: free)
         self.objective = objective if objective is not None else Regression()
         self.requests = self.objective.requests(stage.level, self.tcfg.global_batch)
         check_requests(self.requests, stage.level, self.tcfg.global_batch,
@@ -221,12 +228,14 @@ class Trainer:
         # from asking for a step's batches to having them on the device is the data wait.
         asked = time.perf_counter()
         for arrays, items in zip(loaded, steps, strict=True):
+            self.parts.lap("fetch")
             batches = [Batch(r.level,
-                         x.to(device, non_blocking=True),  # (b, C, *spatial)
-                         y.to(device, non_blocking=True),  # (b, P) or clean (b, C, *spatial)
-                         b.indices if isinstance(b, WindowedBatch) else b)  # (b,)
+                             x.to(device, non_blocking=True),  # (b, C, *spatial)
+                             y.to(device, non_blocking=True),  # (b, P) or clean (b, C, *sp.)
+                             b.indices if isinstance(b, WindowedBatch) else b)  # (b,)
                        for r, (x, y), b in zip(self.requests, arrays, items, strict=True)]
             self.data_wait_s += time.perf_counter() - asked
+            self.parts.lap("h2d")
             yield batches
             asked = time.perf_counter()
 
@@ -300,6 +309,8 @@ class Trainer:
                 return {"done": False, "epoch": at.epoch, "step": at.step, **last_val}
             loss_sum, out_of_time = self.train_epoch(ddp, at, vote, stage_start)
             last_val = self.end_epoch(at, loss_sum, stage_start, out_of_time)
+        if self.reducer is not None:
+            self.reducer.close()
         if not last_val:  # resumed from the stage's last checkpoint: report where it ended
             last_val = self.evaluate(whole=True)
         return {"done": True, "epoch": at.epoch, "step": at.step, "wall_s": self.clock(),
@@ -333,6 +344,7 @@ class Trainer:
         # The last log step: for samples/s and the data wait since then.
         mark = (self.clock(), at.step, self.data_wait_s)
         out_of_time = False
+        self.parts.restart()
         for batches in self.read(at.epoch, at.epoch_step):
             lr = learning_rate(tcfg, at.step, self.total_steps, spe, self.stage.lr_factor)
             step_loss = self.step(ddp, batches, at.step, lr)
@@ -348,9 +360,11 @@ class Trainer:
             if every and at.step % every == 0 and at.epoch_step < this_epoch:
                 self.save(self.state(at.epoch, at.step, at.epoch_step, float(loss_sum),
                                      self.clock() - stage_start), at.epoch + 1, at.step)
+            self.parts.lap("log")
             if self.act_on(vote.cast(), at, loss_sum, stage_start):
                 out_of_time = True
                 break
+            self.parts.lap("vote")
         if self.act_on(vote.close(), at, loss_sum, stage_start):  # the last step's vote
             out_of_time = True
         return loss_sum, out_of_time
@@ -361,11 +375,21 @@ class Trainer:
         if self.run.dropout:  # masks fixed by the step: a resumed step draws the same
             torch.manual_seed(step_seed(self.run.seed, self.stage.name, step, self.comm.rank))
         out = self.objective.loss(ddp, batches, step)
-        self.optimizer.zero_grad()  # set_to_none, torch's default
-        out.loss.backward()  # DDP allreduces the gradients here
-        if getattr(ddp, "reduces_gradients", False):  # a model that reduces its own
-            ddp.reduce_gradients()  # type: ignore[operator]
+        self.parts.lap("forward")
+        if self.reducer is None:
+            self.optimizer.zero_grad()  # set_to_none, torch's default
+            out.loss.backward()  # DDP allreduces the gradients here
+            if getattr(ddp, "reduces_gradients", False):  # a model that reduces its own
+                ddp.reduce_gradients()  # type: ignore[operator]
+        else:  # mpi: the gradients are views of its buckets, which it sums over the ranks
+            self.reducer.zero_grad()
+            (out.loss * self.reducer.scale).backward()  # so the sum is the mean
+        self.parts.lap("backward")
+        if self.reducer is not None:
+            self.reducer.wait()  # the last buckets: every .grad is the mean over the ranks
+            self.parts.lap("allreduce")
         self.optimizer.step()
+        self.parts.lap("optimizer")
         return out
 
     def log_samples(self, at: Position, batches: list[Batch]) -> None:
@@ -399,9 +423,11 @@ class Trainer:
                 "data for extreme values")
         now = self.clock()
         samples_per_s = (at.step - mark[1]) * self.step_samples / max(now - mark[0], 1e-9)
+        parts = self.parts.take(at.step - mark[1])  # {} unless log.step_parts
         self.log.write({"kind": "step", **self.tag(), "epoch": at.epoch, "step": at.step,
                         "wall_s": now, "samples_per_s": samples_per_s, "data_wait_s": waited,
-                        "loss": mean_loss, "lr": lr, **dict(zip(names, means[1:], strict=True))})
+                        "loss": mean_loss, "lr": lr, **dict(zip(names, means[1:], strict=True)),
+                        **({"parts_ms": parts} if parts else {})})
         self.progress.update(at.step, at.epoch + 1, f"{self.stage.name} loss "
                              f"{mean_loss:.4f} {samples_per_s:.1f} samples/s")
         return now, at.step, self.data_wait_s
@@ -469,13 +495,18 @@ class Trainer:
         """The model as trained, with gradient averaging over the stage's ranks.
 
         DDP: a wrapper that allreduces during backward and broadcasts the group root's
-        weights when built. Horovod: the optimizer is wrapped instead (its `step` waits
-        for the averaged gradients) and the root's weights and optimizer state are
-        broadcast once, unless they came from a checkpoint every rank loaded.
+        weights when built. mpi: the model itself, the root's weights broadcast, and hooks
+        that start each bucket's allreduce during backward (`self.reducer`). Horovod: the
+        optimizer is wrapped instead (its `step` waits for the averaged gradients) and the
+        root's weights and optimizer state are broadcast once, unless they came from a
+        checkpoint every rank loaded.
         """
         if getattr(self.model, "reduces_gradients", False):
             # Its ranks do not all hold the same parameters (the coherent model of domain
             # decomposition): it averages its gradients itself, after backward.
+            return self.model
+        if self.mpi is not None:
+            self.reducer = self.mpi.reducer(self.model, self.stage.ranks)
             return self.model
         if self.horovod is None:
             return self.comm.wrap(self.model)

@@ -22,9 +22,11 @@ baseline's final MAE plus 2%, or its final PSNR minus 0.1 dB; a method's time to
 the first epoch end of a level-0 stage at or past it. Each method's fine-level-equivalent
 work is the forward passes of its steps in level-0 epochs (each stage's steps times the
 level-0 samples' worth of work a step does, `step_work` in its start record, over the
-training set's size): what the method costs on a machine where work is time. The last
-lines are, per method M after the baseline (mrmf last), `speedup M/baseline = X.XX` (time
-to target of the baseline over that of M) and `final error M/baseline = Y.YYY` (M's final
+training set's size): what the method costs on a machine where work is time; `work to
+target` is that work up to the level-0 epoch that reached the target (every earlier stage
+whole). The last lines are, per method M after the baseline (mrmf last), `work speedup
+M/baseline = W.WW` (the baseline's work to target over M's), `speedup M/baseline = X.XX`
+(time to target of the baseline over that of M) and `final error M/baseline = Y.YYY` (M's final
 error over the baseline's: the ratio of the final MAEs, or for PSNR the ratio of the mean
 squared errors it stands for, 10^((baseline PSNR - M's PSNR) / 10); below 1 is better).
 

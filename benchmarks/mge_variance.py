@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--model", type=Path, action="append", default=[],
                     help="a checkpoint (a stage's final.pt) of configs/images-*.toml's UNet")
+    ap.add_argument("--no-untrained", action="store_true",
+                    help="only the checkpoints given, not the untrained network")
     ap.add_argument("--task", default="denoise")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--draws", type=int, default=40)
@@ -89,7 +91,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"task {args.task}, {args.samples} images of {tuple(levels[0][0].shape[1:])}, "
           f"{args.draws} draws per estimator")
-    models: list[tuple[str, dict | None]] = [("untrained", None)]
+    models: list[tuple[str, dict | None]] = [] if args.no_untrained else [("untrained", None)]
     models += [(str(p), torch.load(p, map_location="cpu", weights_only=False)["model"])
                for p in args.model]
     for name, state in models:

@@ -176,8 +176,9 @@ def _check_stage_task(cfg: Config, st: StageConfig) -> None:
                           "layer cannot take; set model.head = \"gap\"")
     if t.estimator == "mge" and cfg.task.restoration and cfg.task.coarse_corruption != "restricted":
         raise ConfigError(f"{where}{key}.estimator = \"mge\" with task.coarse_corruption = "
-                          f"{cfg.task.coarse_corruption!r}: the estimator's coarse terms must "
-                          "see the restriction of the fine corruption to be unbiased; set "
+                          f"{cfg.task.coarse_corruption!r}: its corrections restrict the fine "
+                          "corrupted images, so its coarse terms must be the restricted "
+                          "corruption for the estimate to be unbiased; set "
                           "task.coarse_corruption = \"restricted\"")
     if t.restriction == "bilinear" and t.estimator == "mge" and not cfg.model.image_to_image:
         raise ConfigError(f"{where}{key}.restriction = \"bilinear\" is for 2D images; use "

@@ -22,9 +22,11 @@ baseline's final MAE plus 2%, or its final PSNR minus 0.1 dB; a method's time to
 the first epoch end of a level-0 stage at or past it. Each method's fine-level-equivalent
 work is the forward passes of its steps in level-0 epochs (each stage's steps times the
 level-0 samples' worth of work a step does, `step_work` in its start record, over the
-training set's size): what the method costs on a machine where work is time. The last
-lines are, per method M after the baseline (mrmf last), `speedup M/baseline = X.XX` (time
-to target of the baseline over that of M) and `final error M/baseline = Y.YYY` (M's final
+training set's size): what the method costs on a machine where work is time; `work to
+target` is that work up to the level-0 epoch that reached the target (every earlier stage
+whole). The last lines are, per method M after the baseline (mrmf last), `work speedup
+M/baseline = W.WW` (the baseline's work to target over M's), `speedup M/baseline = X.XX`
+(time to target of the baseline over that of M) and `final error M/baseline = Y.YYY` (M's final
 error over the baseline's: the ratio of the final MAEs, or for PSNR the ratio of the mean
 squared errors it stands for, 10^((baseline PSNR - M's PSNR) / 10); below 1 is better).
 
@@ -131,7 +133,7 @@ def run_method(app: str, method: str, data: Path, work: Path, ranks: int,
             "process_s": process_s, "train_s": max(r["wall_s"] for r in records),
             "fine": fine, "metric": metric,
             "higher_is_better": bool(starts[-1].get("higher_is_better", False)),
-            "final": fine[-1][metric], "work": fine_work(records)}
+            "final": fine[-1][metric], "work": fine_work(records), "records": records}
 
 
 def fine_work(records: list[dict]) -> float | None:
@@ -148,6 +150,21 @@ def fine_work(records: list[dict]) -> float | None:
     return total
 
 
+def work_at(records: list[dict], epoch_record: dict) -> float | None:
+    """Work done when `epoch_record` was written, in level-0 epochs: every stage started
+    before its stage, whole, and its own stage's steps so far (None without step_work)."""
+    total = 0.0
+    for start in (r for r in records if r["kind"] == "start"):
+        if "step_work" not in start:
+            return None
+        if start["stage"] == epoch_record["stage"]:
+            return total + epoch_record["step"] * start["step_work"] / start["train_samples"]
+        total += max((r["step"] for r in records if r["kind"] == "epoch"
+                      and r["stage"] == start["stage"]), default=0) \
+            * start["step_work"] / start["train_samples"]
+    return None
+
+
 def reached(value: float, target: float, higher_is_better: bool) -> bool:
     return value >= target if higher_is_better else value <= target
 
@@ -156,6 +173,14 @@ def time_to(result: dict, target: float) -> float | None:
     for r in result["fine"]:
         if reached(r[result["metric"]], target, result["higher_is_better"]):
             return result["pyramid_s"] + result["setup_s"] + r["wall_s"]
+    return None
+
+
+def work_to(result: dict, target: float) -> float | None:
+    """Work (level-0 epochs) to the first level-0 epoch end at or past the target."""
+    for r in result["fine"]:
+        if reached(r[result["metric"]], target, result["higher_is_better"]):
+            return work_at(result["records"], r)
     return None
 
 
@@ -235,9 +260,14 @@ def main() -> None:
     # mrmf's lines last: scripts read the last lines. Each method: its speedup, then the
     # final error against the baseline's (a method may be faster and end less accurate).
     for m in sorted(methods[1:], key=lambda name: name == "mrmf"):
-        sp, err = outcomes[m].speedup, outcomes[m].error
-        print(f"speedup {m}/{methods[0]} = {'not reached' if sp is None else f'{sp:.2f}'}")
+        sp, err, wsp = outcomes[m].speedup, outcomes[m].error, outcomes[m].work_speedup
+        print(f"work speedup {m}/{methods[0]} = {_shown(wsp)}")
+        print(f"speedup {m}/{methods[0]} = {_shown(sp)}")
         print(f"final error {m}/{methods[0]} = {err:.3f}")
+
+
+def _shown(ratio: float | None) -> str:
+    return "not reached" if ratio is None else f"{ratio:.2f}"
 
 
 @dataclass(frozen=True)
@@ -246,6 +276,7 @@ class Outcome:
 
     speedup: float | None  # time to target of the baseline over the method's; None: missed
     error: float  # the method's final error over the baseline's (`error_ratio`)
+    work_speedup: float | None = None  # the same, in work to target
 
 
 def error_ratio(result: dict, baseline: dict) -> float:
@@ -270,17 +301,25 @@ def median_over_seeds(methods: list[str], per_seed: list[dict[str, Outcome]]
     medians: dict[str, Outcome] = {}
     for m in methods:
         values = [r[m].speedup for r in per_seed]
-        ranked = sorted(values, key=lambda v: -1.0 if v is None else v)
-        median = ranked[(len(ranked) - 1) // 2]  # the lower median: the cautious one
-        if sum(v is not None for v in values) * 2 <= len(values):
-            median = None
+        work_values = [r[m].work_speedup for r in per_seed]
+        median, work_median = _lower_median(values), _lower_median(work_values)
         shown = ", ".join("-" if v is None else f"{v:.2f}" for v in values)
+        work_shown = ", ".join("-" if v is None else f"{v:.2f}" for v in work_values)
         ratios = [r[m].error for r in per_seed]
-        medians[m] = Outcome(median, float(statistics.median(ratios)))
-        print(f"  {m}: {shown}; median {'not reached' if median is None else f'{median:.2f}'}"
-              f"; final error {', '.join(f'{e:.3f}' for e in ratios)}; median "
-              f"{medians[m].error:.3f}")
+        medians[m] = Outcome(median, float(statistics.median(ratios)), work_median)
+        print(f"  {m}: {shown}; median {_shown(median)}; in work {work_shown}; median "
+              f"{_shown(work_median)}; final error {', '.join(f'{e:.3f}' for e in ratios)}; "
+              f"median {medians[m].error:.3f}")
     return medians
+
+
+def _lower_median(values: list[float | None]) -> float | None:
+    """The lower median, a missed target (None) ranking below every reached one; None
+    unless more than half reached it."""
+    if sum(v is not None for v in values) * 2 <= len(values):
+        return None
+    ranked = sorted(values, key=lambda v: -1.0 if v is None else v)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def compare(app: str, methods: list[str], data: Path, work: Path, ranks: int,
@@ -294,24 +333,28 @@ def compare(app: str, methods: list[str], data: Path, work: Path, ranks: int,
               f"s, training set-up {r['setup_s']:.1f} s, training {r['train_s']:.1f} s",
               flush=True)
     target, how = target_of(results[0])
-    base_t = time_to(results[0], target)
+    base_t, base_w = time_to(results[0], target), work_to(results[0], target)
     assert base_t is not None
     name = results[0]["metric"].removeprefix("val_").upper()
     print(f"\ntarget: {how}")
     width = max(10, *(len(m) for m in methods))
     print(f"{'method':<{width}} {'final ' + name:>10} {'pyramid s':>9} {'set-up s':>8} "
-          f"{'total s':>8} {'work':>6} {'to target s':>11} {'speedup':>8} {'error':>6}")
+          f"{'total s':>8} {'work':>6} {'to target s':>11} {'speedup':>8} "
+          f"{'work to target':>14} {'speedup':>8} {'error':>6}")
     out: dict[str, Outcome] = {}
     for r in results:
-        t = time_to(r, target)
+        t, w = time_to(r, target), work_to(r, target)
         error = error_ratio(r, results[0])
-        out[r["method"]] = Outcome(None if t is None else base_t / t, error)
+        work_speedup = None if w is None or base_w is None else base_w / w
+        out[r["method"]] = Outcome(None if t is None else base_t / t, error, work_speedup)
         total = r["pyramid_s"] + r["setup_s"] + r["train_s"]
         cost = "-" if r["work"] is None else f"{r['work']:.2f}"
         print(f"{r['method']:<{width}} {r['final']:10.4f} {r['pyramid_s']:9.1f} "
               f"{r['setup_s']:8.1f} {total:8.1f} {cost:>6} "
               f"{'not reached' if t is None else f'{t:.1f}':>11} "
-              f"{'-' if t is None else f'{base_t / t:.2f}x':>8} {error:6.3f}")
+              f"{'-' if t is None else f'{base_t / t:.2f}x':>8} "
+              f"{'not reached' if w is None else f'{w:.2f}':>14} "
+              f"{'-' if work_speedup is None else f'{work_speedup:.2f}x':>8} {error:6.3f}")
     print("(work: forward passes in level-0 epochs of the training set; error: final error "
           "over the baseline's)")
     runs = " ".join(str(r["run"]) for r in results)

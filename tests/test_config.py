@@ -171,3 +171,16 @@ def test_any_path_round_trips_through_the_written_toml(tmp_path: Path, path: str
     saved = tmp_path / "config.toml"
     saved.write_text(config_to_toml(cfg), encoding="utf-8")
     assert load_config(saved) == cfg
+
+
+def test_level_corruption_with_mge_is_refused_and_a_bad_value_named() -> None:
+    """MGE's coarse terms must see the restricted fine corruption to be unbiased."""
+    images = {"model": {"name": "unet"}, "train": {"estimator": "mge"}}
+    with pytest.raises(ConfigError, match='set task.coarse_corruption = "restricted"'):
+        config_from_dict({**images, "task": {"kind": "denoise", "coarse_corruption": "level"}})
+    config_from_dict({**images, "task": {"kind": "denoise"}})  # the default is accepted
+    config_from_dict({"model": {"name": "unet"},
+                      "task": {"kind": "denoise", "coarse_corruption": "level"}})
+    with pytest.raises(ConfigError, match="task.coarse_corruption = 'pooled'"):
+        config_from_dict({"model": {"name": "unet"},
+                          "task": {"kind": "noise", "coarse_corruption": "pooled"}})

@@ -178,7 +178,8 @@ def test_inpainting_refuses_levels_its_alignment_cannot_keep_exact(clean) -> Non
     ({"task": "deblur", "blur_sigma": 0.0}, "blur_sigma"),
     ({"task": "inpaint", "box_align": 6}, "power of 2"),
     ({"task": "inpaint", "box_fraction": (0.0, 0.5)}, "box_fraction"),
-    ({"task": "sr", "sr_input": "quarter"}, "sr_input")])
+    ({"task": "sr", "sr_input": "quarter"}, "sr_input"),
+    ({"task": "noise", "coarse": "pooled"}, "coarse = 'pooled': use 'restricted' or 'level'")])
 def test_bad_settings_name_the_field(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Corruption(**kwargs)
@@ -190,3 +191,41 @@ def test_bad_batches_are_refused(clean) -> None:
         corrupt(clean[0], IDS, seed=0, level=0, spec=spec)
     with pytest.raises(ValueError, match="3 sample ids for a batch of 4"):
         corrupt(clean, IDS[:3], seed=0, level=0, spec=spec)
+
+
+@pytest.mark.parametrize("task", ["noise", "denoise"])
+def test_noise_std_at_level_2_is_a_quarter_restricted_and_level_0s_at_level(task) -> None:
+    """The std of the added noise at level 2, measured on a flat image: "restricted" averages
+    level 0's noise over 4x4 blocks (1/4 of its std), "level" keeps level 0's std in level-2
+    pixels, from the same draws (its noise is 4 times the restricted one)."""
+    flat = np.full((64, 1, 64, 64), 0.5, np.float32)  # level 0: (B, C, 64, 64)
+    ids = np.arange(64)
+    kw: dict = {"sigma": 0.2} if task == "noise" else {"t_range": (0.5, 0.5)}
+    stds = {}
+    noise = {}
+    for coarse in ("restricted", "level"):
+        spec = Corruption(task=task, coarse=coarse, **kw)
+        level0 = corrupt(flat, ids, seed=SEED, level=0, spec=spec)
+        level2 = corrupt(average_pool(flat, 4), ids, seed=SEED, level=2, spec=spec)
+        stds[coarse] = (float(level0.std()), float(level2.std()))
+        noise[coarse] = level2 - level2.mean()
+    fine = 0.2 if task == "noise" else 0.5  # level 0's std: sigma, or (1 - t) for denoise
+    for coarse in stds:
+        assert stds[coarse][0] == pytest.approx(fine, rel=0.02)  # level 0 alike
+    assert stds["restricted"][1] == pytest.approx(fine / 4, rel=0.03)
+    assert stds["level"][1] == pytest.approx(fine, rel=0.03)
+    np.testing.assert_allclose(noise["level"], 4 * noise["restricted"], atol=1e-5)
+
+
+def test_level_blur_is_blur_sigma_level_pixels_at_every_level(clean) -> None:
+    """deblur with coarse "level": at level 2 the blur is blur_sigma level-2 pixels (what
+    level 0 does in its own pixels), not blur_sigma / 4 as the restriction gives."""
+    coarse_clean = average_pool(clean, 4)  # (4, 3, 16, 16)
+    for coarse, pixels in (("restricted", 0.75), ("level", 3.0)):
+        spec = Corruption(task="deblur", sigma=0.0, blur_sigma=3.0, coarse=coarse)
+        got = corrupt(coarse_clean, IDS, seed=SEED, level=2, spec=spec)
+        np.testing.assert_allclose(got, gaussian_blur(coarse_clean, pixels), atol=1e-6)
+    # level 0 does not depend on the setting
+    spec0 = [corrupt(clean, IDS, seed=SEED, level=0,
+                     spec=Corruption(task="deblur", coarse=c)) for c in ("restricted", "level")]
+    np.testing.assert_array_equal(*spec0)

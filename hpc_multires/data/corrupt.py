@@ -35,6 +35,16 @@ With ``R`` the average pooling from level 0 to level L, ``x0`` a level-0 image a
   would instead give back the clean level-L image, which leaves nothing to restore, so
   super-resolution is the same relative task at every level: ``corrupt_L(x) = P R_2 x + noise``
   whatever L.
+
+That is ``coarse = "restricted"`` (the default), what the multiscale gradient estimator needs:
+its coarse terms must see the restriction of the fine data. With ``coarse = "level"`` each
+level instead gets the level-0 strength in its own pixels: the noise is ``2^L R z0`` (the same
+draws, rescaled to standard deviation 1 per level-L pixel), and the deblurring blur is
+``blur_sigma`` level-L pixels. A network sees pixels, so every level is then the same
+restoration problem at a lower resolution, which is what a model trained on a coarse level
+and moved to a finer one (Full-Multiscale) needs. Inpainting boxes (fractions of the image
+side) and super-resolution's averaging by 2 are the same relative corruption either way; only
+their noise changes.
 """
 
 from __future__ import annotations
@@ -46,11 +56,14 @@ from typing import Literal
 import numpy as np
 
 Task = Literal["denoise", "noise", "deblur", "inpaint", "sr"]
+CoarseCorruption = Literal["restricted", "level"]
+COARSE_CORRUPTIONS: tuple[str, ...] = ("restricted", "level")
 TASKS: tuple[str, ...] = ("denoise", "noise", "deblur", "inpaint", "sr")
 # Default standard deviation of the added noise per task, at level 0, for images in [0, 1].
 DEFAULT_SIGMA = {"denoise": 0.0, "noise": 0.1, "deblur": 0.01, "inpaint": 0.01, "sr": 0.0}
 
-__all__ = ["TASKS", "Corruption", "average_pool", "corrupt", "gaussian_blur", "prolong2"]
+__all__ = ["COARSE_CORRUPTIONS", "TASKS", "Corruption", "average_pool", "corrupt",
+           "gaussian_blur", "prolong2"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +93,11 @@ class Corruption:
     """sr: input at the image's size (averaged by 2, then prolonged), or at half its size."""
     sr_prolong: Literal["bilinear", "nearest"] = "bilinear"
     """sr with sr_input "prolonged": how the half-size image is brought back."""
+    coarse: CoarseCorruption = "restricted"
+    """On pyramid level L > 0: "restricted", the restriction of the level-0 corruption (noise
+    of standard deviation 2^-L times level 0's, blur of blur_sigma / 2^L level-L pixels);
+    "level", the level-0 strength in level-L pixels (the same draws, noise rescaled by 2^L,
+    blur of blur_sigma level-L pixels)."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -102,6 +120,9 @@ class Corruption:
         if self.sr_input not in ("prolonged", "half"):
             raise ValueError(f"corruption sr_input = {self.sr_input!r}: use 'prolonged' or "
                              "'half'")
+        if self.coarse not in COARSE_CORRUPTIONS:
+            raise ValueError(f"corruption coarse = {self.coarse!r}: use 'restricted' or "
+                             "'level'")
         if self.sr_prolong not in ("bilinear", "nearest"):
             raise ValueError(f"corruption sr_prolong = {self.sr_prolong!r}: use 'bilinear' or "
                              "'nearest'")
@@ -222,6 +243,10 @@ def corrupt(clean: np.ndarray, sample_ids: Sequence[int] | np.ndarray, *, seed: 
     if spec.task == "sr" and (h % 2 or w % 2):
         raise ValueError(f"super-resolution by 2 needs even image sides, got {h}x{w}")
     sigma = spec.noise_sigma
+    at_level = spec.coarse == "level"
+    # "level": the averaged noise (std 2^-L) rescaled to std 1, the blur in level-L pixels.
+    noise_gain = np.float32(factor if at_level else 1.0)
+    blur_pixels = spec.blur_sigma if at_level else spec.blur_sigma / factor
     out = []
     for image, sample in zip(clean.astype(np.float32, copy=False), ids, strict=True):
         rng = np.random.default_rng(np.random.SeedSequence([seed, int(sample)]))
@@ -229,14 +254,15 @@ def corrupt(clean: np.ndarray, sample_ids: Sequence[int] | np.ndarray, *, seed: 
         t = rng.uniform(*spec.t_range) if spec.task == "denoise" else 1.0
         keep = _draw_boxes(rng, spec, size0) if spec.task == "inpaint" else None
         needs_noise = spec.task == "denoise" or sigma > 0
-        z = (average_pool(rng.standard_normal((c, *size0), dtype=np.float32), factor)
+        z = (noise_gain * average_pool(rng.standard_normal((c, *size0), dtype=np.float32),
+                                       factor)
              if needs_noise else None)  # (C, H, W): level-0 noise averaged to this level
         if spec.task == "denoise":
             assert z is not None
             y = np.float32(t) * image + np.float32(1.0 - t) * z
         else:
             if spec.task == "deblur":
-                y = gaussian_blur(image, spec.blur_sigma / factor)
+                y = gaussian_blur(image, blur_pixels)
             elif spec.task == "inpaint":
                 assert keep is not None
                 m = average_pool(keep, factor)  # (H, W), 0 or 1 while box_align allows

@@ -187,6 +187,12 @@ def _check_stage_task(cfg: Config, st: StageConfig) -> None:
         raise ConfigError(f"{where}{key}.estimator = \"mge\" runs the model on {t.mge_levels} "
                           "levels with one set of weights, which the flatten head's dense "
                           "layer cannot take; set model.head = \"gap\"")
+    if t.estimator == "mge" and cfg.task.restoration and cfg.task.coarse_corruption != "restricted":
+        raise ConfigError(f"{where}{key}.estimator = \"mge\" with task.coarse_corruption = "
+                          f"{cfg.task.coarse_corruption!r}: its corrections restrict the fine "
+                          "corrupted images, so its coarse terms must be the restricted "
+                          "corruption for the estimate to be unbiased; set "
+                          "task.coarse_corruption = \"restricted\"")
     if t.restriction == "bilinear" and t.estimator == "mge" and not cfg.model.image_to_image:
         raise ConfigError(f"{where}{key}.restriction = \"bilinear\" is for 2D images; use "
                           "\"avg\" or \"nearest\"")

@@ -58,6 +58,15 @@ class TaskConfig:
     size (for model.name = "espcn")."""
     sr_prolong: Literal["bilinear", "nearest"] = "bilinear"
     """sr with sr_input "prolonged": how the half-size image is brought back."""
+    coarse_corruption: Literal["restricted", "level"] = "restricted"
+    """Image tasks, on pyramid levels L > 0: "restricted", the restriction of the level-0
+    corruption (noise of 2^-L times level 0's standard deviation, the blur 2^L times
+    narrower in level-L pixels: a milder problem on coarser levels), which the multiscale
+    gradient estimator needs (train.estimator = "mge" refuses "level"); "level", the
+    level-0 strength in each level's own pixels (noise of level 0's standard deviation, a
+    blur of blur_sigma pixels), so every level is the same problem at a lower resolution,
+    what a model trained on a coarse level and moved to a finer one needs
+    (Full-Multiscale)."""
     ssim_weight: float = 0.0
     """Image tasks: the loss is MSE + ssim_weight * (1 - SSIM) (0: MSE alone)."""
     label_smoothing: float = 0.0
@@ -89,9 +98,11 @@ class TaskConfig:
                 boxes=(self.boxes[0], self.boxes[1]),
                 box_fraction=(self.box_fraction[0], self.box_fraction[1]),
                 box_align=self.box_align, fill=self.fill, sr_input=self.sr_input,
-                sr_prolong=self.sr_prolong)
+                sr_prolong=self.sr_prolong,
+                coarse=self.coarse_corruption)
         except ValueError as e:  # its message names the field as "corruption FIELD"
-            raise ConfigError(str(e).replace("corruption ", "task.", 1)) from None
+            message = str(e).replace("corruption coarse", "corruption coarse_corruption", 1)
+            raise ConfigError(message.replace("corruption ", "task.", 1)) from None
 
     def check(self) -> None:
         """Raise ConfigError naming the key and the fix for a value that cannot work."""

@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1
 export HPCMR_SRUN_MPI
 
 # How many times a step that died in MPI start-up on Slurm's pmi2 plugin is started again.
-: "${HPCMR_START_RETRIES:=2}"
+: "${HPCMR_START_RETRIES:=5}"
 
 # hpcmr_launch ARGS...: start the ranks as `srun ... python -m mpi4py -m hpc_multires ARGS`.
 #
@@ -55,7 +55,7 @@ hpcmr_launch() {
         attempt=$((attempt + 1))
         echo "hpc-multires: Slurm's pmi2 plugin garbled the MPI start-up (exit $rc);" \
              "starting the step again ($attempt of $HPCMR_START_RETRIES)" >&2
-        sleep 2
+        sleep $((2 * attempt))  # 2, 4, 6, ... s: the next try draws other per-run data
     done
     rm -f "$log"
     return "$rc"

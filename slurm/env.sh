@@ -33,13 +33,16 @@ export HPCMR_SRUN_MPI
 
 # hpcmr_launch ARGS...: start the ranks as `srun ... python -m mpi4py -m hpc_multires ARGS`.
 #
-# Slurm's pmi2 plugin reads each PMI-1 request with a single read() of at most 1024 bytes.
-# MPICH splits its address exchange into values of up to 1024 characters, so one request
-# line can be longer; the plugin then reports "mpi/pmi2: value not properly terminated in
-# client request" or "request not begin with 'cmd='" and the step dies inside MPI_Init.
-# The values hold per-run data, so a new step usually gets through. Nothing has run at that
-# point (and the trainer resumes from its checkpoints anyway), so the step is started again,
-# up to HPCMR_START_RETRIES times; any other failure is returned as it is.
+# Slurm's pmi2 plugin (22.05) reads each PMI-1 request with a single read() of at most 1024
+# bytes. MPICH pads each rank's address in its start-up exchange with whatever memory follows
+# it and compresses only runs of zero bytes; when that memory holds text, a request line
+# passes 1024 bytes, the plugin reports "mpi/pmi2: value not properly terminated in client
+# request" or "request not begin with 'cmd='" and the step dies inside MPI_Init.
+# `python -m hpc_multires` starts MPI before importing the rest of the package, which keeps
+# that memory free of the package's text (hpc_multires/comm/ranks.py, start_mpi); should a
+# step still hit it, nothing has run yet (and the trainer resumes from its checkpoints
+# anyway), so the step is started again, up to HPCMR_START_RETRIES times; any other failure
+# is returned as it is.
 hpcmr_launch() {
     local attempt=0 rc log
     log=$(mktemp "${TMPDIR:-/tmp}/hpcmr-srun.XXXXXX") || return 1

@@ -241,3 +241,23 @@ def test_data_commands_take_mpis_world_only_where_it_is_the_launchers(monkeypatc
         world(fake)
         with pytest.raises(UserError, match=message):
             parallel.data_world()
+
+
+def test_launched_ranks_start_mpi_before_importing_the_package(tmp_path: Path) -> None:
+    """MPICH pads its start-up address exchange with whatever memory follows the address;
+    text left there by the package's imports made the requests too long for Slurm's pmi2
+    plugin, and steps hung in MPI_Init. Under a launcher, `python -m mpi4py -m hpc_multires`
+    starts MPI before importing numpy or the rest of the package (-X importtime lists the
+    imports in order)."""
+    r = subprocess.run([mpiexec_path(), "-n", "2", "-prepend-rank", sys.executable, "-X",
+                        "importtime", "-m",
+                        "mpi4py", "-m", "hpc_multires", "data", "synth", "neuron", "--out",
+                        str(tmp_path / "d"), "--samples", "4", "--bins", "16"],
+                       capture_output=True, text=True, timeout=180, cwd=ROOT, env=run_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        names = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()
+                 if line.startswith(f"[{rank}] import time:")]
+        assert "mpi4py.MPI" in names and "numpy" in names, names[:40]
+        assert names.index("mpi4py.MPI") < names.index("numpy"), names[:80]
+        assert names.index("mpi4py.MPI") < names.index("hpc_multires.cli.main")

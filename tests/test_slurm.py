@@ -214,3 +214,4 @@ def test_submit_renders_submits_and_runs(slurm, tiny_config, tmp_path: Path) -> 
     out = output(run, job)
     assert "4 rank(s) on 2 node(s) (slurm)" in out and "done: val_mae" in out, out
     assert (run / "job.sbatch").read_text().startswith("#!/bin/bash")
+

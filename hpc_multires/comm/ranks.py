@@ -10,7 +10,8 @@ rank and size from MPI under a launcher that matches no row (PMIx only).
 
 Everything else that asks where this process stands asks here: `rank_and_size` (cheap,
 for the command line's messages, never starts MPI), `mpi_of` (the MPI communicator that
-connects the job's ranks, or None), `with_mpi_world` (MPI's world where the environment
+connects the job's ranks, or None), `start_mpi` (the one place MPI is started),
+`with_mpi_world` (MPI's world where the environment
 names none) and `node_barrier` (a wait for the other ranks of this node).
 """
 
@@ -290,10 +291,32 @@ def mpi_world() -> Any:
         if not launched_by_mpi or ("RANK" in os.environ and "LOCAL_RANK" in os.environ):
             return None
     try:
-        from mpi4py import MPI
+        MPI = start_mpi()
     except ImportError:
         return None
     return MPI.COMM_WORLD
+
+
+def start_mpi() -> Any:
+    """Import mpi4py.MPI, which initialises MPI on its first import; the one place that does.
+
+    MPICH (4.x, 5.0) sends each rank's network address in its
+    start-up exchange padded to a fixed size by reading past the address into whatever
+    memory follows it, hex-encoded with runs of zero bytes compressed. Over Slurm's pmi2
+    plugin (22.05), which reads a request with a single read of at most 1024 bytes, a
+    padding full of text (source code read by earlier imports) makes a request too long,
+    the plugin reports "value not properly terminated in client request" and the step dies
+    or hangs in MPI_Init. `python -m hpc_multires` therefore starts MPI before importing
+    the rest of the package (see `__main__`).
+    """
+    import sys
+
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None:
+        return mpi
+    from mpi4py import MPI
+
+    return MPI
 
 
 def _split_top_level(text: str) -> list[str]:

@@ -287,13 +287,11 @@ def mpio_communicator(setting: str, num_workers: int) -> Any:
     no reader processes); "auto" is "on" where that holds, under an MPI launcher."""
     if setting == "off" or not h5py.get_config().mpi or num_workers > 0:
         return None
-    from hpc_multires.comm.ranks import mpi_world
+    from hpc_multires.comm.ranks import mpi_world, start_mpi
 
     world = mpi_world()
     if world is None and setting == "on":  # one process, no launcher: MPI-IO on itself
-        from mpi4py import MPI
-
-        world = MPI.COMM_SELF
+        world = start_mpi().COMM_SELF
     return world
 
 

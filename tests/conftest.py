@@ -60,6 +60,22 @@ def run_cli(args: list[str], ranks: int = 1, timeout: float = 180,
                           cwd=cwd or ROOT, env=run_env(**env))
 
 
+def synth_on_one_and_two_ranks(tmp_path: Path, args: list[str], samples: int) -> list:
+    """`hpc-multires data synth ARGS` on 1 and on 2 ranks: the two SampleStores,
+    asserted to hold the same `samples` inputs bit for bit."""
+    from hpc_multires.data.store import SampleStore
+
+    stores = []
+    for ranks in (1, 2):
+        out = tmp_path / f"r{ranks}"
+        r = run_cli([*args, "--out", str(out)], ranks=ranks, timeout=120)
+        assert r.returncode == 0, r.stderr
+        stores.append(SampleStore(out))
+    for i in range(samples):
+        np.testing.assert_array_equal(stores[0].read_raw(i)[0], stores[1].read_raw(i)[0])
+    return stores
+
+
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """The child's next stdout line, or "" if none comes within `timeout` (no hang)."""
     assert proc.stdout is not None

@@ -8,51 +8,21 @@ OUT_DIR/reads-RANK.json: {shard file name: [[offset, bytes], ...]}.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
 import h5py
+from counting_file import CountingFile
 
 from hpc_multires.data import store
 
 READS: dict[str, list[tuple[int, int]]] = {}
 
 
-class CountingFile(io.RawIOBase):
-    """A read-only file that logs every read's offset and length."""
-
-    def __init__(self, path: Path) -> None:
-        self.f = open(path, "rb")  # noqa: SIM115 (closed with the HDF5 file)
-        self.log = READS.setdefault(Path(path).name, [])
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def readinto(self, b) -> int:  # type: ignore[no-untyped-def, override]
-        at = self.f.tell()
-        n = self.f.readinto(b)
-        self.log.append((at, n))
-        return n
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
-
-
 def counted_open(path: Path) -> h5py.File:
-    return h5py.File(CountingFile(path), "r")
+    return h5py.File(CountingFile(path, READS.setdefault(Path(path).name, [])), "r")
 
 
 def main() -> int:

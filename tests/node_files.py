@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
+
 MPICH_SEGMENT_PREFIX = "/dev/shm/mpich_shm_"
 SEMAPHORE_PREFIX = "/dev/shm/sem.mp-"
 HYDRA_TOPOLOGY_PREFIX = "/tmp/hydra_hwloc_xmlfile_"
@@ -92,12 +94,13 @@ def leftover_candidates() -> set[str]:
     return {path for prefix in LEFTOVER_PREFIXES for path in glob.glob(glob.escape(prefix) + "*")}
 
 
-def in_use(prefixes: tuple[str, ...] = LEFTOVER_PREFIXES, proc: Path = Path("/proc")
-           ) -> set[str]:
-    """Paths under `prefixes` that some live process maps or holds open."""
+def in_use(prefixes: tuple[str, ...] = LEFTOVER_PREFIXES, proc: Path = Path("/proc"),
+           only_by: set[int] | None = None) -> set[str]:
+    """Paths under `prefixes` that some live process (of `only_by`, if given) maps or holds
+    open."""
     used: set[str] = set()
     for pid in proc.iterdir():
-        if pid.name.isdigit():
+        if pid.name.isdigit() and (only_by is None or int(pid.name) in only_by):
             used.update(mapped_files(pid / "maps", prefixes), open_files(pid / "fd", prefixes))
     return used
 
@@ -120,6 +123,11 @@ def remove_unused(paths: Iterable[str], wait_s: float = 0.0) -> list[str]:
                 os.unlink(path)
                 removed.append(path)
         if not left or time.monotonic() >= deadline:
+            break
+        # What this process and its helpers (in-process CLI runs' fork servers) hold stays
+        # held while it waits: no use waiting for those alone.
+        own = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+        if left <= in_use(only_by=own):
             break
         time.sleep(0.25)
     return sorted(removed)

@@ -3,7 +3,6 @@ reads, the transform on the whole batch, and results equal to the sample-by-samp
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import h5py
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_arrays_store
+from counting_file import CountingFile
 
 from hpc_multires.data.batch import read_batch
 from hpc_multires.data.chunks import chunk_shape, level_chunks
@@ -116,35 +116,6 @@ def test_the_transform_on_the_device_gives_the_same_input(tmp_path: Path, arrays
     on_device = store.normaliser().torch(torch.from_numpy(raw))
     np.testing.assert_allclose(on_device.numpy(), read_batch(store, [1, 2])[0], rtol=1e-5,
                                atol=1e-6)
-
-
-class CountingFile(io.RawIOBase):
-    """A file that counts the bytes HDF5 reads through it (h5py's fileobj driver)."""
-
-    def __init__(self, path: Path) -> None:
-        self.f = open(path, "rb")  # noqa: SIM115 (closed with the wrapper)
-        self.bytes_read = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.f.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.f.tell()
-
-    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def,override]
-        n = self.f.readinto(buffer)
-        self.bytes_read += n
-        return n
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
 
 
 @pytest.mark.parametrize("chunk", [None, 16])

@@ -17,7 +17,6 @@ import re
 import numpy as np
 import pytest
 
-from hpc_multires.data.store import SampleStore
 from hpc_multires.data.synth import classes as cl
 
 Region = tuple[tuple[float, float], tuple[float, float]]
@@ -179,22 +178,15 @@ def test_classes_option_is_only_for_classes(cli_in_process, tmp_path) -> None:
 
 @pytest.mark.mpi
 def test_same_dataset_on_any_rank_count(tmp_path) -> None:
-    from conftest import run_cli
+    from conftest import synth_on_one_and_two_ranks
 
-    args = ["data", "synth", "classes", "--samples", "10", "--size", "32", "--classes", "5",
-            "--samples-per-shard", "3", "--seed", "3"]
-    stores = []
-    for ranks in (1, 2):
-        out = tmp_path / f"r{ranks}"
-        r = run_cli([*args, "--out", str(out)], ranks=ranks, timeout=120)
-        assert r.returncode == 0, r.stderr
-        stores.append(SampleStore(out))
+    stores = synth_on_one_and_two_ranks(
+        tmp_path, ["data", "synth", "classes", "--samples", "10", "--size", "32", "--classes",
+                   "5", "--samples-per-shard", "3", "--seed", "3"], samples=10)
     for store in stores:
         assert store.schema.class_names == cl.class_names(5)
         assert store.schema.label_names == ("class",)
         np.testing.assert_array_equal(store.labels()[:, 0], np.arange(10) % 5)
-    for i in range(10):
-        np.testing.assert_array_equal(stores[0].read_raw(i)[0], stores[1].read_raw(i)[0])
 
 
 def test_inspect_lists_the_classes(cli_in_process, tmp_path) -> None:

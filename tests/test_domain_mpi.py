@@ -108,18 +108,25 @@ def chunk_table(store: Path) -> dict[str, list[tuple[int, int, tuple[int, ...]]]
     return table
 
 
+def blocks_read(reads_file: Path, chunks: dict[str, list[tuple[int, int, tuple[int, ...]]]],
+                edge: int) -> tuple[set[tuple[int, ...]], int]:
+    """Which spatial blocks (chunk origin // edge) one rank's logged reads touched, and how
+    many bytes of /x's chunks they read."""
+    blocks, read = set(), 0
+    for shard, log in json.loads(reads_file.read_text()).items():
+        for offset, n in log:
+            for at, size, origin in chunks.get(shard, []):
+                if offset < at + size and at < offset + n:
+                    blocks.add(tuple(o // edge for o in origin[2:]))
+                    read += min(offset + n, at + size) - max(offset, at)
+    return blocks, read
+
+
 def test_each_rank_reads_only_its_subvolume(counted_3d: Path, blocks16: Path) -> None:
     chunks = chunk_table(blocks16)
     x_bytes = sum(size for table in chunks.values() for _, size, _ in table)
     for rank in range(8):
-        reads = json.loads((counted_3d / "reads" / f"reads-{rank}.json").read_text())
-        blocks, data = set(), 0
-        for shard, log in reads.items():
-            for offset, n in log:
-                for at, size, origin in chunks.get(shard, []):
-                    if offset < at + size and at < offset + n:
-                        blocks.add(tuple(o // 8 for o in origin[2:]))
-                        data += min(offset + n, at + size) - max(offset, at)
+        blocks, data = blocks_read(counted_3d / "reads" / f"reads-{rank}.json", chunks, 8)
         # Rank d holds sub-volume d (grid order, the last axis fastest): its block only.
         mine = (rank // 4, rank // 2 % 2, rank % 2)
         assert blocks == {mine}, f"rank {rank} read blocks {sorted(blocks)}"
@@ -203,14 +210,7 @@ def test_2d_each_rank_reads_only_its_subimage_and_trains_its_cnn(counted_2d) -> 
     chunks = chunk_table(data)
     x_bytes = sum(size for table in chunks.values() for _, size, _ in table)
     for rank in range(4):
-        reads = json.loads((where / "reads" / f"reads-{rank}.json").read_text())
-        blocks, read = set(), 0
-        for shard, log in reads.items():
-            for offset, n in log:
-                for at, size, origin in chunks.get(shard, []):
-                    if offset < at + size and at < offset + n:
-                        blocks.add(tuple(o // 16 for o in origin[2:]))
-                        read += min(offset + n, at + size) - max(offset, at)
+        blocks, read = blocks_read(where / "reads" / f"reads-{rank}.json", chunks, 16)
         assert blocks == {(rank // 2, rank % 2)}, f"rank {rank} read blocks {sorted(blocks)}"
         assert read == x_bytes // 4, (rank, read, x_bytes)
     run = where / "run"

@@ -155,15 +155,8 @@ def test_cli_refuses_bad_options_in_one_line(tmp_path, args: list[str], match: s
 
 @pytest.mark.mpi
 def test_same_dataset_on_any_rank_count(tmp_path) -> None:
-    from conftest import run_cli
+    from conftest import synth_on_one_and_two_ranks
 
-    args = ["data", "synth", "images", "--samples", "6", "--size", "16", "--channels", "3",
-            "--samples-per-shard", "2", "--seed", "3"]
-    stores = []
-    for ranks in (1, 2):
-        out = tmp_path / f"r{ranks}"
-        r = run_cli([*args, "--out", str(out)], ranks=ranks, timeout=120)
-        assert r.returncode == 0, r.stderr
-        stores.append(SampleStore(out))
-    for i in range(6):
-        np.testing.assert_array_equal(stores[0].read_raw(i)[0], stores[1].read_raw(i)[0])
+    synth_on_one_and_two_ranks(tmp_path, ["data", "synth", "images", "--samples", "6", "--size",
+                                          "16", "--channels", "3", "--samples-per-shard", "2",
+                                          "--seed", "3"], samples=6)

@@ -41,6 +41,15 @@ def test_method_configs_resolve() -> None:
     assert "lr schedule" not in lines[0]
 
 
+def test_a_stage_sized_in_steps_says_only_where_its_schedule_starts() -> None:
+    """How many schedule epochs 40 steps cover depends on the data's size: the printed plan
+    gives the start, not an end computed from the unused `epochs`."""
+    cfg = config_from_dict(plan({"name": "fine", "train": {
+        "steps": 40, "epochs": 3, "schedule_epochs": 12, "schedule_offset": 4}}))
+    line = describe_plan(resolve(cfg, 1)).splitlines()[-1]
+    assert "40 steps (lr schedule from epoch 5 of 12)" in line, line
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_resolves(path: Path) -> None:
     cfg = load_config(path)

@@ -344,8 +344,11 @@ def describe_plan(stages: list[Stage]) -> str:
             f" or {s.train.time_budget_s:g} s" if s.train.time_budget_s else "")
         if s.train.schedule_epochs:  # a stage on part of a longer learning-rate schedule
             first = s.train.schedule_offset
-            length += (f" (lr schedule epochs {first + 1:g}-{first + n:g} of "
-                       f"{s.train.schedule_epochs:g})")
+            # A stage sized in steps covers steps / (its steps per epoch) epochs of the
+            # schedule, which depends on the data: only where it starts is known here.
+            span = f"from epoch {first + 1:g}" if s.train.steps else \
+                f"epochs {first + 1:g}-{first + n:g}"
+            length += f" (lr schedule {span} of {s.train.schedule_epochs:g})"
         if s.train.estimator == "mge":
             t = s.train
             length += (f", mge over {t.mge_levels} levels (batch x{t.mge_growth:g} per level, "

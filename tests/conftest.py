@@ -49,15 +49,29 @@ def run_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def cli_command(args: list[str], ranks: int = 1) -> list[str]:
+    """The command line of `hpc-multires ARGS`: one process, or `ranks` under mpiexec."""
+    if ranks > 1:
+        return [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "mpi4py",
+                "-m", "hpc_multires", *args]
+    return [sys.executable, "-m", "hpc_multires", *args]
+
+
 def run_cli(args: list[str], ranks: int = 1, timeout: float = 180,
             cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     """`hpc-multires ARGS`, on `ranks` ranks under mpiexec when ranks > 1, with a timeout."""
-    cmd = [sys.executable, "-m", "hpc_multires", *args]
-    if ranks > 1:
-        cmd = [mpiexec_path(), "-n", str(ranks), sys.executable, "-m", "mpi4py",
-               "-m", "hpc_multires", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd or ROOT, env=run_env(**env))
+    return subprocess.run(cli_command(args, ranks), capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env=run_env(**env))
+
+
+def start_cli(args: list[str], ranks: int = 1, stderr: int = subprocess.PIPE
+              ) -> subprocess.Popen[str]:
+    """`hpc-multires ARGS` started in the background in a session of its own (so that
+    `end_tree` can end it and everything it started), stdout and stderr piped
+    (`stderr=subprocess.STDOUT` merges them)."""
+    return subprocess.Popen(cli_command(args, ranks), cwd=ROOT, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            start_new_session=True)
 
 
 def synth_on_one_and_two_ranks(tmp_path: Path, args: list[str], samples: int) -> list:

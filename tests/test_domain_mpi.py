@@ -24,6 +24,7 @@ from conftest import (
     rank_processes,
     run_cli,
     run_env,
+    start_cli,
     stderr_of,
     steps,
 )
@@ -304,10 +305,7 @@ def test_signal_to_one_part_stops_every_part_of_the_coherent_model(
     r = run_cli(["train", str(config), "--run-dir", str(straight)], ranks=4, timeout=420)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run"
-    cmd = [mpiexec_path(), "-n", "4", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
-           "train", str(config), "--run-dir", str(run), "--auto-resume"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli(["train", str(config), "--run-dir", str(run), "--auto-resume"], ranks=4)
     try:
         deadline = time.monotonic() + 300
         while not any(r["stage"] == "coherent-0" and r["step"] >= 3 for r in steps(run)):

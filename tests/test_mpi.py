@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, end_tree, mpiexec_path, rank_processes, run_env, stderr_of
+from conftest import ROOT, end_tree, mpiexec_path, rank_processes, run_env, start_cli, stderr_of
 from node_files import HYDRA_TOPOLOGY_PREFIX, MPICH_SEGMENT_PREFIX, job_files, remove_unused
 
 pytestmark = pytest.mark.mpi
@@ -119,10 +119,8 @@ def test_bad_sample_on_one_rank_ends_the_whole_job(cli, tiny_config, tiny_cosmo:
 def test_killed_rank_ends_the_job_in_bounded_time(tiny_config, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg_path = tiny_config(epochs=50)
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
-           "train", str(cfg_path), "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = start_cli(["train", str(cfg_path), "--run-dir", str(run)], ranks=2,
+                     stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         ckpt = run / "stages" / "main" / "checkpoints" / "epoch-0001.pt"
@@ -162,11 +160,8 @@ def test_a_stalled_rank_ends_the_job_after_the_timeout_with_one_line(tiny_config
     the other's next collective time out after comm.timeout_s: one line that says what
     happened and what to change, not the communication library's C++ traceback."""
     run = tmp_path / "run"
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
-           "train", str(tiny_config(epochs=50)), "--run-dir", str(run),
-           "--set", "comm.timeout_s=5"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli(["train", str(tiny_config(epochs=50)), "--run-dir", str(run),
+                      "--set", "comm.timeout_s=5"], ranks=2)
     try:
         deadline = time.monotonic() + 120
         while not (run / "stages" / "main" / "checkpoints" / "epoch-0001.pt").exists():

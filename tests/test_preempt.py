@@ -6,18 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
     end_tree,
-    mpiexec_path,
     rank_processes,
-    run_env,
+    start_cli,
     stderr_of,
     steps,
 )
@@ -32,10 +29,7 @@ def test_signal_checkpoint_requeue_code_and_resume(cli, tiny_3_epochs, tmp_path:
     straight = tiny_3_epochs.run(2)  # the session's uninterrupted run
 
     run = tmp_path / "run"
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
-           "train", cfg, "--run-dir", str(run), "--auto-resume"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli(["train", cfg, "--run-dir", str(run), "--auto-resume"], ranks=2)
     try:
         deadline = time.monotonic() + 120
         while not any(r["step"] >= 12 for r in steps(run)):  # inside epoch 2
@@ -78,10 +72,8 @@ def test_a_signal_to_every_process_of_the_step_still_checkpoints(
     killed mid-batch left its rank waiting forever for the rest of the batch, and a dead
     fork server crashed the next epoch's start, both without a checkpoint."""
     run = tmp_path / "run"
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
-           "train", str(tiny_config(epochs=40, workers=1)), "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli(["train", str(tiny_config(epochs=40, workers=1)), "--run-dir", str(run)],
+                     ranks=2)
     try:
         deadline = time.monotonic() + 120
         while not any(r["step"] >= 12 for r in steps(run)):  # inside epoch 2: readers up
@@ -156,10 +148,7 @@ def test_signal_to_one_group_stops_the_concurrent_one_with_a_checkpoint(
     cfg = tmp_path / "concurrent.toml"
     cfg.write_text(CONCURRENT.format(data=pyramid_data))
     run = tmp_path / "run"
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
-           "train", str(cfg), "--run-dir", str(run), "--auto-resume"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli(["train", str(cfg), "--run-dir", str(run), "--auto-resume"], ranks=2)
     try:
         deadline = time.monotonic() + 120
         # Both stages past their first epoch (so each has an epoch checkpoint to compare).

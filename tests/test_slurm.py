@@ -48,6 +48,14 @@ def output(run: Path, job: str) -> str:
     return (run / f"slurm-{job}.out").read_text()
 
 
+def wait_training_started(run: Path, timeout: float = 240) -> None:
+    """Until the job's training has written its first metrics record into `run`."""
+    deadline = time.monotonic() + timeout
+    while not (run / "metrics.jsonl").exists():
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(slurm, tiny_cosmo: Path, tmp_path_factory: pytest.TempPathFactory
                   ) -> tuple[Path, Path, str]:
@@ -135,10 +143,7 @@ def test_staging_on_each_node(slurm, tiny_config, tiny_cosmo: Path, tmp_path: Pa
     cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
     run = tmp_path / "run"
     job = sbatch(slurm, run, cfg)
-    deadline = time.monotonic() + 240
-    while not (run / "metrics.jsonl").exists():
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.1)
+    wait_training_started(run)
     shards = sorted(p.name for p in tiny_cosmo.glob("shard-*.h5"))
     for node in (0, 1):
         copies = sorted(local.glob(f"hpc-multires-{job}-node{node}/0-cosmo16/shard-*.h5"))
@@ -167,10 +172,7 @@ def test_partitioned_staging_reads_every_sample_once_per_epoch(
                    .replace("[log]", "[log]\nsamples = true"))
     run = tmp_path / "run"
     job = sbatch(slurm, run, cfg)
-    deadline = time.monotonic() + 240
-    while not (run / "metrics.jsonl").exists():
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.1)
+    wait_training_started(run)
     held = {node: sorted(p.name for p in local.glob(
                 f"hpc-multires-{job}-node{node}/0-data/shard-*.h5")) for node in (0, 1)}
     wait_gone(job, slurm, timeout=240)

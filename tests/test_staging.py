@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, end_tree, mpiexec_path, run_env, stderr_of
+from conftest import end_tree, start_cli, stderr_of
 
 from hpc_multires.data.store import checksum_shard
 
@@ -20,10 +18,7 @@ def test_staged_copy_is_verified_used_and_removed(tiny_config, tiny_cosmo: Path,
     local = tmp_path / "node-local"
     cfg = tiny_config(epochs=6)
     cfg.write_text(cfg.read_text().replace("[data]", f'[data]\nstage_to = "{local}"'))
-    cmd = [mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "hpc_multires",
-           "train", str(cfg), "--run-dir", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli(["train", str(cfg), "--run-dir", str(tmp_path / "run")], ranks=2)
     seen: list[Path] = []
     try:
         deadline = time.monotonic() + 120

@@ -360,17 +360,13 @@ def test_a_second_training_into_a_busy_run_dir_is_refused(tiny_config, tmp_path:
                                                           cli) -> None:
     """A requeued job and a manual resubmission, or a double submission: the second must
     not interleave its metrics with the first's or overwrite its checkpoints."""
-    import subprocess
-    import sys
     import time
 
-    from conftest import ROOT, end_tree, run_env, stderr_of, steps
+    from conftest import end_tree, start_cli, stderr_of, steps
 
     run = tmp_path / "run"
     cfg = str(tiny_config(epochs=200))
-    first = subprocess.Popen([sys.executable, "-m", "hpc_multires", "train", cfg, "--run-dir",
-                              str(run)], cwd=ROOT, env=run_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = start_cli(["train", cfg, "--run-dir", str(run)])
     try:
         deadline = time.monotonic() + 120
         while not steps(run):

@@ -94,14 +94,16 @@ def leftover_candidates() -> set[str]:
     return {path for prefix in LEFTOVER_PREFIXES for path in glob.glob(glob.escape(prefix) + "*")}
 
 
-def in_use(prefixes: tuple[str, ...] = LEFTOVER_PREFIXES, proc: Path = Path("/proc"),
-           only_by: set[int] | None = None) -> set[str]:
-    """Paths under `prefixes` that some live process (of `only_by`, if given) maps or holds
-    open."""
-    used: set[str] = set()
+def users(prefixes: tuple[str, ...] = LEFTOVER_PREFIXES, proc: Path = Path("/proc")
+          ) -> dict[str, set[int]]:
+    """Paths under `prefixes` that some live process maps or holds open, each with the ids
+    of those processes."""
+    used: dict[str, set[int]] = {}
     for pid in proc.iterdir():
-        if pid.name.isdigit() and (only_by is None or int(pid.name) in only_by):
-            used.update(mapped_files(pid / "maps", prefixes), open_files(pid / "fd", prefixes))
+        if pid.name.isdigit():
+            for path in (*mapped_files(pid / "maps", prefixes),
+                         *open_files(pid / "fd", prefixes)):
+                used.setdefault(path, set()).add(int(pid.name))
     return used
 
 
@@ -111,23 +113,24 @@ def remove_unused(paths: Iterable[str], wait_s: float = 0.0) -> list[str]:
 
     With `wait_s`, those still in use are looked at again until they are free or that
     time has passed: a job's launcher can return before the last of its killed ranks has
-    left memory, and the rank maps the segment until then.
+    left memory, and the rank maps the segment until then. What only this process and its
+    helpers (in-process CLI runs' fork servers) hold stays held while it waits: no use
+    waiting for those alone.
     """
     left = {p for p in paths if p.startswith(LEFTOVER_PREFIXES)}
     removed: list[str] = []
     deadline = time.monotonic() + wait_s
     while left:
-        for path in sorted(left - in_use()):
+        used = users()
+        for path in sorted(left - used.keys()):
             left.discard(path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
                 removed.append(path)
         if not left or time.monotonic() >= deadline:
             break
-        # What this process and its helpers (in-process CLI runs' fork servers) hold stays
-        # held while it waits: no use waiting for those alone.
         own = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
-        if left <= in_use(only_by=own):
+        if all(used.get(path, set()) <= own for path in left):
             break
         time.sleep(0.25)
     return sorted(removed)

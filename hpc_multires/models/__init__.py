@@ -38,11 +38,8 @@ def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
     stride = grid_factor(level, cfg.stem_level)
     factor = grid_factor(level, cfg.kernel_level)
     if cfg.name == "cosmoflow":
-        if len(sample_shape) != 4:
-            raise ConfigError(
-                f"model.name = 'cosmoflow' takes 3D samples (C, D, H, W) (single-channel volumes "
-                f"need their channel axis: convert x[:, None]); the dataset's samples "
-                f"have shape {sample_shape}")
+        _require_dims(cfg.name, sample_shape, 3, "3D samples (C, D, H, W) (single-channel "
+                      "volumes need their channel axis: convert x[:, None])")
         return CosmoFlow(
             in_channels=sample_shape[0], spatial=sample_shape[1:], num_outputs=num_outputs,
             width=cfg.width, depth=cfg.depth, kernel_size=cfg.kernel_size, head=cfg.head,
@@ -51,10 +48,7 @@ def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
             stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
             grid_factor=factor, norm=cfg.norm, conv=cfg.conv)
     if cfg.name == "neuron_inverter":
-        if len(sample_shape) != 2:
-            raise ConfigError(
-                f"model.name = 'neuron_inverter' takes 1D traces (C, T); the dataset's samples "
-                f"have shape {sample_shape}")
+        _require_dims(cfg.name, sample_shape, 1, "1D traces (C, T)")
         return NeuronInverter(
             in_channels=sample_shape[0], length=sample_shape[1], num_outputs=num_outputs,
             width=cfg.width, conv_channels=cfg.conv_channels, kernel_size=cfg.kernel_size,
@@ -64,10 +58,7 @@ def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
             stem_stride=stride, stem_detail=cfg.stem_detail, pool_type=cfg.pool_type,
             grid_factor=factor, norm=cfg.norm, conv=cfg.conv)
     if cfg.name == "convnet2d":
-        if len(sample_shape) != 3:
-            raise ConfigError(
-                f"model.name = 'convnet2d' takes 2D images (C, H, W); the dataset's samples "
-                f"have shape {sample_shape}")
+        _require_dims(cfg.name, sample_shape, 2, "2D images (C, H, W)")
         return ConvNet2d(
             in_channels=sample_shape[0], spatial=sample_shape[1:], num_outputs=num_outputs,
             width=cfg.width, depth=cfg.depth, kernel_size=cfg.kernel_size, head=cfg.head,
@@ -77,13 +68,18 @@ def _build(cfg: ModelConfig, sample_shape: tuple[int, ...], num_outputs: int,
     raise ConfigError(f"unknown model.name {cfg.name!r}")
 
 
+def _require_dims(name: str, sample_shape: tuple[int, ...], spatial: int, takes: str) -> None:
+    """Refuse samples without one channel axis and `spatial` spatial axes: model `name`
+    takes `takes`."""
+    if len(sample_shape) != spatial + 1:
+        raise ConfigError(f"model.name = {name!r} takes {takes}; the dataset's samples have "
+                          f"shape {sample_shape}")
+
+
 def _image_model(cfg: ModelConfig, sample_shape: tuple[int, ...]) -> nn.Module:
     """A 2D image-to-image network for images of `sample_shape` (C, H, W); a UNet deeper
     than their sides allow is a ConfigError naming how many multipliers fit."""
-    if len(sample_shape) != 3:
-        raise ConfigError(
-            f"model.name = {cfg.name!r} takes 2D images (C, H, W); the dataset's samples have "
-            f"shape {sample_shape}")
+    _require_dims(cfg.name, sample_shape, 2, "2D images (C, H, W)")
     channels = sample_shape[0]
     if cfg.name == "unet":
         try:

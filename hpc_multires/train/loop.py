@@ -74,10 +74,10 @@ class Split:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (the kernel's high-water mark;
-    psutil reports only the current resident set on Linux)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return max(peak / 1024, psutil.Process().memory_info().rss / 2**20)
+    """This process's peak resident memory so far, in MiB (the kernel's high-water mark,
+    which getrusage brings up to the current resident set; psutil reports only the
+    current one on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def peak_memory(comm: Comm) -> dict[str, Any]:
@@ -169,6 +169,8 @@ class Trainer:
                                             ranks=comm.global_ranks)
                          for i, r in enumerate(self.requests)]
         self.sample_log = sample_log
+        if sample_log is not None:
+            sample_log.parent.mkdir(parents=True, exist_ok=True)
         self.data_wait_s = 0.0  # seconds this process waited for batches (`read`)
         self.sampler = self.samplers[0]
         self.steps_per_epoch = self.sampler.steps_per_epoch
@@ -395,7 +397,6 @@ class Trainer:
     def log_samples(self, at: Position, batches: list[Batch]) -> None:
         """This rank's samples of the step just taken, one line of the sample log."""
         assert self.sample_log is not None
-        self.sample_log.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"stage": self.stage.name, "epoch": at.epoch, "step": at.step,
                            "rank": self.comm.global_ranks[self.comm.rank],
                            "indices": [np.asarray(b.indices).tolist() for b in batches]})

@@ -31,6 +31,12 @@ class DataConfig:
     """Background reader processes per rank; 0 reads in the training process."""
     prefetch: int = 4
     """Batches each reader process keeps ready ahead of the training step."""
+    hold_mb: float = 256.0
+    """Per rank, MiB of a coarse pyramid level's samples (level >= 1, float32 after the
+    read-time transform) held in memory: a stage whose training samples (then its
+    validation ones) fit is read once at its start and its batches come from memory, with
+    no reader processes and no per-batch reads, which would cost a large share of a coarse
+    step (data/held.py). Level 0 is always read from its files; 0 holds nothing."""
     read_timeout_s: float = 120.0
     """With num_workers > 0: a rank waiting longer than this for its next batch (a read
     stuck on a file system that stopped answering) ends the job with a message saying so,
@@ -68,6 +74,8 @@ class DataConfig:
                 "use 0 (original) or a pyramid level k >= 1")
         require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use 0 or more")
         require(self.prefetch >= 1, "data.prefetch", self.prefetch, "use 1 or more")
+        require(math.isfinite(self.hold_mb) and self.hold_mb >= 0, "data.hold_mb",
+                self.hold_mb, "use 0 (read every level from its files) or more MiB")
         require(math.isfinite(self.read_timeout_s) and self.read_timeout_s >= 0,
                 "data.read_timeout_s", self.read_timeout_s,
                 "use 0 (wait forever) or a positive number of seconds")

@@ -41,6 +41,7 @@ from hpc_multires.comm.dist import Comm
 from hpc_multires.comm.horovod import HorovodGroups
 from hpc_multires.comm.mpi_allreduce import GradientReducer, MpiGroups
 from hpc_multires.data.crop import window_rng, window_starts
+from hpc_multires.data.held import HeldSamples, hold_splits
 from hpc_multires.data.loader import WindowedBatch, iterate_batches, iterate_steps
 from hpc_multires.data.sampler import GlobalBatchSampler, Shares, shard_evenly
 from hpc_multires.data.store import SampleStore
@@ -182,6 +183,10 @@ class Trainer:
         # data.transform_on = "device": the readers send stored values, transformed here.
         self.transform_device = comm.device if run.data.transform_on == "device" else None
         self.eval_s = 0.0  # seconds the stage's validations took (kept in its checkpoints)
+        # A coarse level's samples held in memory (`hold`, at the start of `fit`): the
+        # training ones per level, the validation ones; batches then come from there.
+        self.held: dict[int, HeldSamples] = {}
+        self.held_val: HeldSamples | None = None
 
     def tag(self) -> dict[str, Any]:
         """What every metrics record of this stage carries."""
@@ -223,9 +228,16 @@ class Trainer:
         steps: list[tuple[np.ndarray | WindowedBatch, ...]] = list(zip(*per_request,
                                                                        strict=True))
         corruption = self.objective.corruption(epoch)
-        loaded = iterate_steps([self.train_levels[r.level].store for r in self.requests],
-                               steps, data.num_workers, data.prefetch, data.read_timeout_s,
-                               [corruption] * len(self.requests), self.transform_device)
+        held = [self.held[r.level] for r in self.requests if r.level in self.held]
+        loaded: Iterator[list[tuple[torch.Tensor, torch.Tensor]]]
+        if corruption is None and len(held) == len(self.requests):  # all from memory
+            loaded = ([h.read(task) for h, task in zip(held, step, strict=True)]
+                      for step in steps)
+        else:
+            loaded = iterate_steps([self.train_levels[r.level].store for r in self.requests],
+                                   steps, data.num_workers, data.prefetch,
+                                   data.read_timeout_s, [corruption] * len(self.requests),
+                                   self.transform_device)
         # The loader first in zip: once done, it ends its reader processes at once. The time
         # from asking for a step's batches to having them on the device is the data wait.
         asked = time.perf_counter()
@@ -240,6 +252,25 @@ class Trainer:
             self.parts.lap("h2d")
             yield batches
             asked = time.perf_counter()
+
+    def hold(self) -> float:
+        """Read the stage's coarse-level samples into this process where data.hold_mb
+        allows (data/held.py): each level's training samples this rank draws, then the
+        validation set; returns the MiB held. Not for reads the objective corrupts (image
+        tasks: the readers corrupt them, overlapped with the steps)."""
+        self.held, self.held_val = {}, None
+        if self.objective.corruption(None) is not None or not self.run.data.hold_mb:
+            return 0.0
+        levels = list(dict.fromkeys(r.level for r in self.requests))
+        drawn = {level: np.concatenate([s.share for s, r in zip(self.samplers, self.requests,
+                                                                strict=True)
+                                        if r.level == level]) for level in levels}
+        got = hold_splits([(self.train_levels[level].store, drawn[level]) for level in levels]
+                          + [(self.val.store, self.val.indices)], self.run.data.hold_mb)
+        self.held = {level: h for level, h in zip(levels, got[:-1], strict=True)
+                     if h is not None}
+        self.held_val = got[-1]
+        return sum(h.nbytes for h in got if h is not None) / 2**20
 
     # ------------------------------------------------------------------ state
 
@@ -293,8 +324,10 @@ class Trainer:
         stage (chosen by its first rank); `loaded`: its contents, where already loaded."""
         tcfg = self.tcfg
         at, start = self.begin(resume_from, loaded)
+        held_mb = self.hold()
         ddp = self.distribute(broadcast=not (resume_from is not None and at.step > 0))
         if start:
+            start["held_mb"] = round(held_mb, 3)
             if self.stage.fused:
                 start.update(self.fused_start())  # after distribute: every rank has the weights
             self.log.write(start)
@@ -572,9 +605,13 @@ class Trainer:
         metrics = self.objective.validation(self.val.store.schema.label_names, self.crop)
         data, device = self.run.data, self.comm.device
         tasks = [self.in_region(i) for i in items] if self.stage.region_shape else items
-        loaded = iterate_batches(self.val.store, tasks, data.num_workers, data.prefetch,
-                                 data.read_timeout_s, self.objective.corruption(None),
-                                 self.transform_device)
+        corruption = self.objective.corruption(None)
+        loaded: Iterator[tuple[torch.Tensor, torch.Tensor]]
+        if self.held_val is not None and corruption is None:
+            loaded = (self.held_val.read(task) for task in tasks)
+        else:
+            loaded = iterate_batches(self.val.store, tasks, data.num_workers, data.prefetch,
+                                     data.read_timeout_s, corruption, self.transform_device)
         for (x, y), indices in zip(loaded, items, strict=True):
             metrics.add(self.model, Batch(self.stage.level, x.to(device), y.to(device),
                                           indices))

@@ -1,5 +1,5 @@
-"""The image application under a real mpiexec: 2 ranks train as 1 rank does, with the
-single-level estimator and with MGE (every level's batch split over the ranks)."""
+"""The image application under a real mpiexec: 2 and 4 ranks train as 1 rank does, with
+the single-level estimator and with MGE (every level's batch split over the ranks)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def step_records(run: Path) -> list[dict]:
     ["--set", "train.estimator=mge", "--set", "train.mge_levels=3"],
     ["--set", "train.estimator=mge", "--set", "train.restriction=bilinear"],
 ], ids=["single", "mge-avg", "mge-bilinear"])
-def test_two_ranks_give_the_losses_of_one(cli, images_config, tmp_path: Path,
+def test_two_and_four_ranks_give_the_losses_of_one(cli, images_config, tmp_path: Path,
                                           estimator: list[str]) -> None:
     """Same seed and global batches: each level's global batch is the same samples on any
     rank count (its own sampler, rank r its r-th slice), every sample's corruption follows
@@ -33,7 +33,7 @@ def test_two_ranks_give_the_losses_of_one(cli, images_config, tmp_path: Path,
     cfg = str(images_config(epochs=1))
     opts = ["--set", "train.global_batch=4", *estimator]
     runs = {}
-    for ranks in (1, 2):
+    for ranks in (1, 2, 4):  # at 4 ranks the finest level's batch is one image per rank
         run = tmp_path / f"r{ranks}"
         r = cli(["train", cfg, "--run-dir", str(run), *opts], ranks=ranks, timeout=300)
         assert r.returncode == 0, r.stderr
@@ -41,7 +41,8 @@ def test_two_ranks_give_the_losses_of_one(cli, images_config, tmp_path: Path,
     assert len(runs[1]) == 9  # 36 training samples, 4 per step at the finest level
     losses = {n: np.array([s["loss"] for s in recs]) for n, recs in runs.items()}
     assert np.ptp(losses[1]) > 1e-3
-    np.testing.assert_allclose(losses[2], losses[1], rtol=1e-4, atol=0)
-    for name in [k for k in runs[1][0] if k.startswith("mge_term")]:
-        np.testing.assert_allclose([s[name] for s in runs[2]], [s[name] for s in runs[1]],
-                                   rtol=1e-3, atol=1e-6)
+    for ranks in (2, 4):
+        np.testing.assert_allclose(losses[ranks], losses[1], rtol=1e-4, atol=0)
+        for name in [k for k in runs[1][0] if k.startswith("mge_term")]:
+            np.testing.assert_allclose([s[name] for s in runs[ranks]],
+                                       [s[name] for s in runs[1]], rtol=1e-3, atol=1e-6)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hpc_multires.data import held as held_module
 from hpc_multires.data import loader as loader_module
@@ -99,3 +100,39 @@ def test_a_negative_hold_budget_is_one_line(tiny_config: Callable[..., Path], tm
                         "--set", "data.hold_mb=-1"])
     assert r.returncode == 2 and "data.hold_mb" in r.stderr and "MiB" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_held_clean_images_are_corrupted_as_the_readers_corrupt_them(tiny_images: Path
+                                                                      ) -> None:
+    """An image task's level held clean: each batch is (the corruption of the clean
+    images, the clean images), what a reader with the same ReadCorruption gives."""
+    from hpc_multires.data.corrupt import Corruption
+    from hpc_multires.data.loader import ReadCorruption
+
+    store = SampleStore(tiny_images, level=1)
+    held = HeldSamples(store, np.arange(48), clean=True)
+    spec = ReadCorruption(Corruption(task="denoise", t_range=(0.5, 1.0)), seed=5)
+    batch = np.array([7, 30, 2])
+    x, y = held.read(batch, spec)
+    want_x, want_y = BatchReader(store, corruption=spec).read(batch)  # type: ignore[misc]
+    assert x.shape == (3, 1, 16, 16) and not torch.equal(x, y)
+    assert np.array_equal(x.numpy(), np.asarray(want_x))
+    assert np.array_equal(y.numpy(), np.asarray(want_y))
+    with pytest.raises(ValueError, match="held clean, read without a corruption"):
+        held.read(batch)
+
+
+def test_an_image_task_at_a_held_level_trains_as_from_its_files(
+        images_config: Callable[..., Path], tmp_path: Path, cli_in_process: Callable) -> None:
+    config = images_config(epochs=2)
+    losses = {}
+    for hold in ("256", "0"):
+        run = tmp_path / f"hold-{hold}"
+        r = cli_in_process(["train", config, "--run-dir", run, "--set", "data.level=1",
+                            "--set", f"data.hold_mb={hold}"])
+        assert r.returncode == 0, r.stderr
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert (records[0]["held_mb"] > 0) == (hold != "0")
+        losses[hold] = [(rec["loss"], rec.get("val_psnr")) for rec in records
+                        if rec["kind"] in ("step", "epoch")]
+    assert losses["256"] == losses["0"] and len(losses["0"]) > 4

@@ -230,8 +230,8 @@ class Trainer:
         corruption = self.objective.corruption(epoch)
         held = [self.held[r.level] for r in self.requests if r.level in self.held]
         loaded: Iterator[list[tuple[torch.Tensor, torch.Tensor]]]
-        if corruption is None and len(held) == len(self.requests):  # all from memory
-            loaded = ([h.read(task) for h, task in zip(held, step, strict=True)]
+        if len(held) == len(self.requests):  # all from memory
+            loaded = ([h.read(task, corruption) for h, task in zip(held, step, strict=True)]
                       for step in steps)
         else:
             loaded = iterate_steps([self.train_levels[r.level].store for r in self.requests],
@@ -256,17 +256,19 @@ class Trainer:
     def hold(self) -> float:
         """Read the stage's coarse-level samples into this process where data.hold_mb
         allows (data/held.py): each level's training samples this rank draws, then the
-        validation set; returns the MiB held. Not for reads the objective corrupts (image
-        tasks: the readers corrupt them, overlapped with the steps)."""
+        validation set; returns the MiB held. Where the objective corrupts its reads (the
+        image tasks), the clean samples, corrupted per batch here."""
         self.held, self.held_val = {}, None
-        if self.objective.corruption(None) is not None or not self.run.data.hold_mb:
+        if not self.run.data.hold_mb:
             return 0.0
+        clean = self.objective.corruption(None) is not None
         levels = list(dict.fromkeys(r.level for r in self.requests))
         drawn = {level: np.concatenate([s.share for s, r in zip(self.samplers, self.requests,
                                                                 strict=True)
                                         if r.level == level]) for level in levels}
         got = hold_splits([(self.train_levels[level].store, drawn[level]) for level in levels]
-                          + [(self.val.store, self.val.indices)], self.run.data.hold_mb)
+                          + [(self.val.store, self.val.indices)], self.run.data.hold_mb,
+                          clean)
         self.held = {level: h for level, h in zip(levels, got[:-1], strict=True)
                      if h is not None}
         self.held_val = got[-1]
@@ -607,8 +609,8 @@ class Trainer:
         tasks = [self.in_region(i) for i in items] if self.stage.region_shape else items
         corruption = self.objective.corruption(None)
         loaded: Iterator[tuple[torch.Tensor, torch.Tensor]]
-        if self.held_val is not None and corruption is None:
-            loaded = (self.held_val.read(task) for task in tasks)
+        if self.held_val is not None:
+            loaded = (self.held_val.read(task, corruption) for task in tasks)
         else:
             loaded = iterate_batches(self.val.store, tasks, data.num_workers, data.prefetch,
                                      data.read_timeout_s, corruption, self.transform_device)

@@ -278,3 +278,15 @@ def test_an_untrained_residual_network_returns_its_input(name: str) -> None:
     assert torch.equal(model(x), x)
     plain = build_model(ModelConfig(name=name, residual=False, **small), (1, 16, 16), 5)
     assert not torch.allclose(plain(x), x, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["UNet", "ResNet2d"])
+def test_a_residual_network_with_other_output_channels_is_refused(name: str) -> None:
+    from hpc_multires.models.resnet2d import ResNet2d
+    from hpc_multires.models.unet import UNet
+
+    net = {"UNet": UNet, "ResNet2d": ResNet2d}[name]
+    with pytest.raises(ConfigError, match=f"a residual {name} adds its input to its output: "
+                       "it needs as many output channels as input channels, not 1 for 3"):
+        net(in_channels=3, out_channels=1, residual=True)
+    assert net(in_channels=3, out_channels=1, residual=False) is not None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hpc_multires.errors import ConfigError
+from hpc_multires.models.unet import output_channels, start_at_zero
 
 
 class ResidualBlock(nn.Module):
@@ -54,20 +55,15 @@ class ResNet2d(nn.Module):
         if channels < 1 or blocks < 0:
             raise ConfigError(f"ResNet2d channels = {channels}, blocks = {blocks}: use "
                               "channels >= 1 and blocks >= 0")
-        out_channels = in_channels if out_channels is None else out_channels
-        if residual and out_channels != in_channels:
-            raise ConfigError(f"a residual ResNet2d adds its input to its output: it needs as "
-                              f"many output channels as input channels, not {out_channels} for "
-                              f"{in_channels}")
+        out_channels = output_channels("ResNet2d", in_channels, out_channels, residual)
         self.residual = residual
         pad = kernel_size // 2
         self.stem = nn.Conv2d(in_channels, channels, kernel_size, padding=pad)
         self.blocks = nn.Sequential(*(ResidualBlock(channels, kernel_size, norm, groups)
                                       for _ in range(blocks)))
         last = nn.Conv2d(channels, out_channels, kernel_size, padding=pad)
-        if residual:  # the correction starts at 0: the untrained network changes nothing
-            for param in last.parameters():
-                nn.init.zeros_(param)
+        if residual:
+            start_at_zero(last)
         self.head = nn.Sequential(nn.SiLU(), last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

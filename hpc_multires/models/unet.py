@@ -39,6 +39,24 @@ class ConvBlock(nn.Sequential):
             nn.SiLU())
 
 
+def output_channels(net: str, in_channels: int, out_channels: int | None,
+                    residual: bool) -> int:
+    """The channels a restoration network outputs (None: its input's). A residual one adds
+    its input to its output, so it needs as many."""
+    out = in_channels if out_channels is None else out_channels
+    if residual and out != in_channels:
+        raise ConfigError(f"a residual {net} adds its input to its output: it needs as many "
+                          f"output channels as input channels, not {out} for {in_channels}")
+    return out
+
+
+def start_at_zero(layer: nn.Module) -> None:
+    """A residual network's last layer starts at 0: the untrained network changes nothing
+    (it learns the correction of its input)."""
+    for param in layer.parameters():
+        nn.init.zeros_(param)
+
+
 def unet_size_error(spatial: Sequence[int], multipliers: Sequence[int]) -> ConfigError | None:
     """The error for images a UNet with `multipliers` cannot take, or None if it can."""
     halvings = len(multipliers) - 1
@@ -72,11 +90,7 @@ class UNet(nn.Module):
         self.multipliers = tuple(multipliers)
         if spatial is not None and (error := unet_size_error(spatial, self.multipliers)):
             raise error
-        out_channels = in_channels if out_channels is None else out_channels
-        if residual and out_channels != in_channels:
-            raise ConfigError(f"a residual UNet adds its input to its output: it needs as many "
-                              f"output channels as input channels, not {out_channels} for "
-                              f"{in_channels}")
+        out_channels = output_channels("UNet", in_channels, out_channels, residual)
         self.residual = residual
         widths = [base_channels * m for m in self.multipliers]
         self.encoder = nn.ModuleList()
@@ -92,9 +106,8 @@ class UNet(nn.Module):
             self.decoder.append(ConvBlock(2 * width, width, groups))
             channels = width
         self.head = nn.Conv2d(channels, out_channels, 1)
-        if residual:  # the correction starts at 0: the untrained network changes nothing
-            for param in self.head.parameters():
-                nn.init.zeros_(param)
+        if residual:
+            start_at_zero(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)

@@ -326,7 +326,12 @@ class Trainer:
         stage (chosen by its first rank); `loaded`: its contents, where already loaded."""
         tcfg = self.tcfg
         at, start = self.begin(resume_from, loaded)
+        began = time.perf_counter()
         held_mb = self.hold()
+        if held_mb:
+            self.progress.line(f"stage {self.stage.name}: level {self.stage.level} held in "
+                               f"memory ({held_mb:.1f} MiB per rank, read in "
+                               f"{time.perf_counter() - began:.1f} s)")
         ddp = self.distribute(broadcast=not (resume_from is not None and at.step > 0))
         if start:
             start["held_mb"] = round(held_mb, 3)

@@ -136,3 +136,17 @@ def test_an_image_task_at_a_held_level_trains_as_from_its_files(
         losses[hold] = [(rec["loss"], rec.get("val_psnr")) for rec in records
                         if rec["kind"] in ("step", "epoch")]
     assert losses["256"] == losses["0"] and len(losses["0"]) > 4
+
+
+def test_a_resume_may_change_what_is_held(pyramid_data: Path, tiny_config: Callable[..., Path],
+                                          tmp_path: Path, cli_in_process: Callable) -> None:
+    """Holding a level changes no batch, so a resume may turn it off (or on)."""
+    config, run = tiny_config(data=pyramid_data), tmp_path / "run"
+    first = cli_in_process(["train", config, "--run-dir", run, "--set", "data.level=1",
+                            "--set", "train.epochs=2", "--stop-after-epoch", "1"])
+    assert first.returncode == 0, first.stderr
+    again = cli_in_process(["train", config, "--run-dir", run, "--resume", "--set",
+                            "data.level=1", "--set", "train.epochs=2", "--set",
+                            "data.hold_mb=0"])
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr

@@ -21,6 +21,7 @@ RESUMABLE_CHANGES = ("train.epochs", "stages.*.train.epochs", "train.steps",
                      "data.path", "data.val_path",
                      "data.stage_to", "data.verify_reads", "data.mpio",
                      "data.num_workers", "data.prefetch", "data.read_timeout_s",
+                     "data.hold_mb",
                      "comm.timeout_s", "log.*", "domain.local_epochs",
                      "domain.aggregator_epochs", "domain.coherent_epochs")
 

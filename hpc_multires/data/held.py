@@ -113,10 +113,11 @@ def hold_splits(splits: Sequence[tuple[SampleStore, np.ndarray]], budget_mb: flo
     left = budget_mb * 2**20
     out: list[HeldSamples | None] = []
     for store, indices in splits:
-        need = held_bytes(store, len(np.unique(indices)))
-        if store.level == 0 or need > left or not len(indices):
+        unique = np.unique(indices)
+        need = held_bytes(store, len(unique))
+        if store.level == 0 or need > left or not len(unique):
             out.append(None)
             continue
-        out.append(HeldSamples(store, indices, clean))
+        out.append(HeldSamples(store, unique, clean))
         left -= need
     return out

@@ -256,11 +256,13 @@ class Trainer:
     def hold(self) -> float:
         """Read the stage's coarse-level samples into this process where data.hold_mb
         allows (data/held.py): each level's training samples this rank draws, then the
-        validation set; returns the MiB held. Where the objective corrupts its reads (the
-        image tasks), the clean samples, corrupted per batch here."""
+        validation set; returns the MiB held, and says so on the progress stream. Where the
+        objective corrupts its reads (the image tasks), the clean samples, corrupted per
+        batch here."""
         self.held, self.held_val = {}, None
         if not self.run.data.hold_mb:
             return 0.0
+        began = time.perf_counter()
         clean = self.objective.corruption(None) is not None
         levels = list(dict.fromkeys(r.level for r in self.requests))
         drawn = {level: np.concatenate([s.share for s, r in zip(self.samplers, self.requests,
@@ -272,7 +274,12 @@ class Trainer:
         self.held = {level: h for level, h in zip(levels, got[:-1], strict=True)
                      if h is not None}
         self.held_val = got[-1]
-        return sum(h.nbytes for h in got if h is not None) / 2**20
+        held_mb = sum(h.nbytes for h in got if h is not None) / 2**20
+        if held_mb:
+            self.progress.line(f"stage {self.stage.name}: level {self.stage.level} held in "
+                               f"memory ({held_mb:.1f} MiB per rank, read in "
+                               f"{time.perf_counter() - began:.1f} s)")
+        return held_mb
 
     # ------------------------------------------------------------------ state
 
@@ -326,12 +333,7 @@ class Trainer:
         stage (chosen by its first rank); `loaded`: its contents, where already loaded."""
         tcfg = self.tcfg
         at, start = self.begin(resume_from, loaded)
-        began = time.perf_counter()
         held_mb = self.hold()
-        if held_mb:
-            self.progress.line(f"stage {self.stage.name}: level {self.stage.level} held in "
-                               f"memory ({held_mb:.1f} MiB per rank, read in "
-                               f"{time.perf_counter() - began:.1f} s)")
         ddp = self.distribute(broadcast=not (resume_from is not None and at.step > 0))
         if start:
             start["held_mb"] = round(held_mb, 3)
